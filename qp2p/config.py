@@ -1,0 +1,114 @@
+"""``Config`` and ``RetryConfig``: frozen dataclasses with validated defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Config", "RetryConfig"]
+
+
+def _check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must not be None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Exponential backoff with jitter for dialling, bounded by a time budget.
+
+    The n-th wait is ``min(initial_interval * multiplier**n, max_interval)``,
+    scaled by a random factor in ``[1 - randomization_factor, 1 + randomization_factor]``.
+    Retries stop once ``max_elapsed_time`` seconds have passed since the first try.
+    """
+
+    initial_interval: float = 0.5
+    multiplier: float = 1.5
+    max_interval: float = 15.0
+    randomization_factor: float = 0.3
+    max_elapsed_time: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_positive("initial_interval", self.initial_interval)
+        _check_positive("max_interval", self.max_interval)
+        _check_positive("max_elapsed_time", self.max_elapsed_time)
+        _check_positive("multiplier", self.multiplier)
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        if not 0 <= self.randomization_factor < 1:
+            raise ValueError(
+                f"randomization_factor must be in [0, 1), got {self.randomization_factor!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Endpoint settings. Every field has a sensible default; bad values raise ``ValueError``.
+
+    - ``idle_timeout``: seconds without traffic before a connection closes (``None``: never).
+    - ``keep_alive_interval``: send a PING this often on idle connections (``None``: off).
+    - ``max_message_size``: the largest header+dst+payload a receiver accepts (and a sender sends).
+    - ``max_concurrent_bidi_streams`` / ``max_concurrent_uni_streams``: streams a peer may
+      have open toward us at once (QUIC stream credit).
+    - ``retry``: backoff for ``connect_to``/``connect_to_any``.
+    - ``handshake_timeout``: the longest one dial attempt may take.
+    - ``max_datagram_size``: the UDP payload size QUIC builds packets for (1200 is safe on
+      every path).
+    - ``max_pending_send_bytes``: per connection, ``send()`` waits while more than this many
+      bytes are queued and unacknowledged (backpressure).
+    - ``max_buffered_bytes``: per connection, bytes of received but unread messages kept
+      before QUIC flow control stops the peer.
+    - ``max_connections``: the most connections one endpoint holds; further incoming
+      handshakes are refused.
+    - ``require_address_validation``: answer new incoming handshakes with a QUIC Retry first
+      (costs one round trip, protects against spoofed-source floods).
+    """
+
+    idle_timeout: float | None = 10.0
+    keep_alive_interval: float | None = None
+    max_message_size: int = 16 * 2**20
+    max_concurrent_bidi_streams: int = 100
+    max_concurrent_uni_streams: int = 100
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    handshake_timeout: float = 10.0
+    max_datagram_size: int = 1200
+    max_pending_send_bytes: int = 4 * 2**20
+    max_buffered_bytes: int = 16 * 2**20
+    max_connections: int = 10_000
+    require_address_validation: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("idle_timeout", self.idle_timeout, allow_none=True)
+        _check_positive("keep_alive_interval", self.keep_alive_interval, allow_none=True)
+        _check_positive("handshake_timeout", self.handshake_timeout)
+        for name in (
+            "max_message_size",
+            "max_concurrent_bidi_streams",
+            "max_concurrent_uni_streams",
+            "max_pending_send_bytes",
+            "max_buffered_bytes",
+            "max_connections",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_message_size < 17:
+            raise ValueError("max_message_size must leave room for the 16-byte frame header")
+        if self.max_message_size >= 2**32:
+            raise ValueError("max_message_size must be below 4 GiB (32-bit length fields)")
+        if isinstance(self.max_datagram_size, bool) or not isinstance(self.max_datagram_size, int):
+            raise ValueError(f"max_datagram_size must be an int, got {self.max_datagram_size!r}")
+        if not 1200 <= self.max_datagram_size <= 65527:
+            raise ValueError(
+                f"max_datagram_size must be in [1200, 65527], got {self.max_datagram_size!r}"
+            )
+        if not isinstance(self.retry, RetryConfig):
+            raise ValueError(f"retry must be a RetryConfig, got {self.retry!r}")
+        if not isinstance(self.require_address_validation, bool):
+            raise ValueError("require_address_validation must be a bool")

@@ -1,0 +1,80 @@
+"""One exception hierarchy: everything qp2p raises on purpose is a ``Qp2pError``."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ConnectionClosed",
+    "ConnectionError",
+    "EndpointClosed",
+    "HolePunchFailed",
+    "MessageRejected",
+    "MessageTooLarge",
+    "PeerAuthenticationError",
+    "ProtocolError",
+    "Qp2pError",
+]
+
+
+class Qp2pError(Exception):
+    """Base class of every error qp2p raises on purpose."""
+
+
+class ConnectionError(Qp2pError, builtins.ConnectionError):  # noqa: A001
+    """A dial failed (after retries). ``__cause__`` holds the last cause.
+
+    ``errors`` maps each address tried to its exception when several were
+    raced (``Endpoint.connect_to_any``); otherwise it is empty.
+    """
+
+    def __init__(self, message: str, errors: Mapping[Any, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.errors: dict[Any, BaseException] = dict(errors or {})
+
+
+class HolePunchFailed(ConnectionError):
+    """``Endpoint.connect_via`` could not form a direct connection; ``reason`` says why."""
+
+    def __init__(self, reason: str, errors: Mapping[Any, BaseException] | None = None) -> None:
+        super().__init__(reason, errors)
+        self.reason = reason
+
+
+class MessageRejected(Qp2pError):
+    """The peer reset the message's stream (it broke the peer's limits or wire format)."""
+
+    def __init__(self, message: str, error_code: int | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class ConnectionClosed(Qp2pError):
+    """The connection is closed (by either side, or it timed out); ``reason`` says why."""
+
+    def __init__(self, reason: str = "", error_code: int | None = None) -> None:
+        super().__init__(reason or "connection closed")
+        self.reason = reason
+        self.error_code = error_code
+
+
+class PeerAuthenticationError(Qp2pError):
+    """The peer failed the trust policy; ``peer_id`` is the id it presented, if any."""
+
+    def __init__(self, message: str, peer_id: Any = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+class MessageTooLarge(Qp2pError, ValueError):
+    """A message does not fit ``Config.max_message_size``; nothing was sent."""
+
+
+class ProtocolError(Qp2pError, ValueError):
+    """Bytes that break qp2p's wire format. The offending stream is reset; the connection lives."""
+
+
+class EndpointClosed(Qp2pError):
+    """The endpoint is closed."""
