@@ -1,0 +1,52 @@
+# qp2p: `make demo` and `make test` set everything up from scratch (a .venv, the
+# compiled fast path, test tools) and run. Other targets: lint, bench, bench-check, wheel.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXT    := qp2p/_fastpath$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
+
+.PHONY: all demo test test-fast lint bench bench-check wheel sysdeps clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip "setuptools>=68" wheel "Cython>=3,<4"
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev]'
+	touch $(STAMP)
+
+$(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd
+	$(BIN)/python setup.py -q build_ext --inplace
+
+build: $(EXT)
+
+sysdeps:
+	@bash tools/ensure-system-deps.sh
+
+demo: build
+	$(BIN)/python examples/demo.py
+
+test: build sysdeps
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory lint
+
+test-fast: build
+	$(BIN)/python -m pytest -q -x -m "not netns"
+
+lint: $(STAMP)
+	$(BIN)/ruff check qp2p tests bench examples
+	$(BIN)/mypy --strict qp2p
+
+bench: build
+	$(BIN)/python bench/compare.py
+
+bench-check: build
+	$(BIN)/python bench/compare.py --check
+
+wheel: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info qp2p/*.so qp2p/_fastpath.c

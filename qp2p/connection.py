@@ -1,0 +1,547 @@
+"""A connection to one peer: QUIC streams in and out as discrete messages.
+
+The endpoint feeds the engine and calls :meth:`Connection._handle_event` for each
+event; everything here runs on the event loop, without a task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from . import _speedups, engine, wire
+from .errors import ConnectionClosed, MessageRejected, ProtocolError
+from .identity import PeerId
+
+if TYPE_CHECKING:
+    from .endpoint import Endpoint
+
+__all__ = ["Connection", "Message"]
+
+logger = logging.getLogger("qp2p.connection")
+
+Address = tuple[Any, ...]
+Frame = tuple[int, bytes, bytes, bytes]
+
+#: Received unreliable datagrams kept for ``recv_datagram`` before the oldest are dropped.
+DATAGRAM_QUEUE_LIMIT = 4096
+
+
+class Message:
+    """One received message: ``header``, ``dst`` and ``payload`` bytes.
+
+    ``is_request`` is True for a message that arrived on a bidirectional stream;
+    answer it (once) with :meth:`reply`.
+    """
+
+    __slots__ = ("_replied", "_stream_id", "connection", "dst", "header", "is_request", "payload")
+
+    def __init__(
+        self,
+        connection: Connection,
+        header: bytes,
+        dst: bytes,
+        payload: bytes,
+        stream_id: int | None = None,
+    ) -> None:
+        self.connection = connection
+        self.header = header
+        self.dst = dst
+        self.payload = payload
+        self.is_request = stream_id is not None
+        self._stream_id = stream_id
+        self._replied = False
+
+    async def reply(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
+        """Answer this request on its own stream; returns once the peer acknowledged it."""
+        if self._stream_id is None:
+            raise ValueError("only a request (a message from request()) can be replied to")
+        if self._replied:
+            raise ValueError("this request was already replied to")
+        self._replied = True
+        await self.connection._reply(self._stream_id, payload, header, dst)
+
+    def __repr__(self) -> str:
+        kind = "request" if self.is_request else "message"
+        return (
+            f"<qp2p.Message {kind} header={len(self.header)}B dst={len(self.dst)}B "
+            f"payload={len(self.payload)}B>"
+        )
+
+
+class _PendingSend:
+    """A frame waiting for stream credit or for its acknowledgement."""
+
+    __slots__ = ("frame", "future", "kind_bidi", "size", "stream_id")
+
+    def __init__(self, frame: bytes, future: asyncio.Future[Any], bidi: bool) -> None:
+        self.frame = frame
+        self.future = future
+        self.kind_bidi = bidi
+        self.size = len(frame)
+        self.stream_id = -1
+
+
+class Connection:
+    """An encrypted QUIC connection to one peer, carrying discrete messages.
+
+    Obtain one from :meth:`Endpoint.connect_to` or :meth:`Endpoint.accept`.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        quic: engine.QuicConnection,
+        remote_addr: Address,
+        *,
+        is_client: bool,
+    ) -> None:
+        self._endpoint = endpoint
+        self._loop = endpoint._loop
+        self._quic = quic
+        self._is_client = is_client
+        self._fp = endpoint._fp
+        self._max_message_size = endpoint.config.max_message_size
+        self._max_pending = endpoint.config.max_pending_send_bytes
+        self.remote_addr: Address = remote_addr
+        self.peer_id: PeerId | None = None
+        self._cids: set[bytes] = set()
+        self._established = False
+        self._ready: asyncio.Future[None] | None = None  # set for dialled connections
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._closed: ConnectionClosed | None = None
+        self._terminated = False
+        # receive side
+        self._assemblers: dict[int, Any] = {}
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._datagrams: collections.deque[bytes] = collections.deque()
+        self._datagram_waiter: asyncio.Future[None] | None = None
+        # send side
+        self._queue_uni: collections.deque[_PendingSend] = collections.deque()
+        self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
+        self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
+        self._unacked_bytes = 0
+        self._requests: dict[int, asyncio.Future[Message]] = {}  # our bidi streams
+        # timer
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        # counters for stats()
+        self._stats = dict.fromkeys(
+            (
+                "bytes_sent",
+                "bytes_received",
+                "packets_sent",
+                "packets_received",
+                "datagrams_sent",
+                "datagrams_received",
+                "datagrams_dropped",
+                "messages_sent",
+                "messages_received",
+                "requests_sent",
+                "streams_rejected",
+            ),
+            0,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is closed (by either side, or it timed out)."""
+        return self._closed is not None
+
+    @property
+    def local_addr(self) -> Address:
+        """The endpoint's bound address this connection uses."""
+        return self._endpoint.local_addr
+
+    async def send(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
+        """Send one message on a new unidirectional stream.
+
+        Returns once the peer has acknowledged the whole stream. Raises ``ValueError`` for
+        an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
+        ``max_message_size``, ``MessageRejected`` if the peer reset the stream and
+        ``ConnectionClosed`` if the connection is or becomes closed first.
+        """
+        frame = self._frame(payload, header, dst, wire.KIND_USER)
+        future: asyncio.Future[None] = self._loop.create_future()
+        pending = _PendingSend(frame, future, bidi=False)
+        self._queue_uni.append(pending)
+        self._pump()
+        try:
+            await future
+        except asyncio.CancelledError:
+            self._cancel_send(pending)
+            raise
+        self._stats["messages_sent"] += 1
+
+    async def recv(self) -> Message:
+        """The next message from this peer (sent with ``send`` or ``request``).
+
+        Messages fully received before the connection closed are still returned; after
+        that ``ConnectionClosed`` is raised.
+        """
+        while not self._inbox:
+            if self._closed is not None:
+                raise self._closed
+            waiter = self._inbox_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._inbox_waiter = None
+        return self._inbox.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter_messages()
+
+    async def _iter_messages(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosed:
+                return
+
+    async def request(
+        self,
+        payload: bytes,
+        header: bytes = b"",
+        dst: bytes = b"",
+        timeout: float | None = None,
+    ) -> Message:
+        """Send a request on a new bidirectional stream and return the peer's reply."""
+        frame = self._frame(payload, header, dst, wire.KIND_USER)
+        self._stats["requests_sent"] += 1
+        return await self._request_frame(frame, timeout)
+
+    def send_datagram(self, data: bytes) -> None:
+        """Send an unreliable QUIC DATAGRAM (RFC 9221); it may be lost, never split."""
+        data = wire.as_bytes("data", data)
+        if self._closed is not None:
+            raise self._closed
+        limit = self.max_datagram_payload
+        if len(data) > limit:
+            from .errors import MessageTooLarge
+
+            raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
+        self._quic.send_datagram_frame(data)
+        self._stats["datagrams_sent"] += 1
+        self._endpoint._mark_dirty(self)
+
+    async def recv_datagram(self) -> bytes:
+        """The next unreliable datagram from this peer."""
+        while not self._datagrams:
+            if self._closed is not None:
+                raise self._closed
+            waiter = self._datagram_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._datagram_waiter = None
+        return self._datagrams.popleft()
+
+    @property
+    def max_datagram_payload(self) -> int:
+        """The largest ``send_datagram`` payload that fits one QUIC packet."""
+        # short header (1 + CID) + packet number (4) + AEAD tag (16) + frame type and length (3)
+        return self._endpoint.config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and congestion state: rtt (s), cwnd (bytes), bytes/packets/datagrams
+        sent and received, messages, rejected streams, queued and unacknowledged bytes."""
+        out: dict[str, Any] = dict(self._stats)
+        out.update(engine.path_stats(self._quic))
+        out["unacked_bytes"] = self._unacked_bytes
+        out["queued_messages"] = len(self._queue_uni) + len(self._queue_bidi)
+        return out
+
+    async def close(self, reason: str = "") -> None:
+        """Close gracefully; the peer sees ``reason``. Idempotent."""
+        if self._closed is None:
+            self._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+            self._set_closed(ConnectionClosed(reason or "closed locally", wire.CLOSE_NORMAL))
+            self._endpoint._mark_dirty(self)
+            self._endpoint._flush()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<qp2p.Connection {self.remote_addr} peer={self.peer_id} {state}>"
+
+    # ------------------------------------------------------------------ sending
+
+    def _frame(self, payload: Any, header: Any, dst: Any, kind: int) -> bytes:
+        payload = wire.as_bytes("payload", payload)
+        header = wire.as_bytes("header", header)
+        dst = wire.as_bytes("dst", dst)
+        wire.check_message(header, dst, payload, self._max_message_size)
+        if self._closed is not None:
+            raise self._closed
+        frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
+        return frame
+
+    async def _request_frame(self, frame: bytes, timeout: float | None) -> Message:
+        future: asyncio.Future[Message] = self._loop.create_future()
+        pending = _PendingSend(frame, future, bidi=True)
+        self._queue_bidi.append(pending)
+        self._pump()
+        try:
+            if timeout is None:
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            self._cancel_send(pending)
+            raise
+
+    async def _reply(self, stream_id: int, payload: Any, header: Any, dst: Any) -> None:
+        frame = self._frame(payload, header, dst, wire.KIND_USER)
+        await self._reply_frame(stream_id, frame)
+
+    async def _reply_frame(self, stream_id: int, frame: bytes) -> None:
+        if self._closed is not None:
+            raise self._closed
+        future: asyncio.Future[None] = self._loop.create_future()
+        pending = _PendingSend(frame, future, bidi=True)
+        pending.stream_id = stream_id
+        try:
+            self._quic.send_stream_data(stream_id, frame, end_stream=True)
+        except ValueError as exc:  # the requester reset or finished the stream
+            raise MessageRejected(f"cannot reply: {exc}") from None
+        self._unacked[stream_id] = pending
+        self._unacked_bytes += pending.size
+        self._endpoint._mark_dirty(self)
+        await future
+
+    def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
+        """Answer a control request without waiting for the acknowledgement."""
+        if self._closed is not None:
+            return
+        try:
+            self._quic.send_stream_data(stream_id, frame, end_stream=True)
+        except ValueError:  # the requester gave up on the stream
+            return
+        self._endpoint._mark_dirty(self)
+
+    def _pump(self) -> None:
+        """Move queued frames onto fresh streams while the peer grants stream credit and
+        unacknowledged bytes stay under ``max_pending_send_bytes``."""
+        if self._closed is not None or not self._established:
+            return
+        quic = self._quic
+        wrote = False
+        for queue, uni in ((self._queue_uni, True), (self._queue_bidi, False)):
+            if not queue:
+                continue
+            credit = engine.streams_available(quic, uni)
+            while queue and credit > 0:
+                if self._unacked_bytes >= self._max_pending and self._unacked:
+                    break
+                pending = queue.popleft()
+                if pending.future.done():  # cancelled while queued
+                    continue
+                stream_id = quic.get_next_available_stream_id(is_unidirectional=uni)
+                quic.send_stream_data(stream_id, pending.frame, end_stream=True)
+                pending.stream_id = stream_id
+                credit -= 1
+                wrote = True
+                if uni:
+                    self._unacked[stream_id] = pending
+                    self._unacked_bytes += pending.size
+                else:
+                    self._requests[stream_id] = pending.future
+        if wrote:
+            self._endpoint._mark_dirty(self)
+
+    def _cancel_send(self, pending: _PendingSend) -> None:
+        """The user gave up on a message: drop it, or reset its stream if already started."""
+        if not pending.future.done():
+            pending.future.cancel()
+        sid = pending.stream_id
+        if sid < 0 or self._closed is not None:
+            return
+        if self._unacked.pop(sid, None) is not None:
+            self._unacked_bytes -= pending.size
+        self._requests.pop(sid, None)
+        if not engine.send_finished(self._quic, sid):
+            self._quic.reset_stream(sid, wire.ERR_CANCELLED)
+            self._endpoint._mark_dirty(self)
+
+    def _check_acks(self) -> None:
+        """Complete sends whose streams the peer fully acknowledged, then send more."""
+        if self._unacked:
+            quic = self._quic
+            done = [sid for sid in self._unacked if engine.send_finished(quic, sid)]
+            for sid in done:
+                pending = self._unacked.pop(sid)
+                self._unacked_bytes -= pending.size
+                if not pending.future.done():
+                    pending.future.set_result(None)
+        if self._queue_uni or self._queue_bidi:
+            self._pump()
+
+    # ------------------------------------------------------------------ events
+
+    def _handle_event(self, event: engine.events.QuicEvent) -> None:
+        """Dispatch one engine event (called by the endpoint, on the loop)."""
+        kind = type(event)
+        if kind is engine.events.StreamDataReceived:
+            self._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+        elif kind is engine.events.DatagramFrameReceived:
+            self._on_datagram(event.data)  # type: ignore[attr-defined]
+        elif kind is engine.events.StopSendingReceived:
+            self._on_peer_rejected(event.stream_id, event.error_code, "stopped")  # type: ignore[attr-defined]
+        elif kind is engine.events.StreamReset:
+            self._on_stream_reset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
+
+    def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
+        self._stats["bytes_received"] += len(data)
+        assembler = self._assemblers.get(sid)
+        try:
+            if assembler is None:
+                if fin:  # the whole frame in one piece: the common case for small messages
+                    frame: Frame | None = self._fp.decode_frame(data, self._max_message_size)
+                else:
+                    assembler = self._assemblers[sid] = self._fp.FrameAssembler(
+                        self._max_message_size
+                    )
+                    frame = assembler.feed(data, fin)
+            else:
+                frame = assembler.feed(data, fin)
+                if frame is not None or fin:
+                    del self._assemblers[sid]
+        except ProtocolError as exc:
+            self._assemblers.pop(sid, None)
+            self._reject(sid, exc)
+            return
+        if frame is not None:
+            self._on_frame(sid, frame)
+
+    def _reject(self, sid: int, exc: ProtocolError) -> None:
+        self._stats["streams_rejected"] += 1
+        logger.warning("rejecting stream %d from %s: %s", sid, self.remote_addr, exc)
+        engine.reject_stream(self._quic, sid, wire.ERR_FRAME_REJECTED)
+        future = self._requests.pop(sid, None)
+        if future is not None and not future.done():
+            future.set_exception(ProtocolError(f"malformed reply: {exc}"))
+        self._endpoint._mark_dirty(self)
+
+    def _on_frame(self, sid: int, frame: Frame) -> None:
+        kind, header, dst, payload = frame
+        local = (sid & 1) == (0 if self._is_client else 1)
+        if local:  # a reply on one of our own bidirectional streams
+            future = self._requests.pop(sid, None)
+            if future is None or future.done():
+                return
+            if kind == wire.KIND_USER:
+                future.set_result(Message(self, header, dst, payload))
+            else:
+                future.set_result(_ControlReply(self, kind, header, dst, payload))  # type: ignore[arg-type]
+            return
+        bidi = not (sid & 2)
+        if kind != wire.KIND_USER:
+            self._endpoint._on_control(self, kind, header, dst, payload, sid if bidi else None)
+            return
+        self._stats["messages_received"] += 1
+        self._inbox.append(Message(self, header, dst, payload, sid if bidi else None))
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_datagram(self, data: bytes) -> None:
+        self._stats["datagrams_received"] += 1
+        if len(self._datagrams) >= DATAGRAM_QUEUE_LIMIT:
+            self._datagrams.popleft()
+            self._stats["datagrams_dropped"] += 1
+        self._datagrams.append(data)
+        waiter = self._datagram_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:
+        pending = self._unacked.pop(sid, None)
+        if pending is not None:
+            self._unacked_bytes -= pending.size
+            if not pending.future.done():
+                pending.future.set_exception(
+                    MessageRejected(f"peer {how} the message's stream (code {code:#x})", code)
+                )
+        future = self._requests.pop(sid, None)
+        if future is not None and not future.done():
+            future.set_exception(
+                MessageRejected(f"peer {how} the request's stream (code {code:#x})", code)
+            )
+
+    def _on_stream_reset(self, sid: int, code: int) -> None:
+        self._assemblers.pop(sid, None)
+        self._on_peer_rejected(sid, code, "reset")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _on_established(self, peer_id: PeerId | None) -> None:
+        self.peer_id = peer_id
+        self._established = True
+        if self._endpoint.config.keep_alive_interval is not None:
+            self._schedule_keepalive()
+        self._pump()
+
+    def _schedule_keepalive(self) -> None:
+        interval = self._endpoint.config.keep_alive_interval
+        assert interval is not None
+        self._keepalive = self._loop.call_later(interval, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        if self._closed is not None:
+            return
+        engine.keep_alive(self._quic)
+        self._endpoint._mark_dirty(self)
+        self._schedule_keepalive()
+
+    def _set_closed(self, exc: ConnectionClosed) -> None:
+        """Fail everything waiting on this connection; keep already received messages."""
+        if self._closed is not None:
+            return
+        self._check_acks_final()
+        self._closed = exc
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        for pending in (*self._queue_uni, *self._queue_bidi, *self._unacked.values()):
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+        self._queue_uni.clear()
+        self._queue_bidi.clear()
+        self._unacked.clear()
+        self._unacked_bytes = 0
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._requests.clear()
+        self._assemblers.clear()
+        for waiter in (self._inbox_waiter, self._datagram_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self._endpoint._on_connection_closed(self)
+
+    def _check_acks_final(self) -> None:
+        quic = self._quic
+        for sid in [s for s in self._unacked if engine.send_finished(quic, s)]:
+            pending = self._unacked.pop(sid)
+            if not pending.future.done():
+                pending.future.set_result(None)
+
+
+class _ControlReply:
+    """A reply of one of qp2p's own kinds to a control request (never shown to users)."""
+
+    __slots__ = ("connection", "dst", "header", "kind", "payload")
+
+    def __init__(
+        self, connection: Connection, kind: int, header: bytes, dst: bytes, payload: bytes
+    ) -> None:
+        self.connection = connection
+        self.kind = kind
+        self.header = header
+        self.dst = dst
+        self.payload = payload

@@ -1,0 +1,161 @@
+"""qp2p's own services, carried as control frames (kind != 0) that users never see:
+address echo (``discover_public_addr``), reachability checks, and racing dials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import engine, wire
+from .errors import ConnectionError, HolePunchFailed, ProtocolError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .endpoint import Endpoint
+    from .identity import PeerId
+
+__all__ = ["echo", "format_addr", "is_reachable", "on_control", "parse_addr", "race"]
+
+logger = logging.getLogger("qp2p.discovery")
+
+Address = tuple[Any, ...]
+
+
+def format_addr(addr: Address) -> bytes:
+    """``host:port`` text (``[v6]:port`` for IPv6), the echo service's answer."""
+    host, port = str(addr[0]), int(addr[1])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return text.encode("ascii")
+
+
+def parse_addr(data: bytes) -> Address:
+    """The inverse of :func:`format_addr`; ``ProtocolError`` for junk."""
+    try:
+        text = data.decode("ascii")
+        host, _, port_text = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        port = int(port_text)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"malformed address in control message: {data[:64]!r}") from None
+    if not host or not 0 < port < 65536:
+        raise ProtocolError(f"malformed address in control message: {data[:64]!r}")
+    return (host, port)
+
+
+def on_control(
+    endpoint: Endpoint,
+    conn: Connection,
+    kind: int,
+    header: bytes,
+    dst: bytes,
+    payload: bytes,
+    stream_id: int | None,
+) -> None:
+    """Serve one control request from a peer (called on the loop, never blocks)."""
+    if kind == wire.KIND_ECHO_REQUEST and stream_id is not None:
+        frame = endpoint._fp.encode_frame(b"", b"", format_addr(conn.remote_addr),
+                                          wire.KIND_ECHO_RESPONSE)
+        conn._reply_nowait(stream_id, frame)
+        return
+    logger.debug("unexpected control frame kind %d from %s", kind, conn.remote_addr)
+    if stream_id is not None:
+        engine.reject_stream(conn._quic, stream_id, wire.ERR_FRAME_REJECTED)
+        endpoint._mark_dirty(conn)
+
+
+async def echo(conn: Connection, timeout: float | None = None) -> Address:
+    """Ask the peer which address it sees us at."""
+    frame = conn._fp.encode_frame(b"", b"", b"?", wire.KIND_ECHO_REQUEST)
+    reply: Any = await conn._request_frame(frame, timeout)
+    if getattr(reply, "kind", None) != wire.KIND_ECHO_RESPONSE:
+        raise ProtocolError("peer answered the echo request with a user message")
+    return parse_addr(reply.payload)
+
+
+async def is_reachable(endpoint: Endpoint, addr: Address, timeout: float | None) -> bool:
+    """Dial (or reuse) a connection to ``addr`` and ping it with an echo, in ``timeout``."""
+    limit = endpoint.config.handshake_timeout if timeout is None else timeout
+    created: Connection | None = None
+
+    async def probe() -> None:
+        nonlocal created
+        target = await endpoint._resolve(addr)
+        conn = endpoint._pool.get(target)
+        if conn is None:
+            conn = created = await endpoint._dial(target, None, limit)
+        await echo(conn)
+
+    try:
+        await asyncio.wait_for(probe(), limit)
+        return True
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # unreachable for whatever reason: the answer is False
+        logger.debug("%s is not reachable: %r", addr, exc)
+        return False
+    finally:
+        if created is not None:
+            await created.close("reachability check done")
+
+
+async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
+    """Dial every address at once; the first handshake wins, the others are closed."""
+    from .retry import retry_dial
+
+    targets = [await endpoint._resolve(a) for a in addrs]
+    for target in targets:
+        pooled = endpoint._pool.get(target)
+        if pooled is not None:
+            return pooled
+
+    config = endpoint.config
+
+    def dial(target: Address) -> asyncio.Task[Connection]:
+        return asyncio.ensure_future(
+            retry_dial(
+                lambda t: endpoint._dial(target, None, t),
+                config.retry,
+                config.handshake_timeout,
+                f"{target[0]}:{target[1]}",
+            )
+        )
+
+    tasks = {dial(t): t for t in targets}
+    errors: dict[Address, BaseException] = {}
+    winner: Connection | None = None
+    pending = set(tasks)
+    try:
+        while pending and winner is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    errors[tasks[task]] = exc
+                elif winner is None:
+                    winner = task.result()
+                else:
+                    await task.result().close("connect_to_any: another address answered first")
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for task in pending:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close("connect_to_any: another address answered first")
+    if winner is None:
+        detail = "; ".join(f"{a[0]}:{a[1]}: {e}" for a, e in errors.items())
+        raise ConnectionError(f"no address answered: {detail}", errors)
+    return winner
+
+
+async def connect_via(endpoint: Endpoint, rendezvous_addr: Address, peer_id: PeerId) -> Connection:
+    """Hole punching through a rendezvous (see the NAT traversal issue)."""
+    raise HolePunchFailed(
+        f"cannot reach {peer_id} via {rendezvous_addr}: "
+        "rendezvous introductions are not implemented in this version"
+    )

@@ -1,0 +1,587 @@
+"""The endpoint: one UDP socket carrying every QUIC connection of a node, both ways.
+
+Receive path: the socket is drained in bursts (``recv_batch``); each datagram is routed by
+its destination connection ID through the connection table and fed to its engine, whose
+events are handled at once. Send path: connections with something to send are marked
+dirty and flushed together once per loop turn (``send_batch``), so ACKs and data coalesce.
+Timers: one ``call_at`` per connection, re-armed only when its deadline moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+from . import _speedups, discovery, engine, wire
+from .config import Config
+from .connection import Connection
+from .errors import (
+    ConnectionClosed,
+    ConnectionError,
+    EndpointClosed,
+    PeerAuthenticationError,
+)
+from .identity import Identity, PeerId, Trust
+from .pool import Pool
+from .retry import retry_dial
+
+__all__ = ["Endpoint"]
+
+logger = logging.getLogger("qp2p.endpoint")
+
+Address = tuple[Any, ...]
+
+#: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
+RECV_BATCH = 64
+RECV_BATCHES_PER_TURN = 16
+SOCKET_BUFFER_BYTES = 4 * 2**20
+#: How long ``close()`` waits for the CONNECTION_CLOSE frames to leave the socket.
+CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+class Endpoint:
+    """One node: a UDP socket that accepts and dials QUIC connections.
+
+    Create with ``await Endpoint.bind(addr)``; use as an async context manager to close it.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        config: Config,
+        identity: Identity,
+        trust: Trust,
+        accept_incoming: bool,
+        rendezvous: bool,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.config = config
+        self.identity = identity
+        self.trust = trust
+        self._accept_incoming = accept_incoming
+        self.rendezvous = rendezvous
+        self._fp = _speedups.impl
+        self._table = self._fp.ConnectionTable(engine.CID_LENGTH)
+        self._client_config = engine.make_configuration(identity, config, is_client=True)
+        self._server_config = engine.make_configuration(identity, config, is_client=False)
+        self._versions = set(engine.supported_versions())
+        self.local_addr: Address = sock.getsockname()[:2]
+        self.public_addr: Address | None = None
+        self._pool = Pool()
+        self._handshaking: set[Connection] = set()
+        self._live: set[Connection] = set()  # every connection the engine still drives
+        self._accept_queue: collections.deque[Connection] = collections.deque()
+        self._accept_waiter: asyncio.Future[None] | None = None
+        self._dirty: dict[Connection, None] = {}
+        self._flush_scheduled = False
+        self._backlog: list[tuple[bytes, Address]] = []
+        self._backlog_pos = 0
+        self._writer_armed = False
+        self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
+        self.stats_counters = dict.fromkeys(
+            ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
+             "version_negotiations", "handshakes_refused"),
+            0,
+        )
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    async def bind(
+        cls,
+        addr: tuple[str, int] = ("127.0.0.1", 0),
+        config: Config | None = None,
+        identity: Identity | None = None,
+        trust: Trust | None = None,
+        accept_incoming: bool = True,
+        rendezvous: bool = False,
+    ) -> Endpoint:
+        """Bind one UDP socket at ``addr`` and serve QUIC on it.
+
+        ``identity`` defaults to a fresh self-signed ECDSA P-256 one; ``trust`` to
+        ``Trust.any()`` (encrypted, any peer). ``accept_incoming=False`` makes a
+        dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions.
+        """
+        config = config or Config()
+        host, port = addr[0], addr[1]
+        family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+                except OSError:  # pragma: no cover - capped by the system
+                    pass
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, config, identity or Identity.generate(), trust or Trust.any(),
+                   accept_incoming, rendezvous)
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This endpoint's ``PeerId`` (from its identity's certificate)."""
+        return self.identity.peer_id
+
+    @property
+    def is_closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    @property
+    def implementation(self) -> str:
+        """Which fast path this endpoint runs on: ``"cython"`` or ``"python"``."""
+        return "cython" if self._fp.__name__.endswith("_fastpath") else "python"
+
+    def connections(self) -> list[Connection]:
+        """The pool: every open connection, dialled or accepted."""
+        return self._pool.all_open()
+
+    async def connect_to(self, addr: Address, expect_peer_id: PeerId | None = None) -> Connection:
+        """An open connection to ``addr``: the pooled one if any (whoever dialled it),
+        else a new dial shared by concurrent callers, retried per ``config.retry``."""
+        self._check_open()
+        target = await self._resolve(addr)
+        conn = self._pool.get(target, expect_peer_id)
+        if conn is not None:
+            return conn
+        key = (target, expect_peer_id)
+        pending = self._pool.pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                retry_dial(
+                    lambda timeout: self._dial(target, expect_peer_id, timeout),
+                    self.config.retry,
+                    self.config.handshake_timeout,
+                    f"{target[0]}:{target[1]}",
+                )
+            )
+            self._pool.pending[key] = pending
+            pending.add_done_callback(lambda _f: self._pool.pending.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def connect_to_any(self, addrs: Iterable[Address]) -> Connection:
+        """Dial all of ``addrs`` at once; keep the first connection that completes and
+        close the others gracefully. All failing raises ``ConnectionError`` whose
+        ``errors`` maps each address to its exception."""
+        self._check_open()
+        targets = list(addrs)
+        if not targets:
+            raise ValueError("connect_to_any needs at least one address")
+        return await discovery.race(self, targets)
+
+    async def accept(self) -> Connection:
+        """The next incoming connection (after its handshake and authentication)."""
+        while not self._accept_queue:
+            self._check_open()
+            waiter = self._accept_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._accept_waiter = None
+        return self._accept_queue.popleft()
+
+    async def incoming(self) -> AsyncIterator[Connection]:
+        """Incoming connections as they arrive; ends when the endpoint closes."""
+        while True:
+            try:
+                yield await self.accept()
+            except EndpointClosed:
+                return
+
+    async def discover_public_addr(self, peer_addr: Address) -> Address:
+        """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
+        self._check_open()
+        conn = await self.connect_to(peer_addr)
+        observed = await discovery.echo(conn)
+        self.public_addr = observed
+        return observed
+
+    async def is_reachable(self, addr: Address, timeout: float | None = None) -> bool:
+        """True if a peer at ``addr`` completes a handshake and answers a ping within
+        ``timeout`` (default ``config.handshake_timeout``); never raises for a dead peer."""
+        self._check_open()
+        return await discovery.is_reachable(self, addr, timeout)
+
+    async def connect_via(self, rendezvous_addr: Address, peer_id: PeerId) -> Connection:
+        """A direct connection to ``peer_id`` through both NATs, introduced by the
+        rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
+        self._check_open()
+        return await discovery.connect_via(self, rendezvous_addr, peer_id)
+
+    async def close(self) -> None:
+        """Close every connection (peers see the reason), flush, release the socket.
+        Idempotent; calls on a closed endpoint then raise ``EndpointClosed``."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    def __repr__(self) -> str:
+        return f"<qp2p.Endpoint {self.local_addr} peer_id={self.peer_id} closed={self._closed}>"
+
+    # ------------------------------------------------------------------ dialling
+
+    async def _resolve(self, addr: Address) -> Address:
+        host, port = addr[0], int(addr[1])
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            infos = await self._loop.getaddrinfo(
+                host, port, family=self._sock.family, type=socket.SOCK_DGRAM
+            )
+            if not infos:
+                raise ConnectionError(f"cannot resolve {host!r}") from None
+            return tuple(infos[0][4][:2])
+        if self._sock.family == socket.AF_INET6 and ip.version == 4:
+            return (f"::ffff:{ip}", port)
+        return (str(ip), port)
+
+    async def _dial(
+        self, addr: Address, expect_peer_id: PeerId | None, timeout: float
+    ) -> Connection:
+        """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth."""
+        self._check_open()
+        existing = self._pool.get(addr, expect_peer_id)
+        if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
+            return existing
+        quic = engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
+        conn = Connection(self, quic, addr, is_client=True)
+        conn._ready = self._loop.create_future()
+        self._live.add(conn)
+        quic.connect(addr, now=self._loop.time())
+        self._register(conn, quic.host_cid)
+        self._mark_dirty(conn)
+        try:
+            await asyncio.wait_for(asyncio.shield(conn._ready), timeout)
+        except asyncio.TimeoutError:
+            self._abandon(conn, "handshake timed out")
+            raise asyncio.TimeoutError(
+                f"handshake with {addr[0]}:{addr[1]} timed out after {timeout:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(conn, "dial cancelled")
+            raise
+        return conn
+
+    def _abandon(self, conn: Connection, reason: str) -> None:
+        """Drop a connection that never completed its handshake."""
+        if not conn._terminated:
+            conn._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+            self._mark_dirty(conn)
+            self._flush()
+            conn._set_closed(ConnectionClosed(reason))
+            self._forget(conn)
+
+    # ------------------------------------------------------------------ receive path
+
+    def _on_readable(self) -> None:
+        fp = self._fp
+        table = self._table
+        sock = self._sock
+        now = self._loop.time()
+        dirty = self._dirty
+        received = 0
+        for _ in range(RECV_BATCHES_PER_TURN):
+            try:
+                batch = fp.recv_batch(sock, RECV_BATCH)
+            except OSError as exc:
+                logger.debug("recv failed: %r", exc)
+                break
+            for data, addr in batch:
+                conn = table.lookup(data)
+                if conn is None:
+                    self._on_unknown(data, addr, now)
+                    continue
+                quic = conn._quic
+                quic.receive_datagram(data, addr, now)
+                stats = conn._stats
+                stats["packets_received"] += 1
+                event = quic.next_event()
+                while event is not None:
+                    self._on_event(conn, event)
+                    event = quic.next_event()
+                dirty[conn] = None
+            received += len(batch)
+            if len(batch) < RECV_BATCH:
+                break
+        self.stats_counters["datagrams_received"] += received
+        for conn in list(dirty):
+            if not conn._terminated:
+                conn._check_acks()
+                self._check_engine_closed(conn)
+        self._flush()
+
+    def _on_event(self, conn: Connection, event: engine.events.QuicEvent) -> None:
+        kind = type(event)
+        if kind is engine.events.StreamDataReceived or kind is engine.events.DatagramFrameReceived:
+            conn._handle_event(event)
+        elif kind is engine.events.ConnectionIdIssued:
+            self._register(conn, event.connection_id)  # type: ignore[attr-defined]
+        elif kind is engine.events.ConnectionIdRetired:
+            cid = event.connection_id  # type: ignore[attr-defined]
+            conn._cids.discard(cid)
+            self._table.remove(cid)
+        elif kind is engine.events.HandshakeCompleted:
+            self._on_handshake(conn)
+        elif kind is engine.events.ConnectionTerminated:
+            self._on_terminated(conn, event)  # type: ignore[arg-type]
+        else:
+            conn._handle_event(event)
+
+    def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
+        """A datagram for no known connection: maybe a new handshake, else dropped."""
+        header = engine.parse_long_header(data)
+        if header is None or header[0] is None:
+            self.stats_counters["dropped_unknown"] += 1
+            return
+        version, is_initial, dcid, scid = header
+        if version not in self._versions:
+            if version != 0:
+                self.stats_counters["version_negotiations"] += 1
+                self._send_raw(engine.version_negotiation(dcid, scid), addr)
+            return
+        if not is_initial or len(data) < engine.MIN_INITIAL_SIZE:
+            self.stats_counters["dropped_unknown"] += 1
+            return
+        if not self._accept_incoming or self._closed:
+            self.stats_counters["handshakes_refused"] += 1
+            return
+        if len(self._live) >= self.config.max_connections:
+            self.stats_counters["handshakes_refused"] += 1
+            logger.warning("refusing handshake from %s: max_connections reached", addr)
+            return
+        quic = engine.new_server(self._server_config, self.config, self.trust, dcid)
+        conn = Connection(self, quic, addr, is_client=False)
+        self._register(conn, dcid)
+        self._register(conn, quic.host_cid)
+        self._handshaking.add(conn)
+        self._live.add(conn)
+        quic.receive_datagram(data, addr, now)
+        conn._stats["packets_received"] += 1
+        event = quic.next_event()
+        while event is not None:
+            self._on_event(conn, event)
+            event = quic.next_event()
+        self._dirty[conn] = None
+
+    def _on_handshake(self, conn: Connection) -> None:
+        try:
+            peer_id = engine.authenticated_peer(conn._quic)
+        except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
+            logger.warning("peer at %s failed authentication: %s", conn.remote_addr, exc)
+            return
+        conn._on_established(peer_id)
+        self._handshaking.discard(conn)
+        self._pool.add(conn)
+        ready = conn._ready
+        if ready is not None:
+            if not ready.done():
+                ready.set_result(None)
+        else:
+            self._accept_queue.append(conn)
+            waiter = self._accept_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        logger.debug("connection %s with %s established", conn.remote_addr, peer_id)
+
+    def _check_engine_closed(self, conn: Connection) -> None:
+        """Report a close as soon as the engine knows, not after draining ends."""
+        if conn._closed is None and engine.is_closed(conn._quic):
+            event = engine.close_event(conn._quic)
+            self._fail(conn, event)
+
+    def _on_terminated(self, conn: Connection, event: engine.events.ConnectionTerminated) -> None:
+        conn._terminated = True
+        self._fail(conn, event)
+        self._forget(conn)
+
+    def _fail(self, conn: Connection, event: engine.events.ConnectionTerminated | None) -> None:
+        reason = event.reason_phrase if event is not None else ""
+        code = event.error_code if event is not None else None
+        auth_error = engine.auth_error(conn._quic)
+        ready = conn._ready
+        if ready is not None and not ready.done():
+            if auth_error is not None:
+                ready.set_exception(auth_error)
+            else:
+                ready.set_exception(
+                    ConnectionError(f"connection to {conn.remote_addr} refused: {reason or code}")
+                )
+            ready.exception()  # retrieved here so an abandoned dial logs nothing
+        elif auth_error is not None:
+            logger.warning("rejected peer at %s: %s", conn.remote_addr, auth_error)
+        conn._set_closed(ConnectionClosed(reason or "connection lost", code))
+
+    def _on_connection_closed(self, conn: Connection) -> None:
+        self._pool.remove(conn)
+        self._handshaking.discard(conn)
+
+    def _register(self, conn: Connection, cid: bytes) -> None:
+        conn._cids.add(cid)
+        self._table.add(cid, conn)
+
+    def _forget(self, conn: Connection) -> None:
+        for cid in conn._cids:
+            self._table.remove(cid)
+        conn._cids.clear()
+        if conn._timer is not None:
+            conn._timer.cancel()
+            conn._timer = None
+        self._dirty.pop(conn, None)
+        self._pool.remove(conn)
+        self._handshaking.discard(conn)
+        self._live.discard(conn)
+
+    # ------------------------------------------------------------------ control messages
+
+    def _on_control(
+        self,
+        conn: Connection,
+        kind: int,
+        header: bytes,
+        dst: bytes,
+        payload: bytes,
+        stream_id: int | None,
+    ) -> None:
+        discovery.on_control(self, conn, kind, header, dst, payload, stream_id)
+
+    # ------------------------------------------------------------------ send path
+
+    def _mark_dirty(self, conn: Connection) -> None:
+        """``conn`` has something to send: flush it with the others at the end of this turn."""
+        self._dirty[conn] = None
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Collect every dirty connection's datagrams and send them in one batch."""
+        self._flush_scheduled = False
+        if not self._dirty:
+            return
+        now = self._loop.time()
+        out = self._backlog
+        dirty = list(self._dirty)
+        self._dirty.clear()
+        for conn in dirty:
+            if conn._terminated:
+                continue
+            quic = conn._quic
+            datagrams = quic.datagrams_to_send(now)
+            if datagrams:
+                out.extend(datagrams)
+                stats = conn._stats
+                stats["packets_sent"] += len(datagrams)
+                stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
+            self._arm_timer(conn, quic.get_timer())
+        if out and not self._writer_armed:
+            self._send_backlog()
+
+    def _send_backlog(self) -> None:
+        out = self._backlog
+        try:
+            pos, errors = self._fp.send_batch(self._sock, out, self._backlog_pos)
+        except OSError as exc:  # the socket itself is unusable
+            logger.error("send failed: %r", exc)
+            pos, errors = len(out), len(out) - self._backlog_pos
+        self.stats_counters["datagrams_sent"] += pos - self._backlog_pos - errors
+        self.stats_counters["send_errors"] += errors
+        if pos >= len(out):
+            out.clear()
+            self._backlog_pos = 0
+            if self._writer_armed:
+                self._loop.remove_writer(self._fd)
+                self._writer_armed = False
+        else:  # kernel buffer full: wait for writability, lose nothing
+            self._backlog_pos = pos
+            if not self._writer_armed:
+                self._writer_armed = True
+                self._loop.add_writer(self._fd, self._send_backlog)
+
+    def _send_raw(self, data: bytes, addr: Address) -> None:
+        self._backlog.append((data, addr))
+        if not self._writer_armed:
+            self._send_backlog()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_timer(self, conn: Connection, when: float | None) -> None:
+        if when == conn._timer_at:
+            return
+        if conn._timer is not None:
+            conn._timer.cancel()
+        conn._timer_at = when
+        conn._timer = None if when is None else self._loop.call_at(when, self._on_timer, conn)
+
+    def _on_timer(self, conn: Connection) -> None:
+        conn._timer = None
+        conn._timer_at = None
+        if conn._terminated:
+            return
+        quic = conn._quic
+        now = self._loop.time()
+        quic.handle_timer(now)
+        event = quic.next_event()
+        while event is not None:
+            self._on_event(conn, event)
+            event = quic.next_event()
+        if not conn._terminated:
+            self._check_engine_closed(conn)
+            self._mark_dirty(conn)
+
+    # ------------------------------------------------------------------ closing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EndpointClosed("endpoint is closed")
+
+    async def _close(self) -> None:
+        self._closed = True
+        for conn in list(self._live):
+            if conn._closed is None:
+                conn._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase="endpoint closed")
+                conn._set_closed(ConnectionClosed("endpoint closed", wire.CLOSE_NORMAL))
+                self._dirty[conn] = None
+        self._flush()
+        deadline = self._loop.time() + CLOSE_FLUSH_TIMEOUT
+        while self._backlog and self._loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        waiter = self._accept_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for conn in list(self._live):
+            conn._terminated = True
+            self._forget(conn)
+        self._loop.remove_reader(self._fd)
+        if self._writer_armed:
+            self._loop.remove_writer(self._fd)
+            self._writer_armed = False
+        self._sock.close()
+        logger.debug("endpoint %s closed", self.local_addr)

@@ -1,0 +1,235 @@
+"""The seam between qp2p and its QUIC engine (aioquic's sans-I/O ``QuicConnection``).
+
+Everything the runtime asks of the engine beyond aioquic's public API lives here, in
+small functions, so another API-compatible engine (e.g. qh3) can be plugged in by
+changing this module alone. The private aioquic attributes used are:
+
+- ``_remote_max_streams_uni/bidi`` and ``_local_next_stream_id_uni/bidi``: stream credit,
+  so qp2p queues messages instead of opening blocked streams (blocked streams make
+  aioquic's packet builder walk them all on every packet; DESIGN.md §6);
+- ``_local_max_streams_uni/bidi``: our stream limits (aioquic hard-codes 128);
+- ``_streams``: per-stream send completion (aioquic emits no event when a stream's data
+  is fully acknowledged);
+- ``QuicStreamReceiver`` state, to keep a rejected stream alive until its STOP_SENDING
+  has been written (aioquic discards a finished stream before writing it).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.stream import QuicStreamReceiver
+
+from .config import Config
+from .errors import PeerAuthenticationError
+from .identity import Identity, PeerId, Trust
+
+__all__ = [
+    "CID_LENGTH",
+    "QuicConfiguration",
+    "QuicConnection",
+    "events",
+    "is_closed",
+    "make_configuration",
+    "parse_long_header",
+    "reject_stream",
+    "send_finished",
+    "set_stream_limits",
+    "streams_available",
+    "version_negotiation",
+]
+
+#: Length of the connection IDs our endpoints issue (short headers carry no length).
+CID_LENGTH = 8
+#: Smallest UDP payload that may carry a client's first Initial (RFC 9000 §14.1).
+MIN_INITIAL_SIZE = 1200
+
+
+def make_configuration(identity: Identity, config: Config, *, is_client: bool) -> QuicConfiguration:
+    """A QUIC configuration for one role, from qp2p's ``Config`` and the endpoint's identity."""
+    idle = config.idle_timeout if config.idle_timeout is not None else 10 * 365 * 86400.0
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=None,  # like the Rust crate: none offered or required
+        certificate=identity.certificate,
+        certificate_chain=list(identity.chain[1:]),
+        private_key=identity.private_key,
+        verify_mode=ssl.CERT_NONE,  # qp2p checks the peer itself (identity.Trust)
+        idle_timeout=idle,
+        max_datagram_frame_size=65536,
+        max_datagram_size=config.max_datagram_size,
+        connection_id_length=CID_LENGTH,
+        # Generous windows: aioquic hands data over as soon as it arrives, so these bound
+        # bytes in flight, not memory held for the application.
+        max_data=max(config.max_buffered_bytes, 1 << 20),
+        max_stream_data=max(min(config.max_message_size, config.max_buffered_bytes), 1 << 20),
+    )
+
+
+def set_stream_limits(quic: QuicConnection, config: Config) -> None:
+    """Advertise our stream limits (call before the handshake starts)."""
+    quic._local_max_streams_bidi.value = config.max_concurrent_bidi_streams
+    quic._local_max_streams_uni.value = config.max_concurrent_uni_streams
+
+
+def streams_available(quic: QuicConnection, unidirectional: bool) -> int:
+    """How many more streams of one kind the peer lets us open right now."""
+    if unidirectional:
+        return quic._remote_max_streams_uni - quic._local_next_stream_id_uni // 4
+    return quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+
+
+def send_finished(quic: QuicConnection, stream_id: int) -> bool:
+    """True once every byte and the FIN we wrote on ``stream_id`` were acknowledged
+    (or the stream's state is gone because it finished)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return True
+    return bool(stream.sender.is_finished)
+
+
+class _StopBeforeDiscardReceiver(QuicStreamReceiver):
+    """A receiver that counts as finished only once its STOP_SENDING has been written.
+
+    aioquic drops a stream whose FIN arrived before writing the STOP_SENDING queued on it,
+    so the sender would take a rejected message for a delivered one.
+    """
+
+    @property  # type: ignore[override]
+    def is_finished(self) -> bool:
+        return bool(self.__dict__.get("is_finished", False)) and not self.stop_pending
+
+    @is_finished.setter
+    def is_finished(self, value: bool) -> None:
+        self.__dict__["is_finished"] = value
+
+
+def reject_stream(quic: QuicConnection, stream_id: int, error_code: int) -> None:
+    """Stop the peer's sending on ``stream_id`` (and reset ours on a bidirectional one)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return
+    if not stream.receiver.is_finished or stream.receiver._final_size is not None:
+        stream.receiver.__class__ = _StopBeforeDiscardReceiver
+        stream.receiver.stop(error_code)
+    if not stream.sender.is_finished:
+        quic.reset_stream(stream_id, error_code)
+
+
+def is_closed(quic: QuicConnection) -> bool:
+    """True once the engine has entered its closing/draining/terminated states."""
+    return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
+
+
+def parse_long_header(datagram: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
+    """For a datagram that matched no connection: ``(version, is_initial, dcid, scid)``,
+    or None when it is not a parsable QUIC header (``version`` None for short headers)."""
+    try:
+        header = pull_quic_header(Buffer(data=datagram), host_cid_length=CID_LENGTH)
+    except ValueError:
+        return None
+    is_initial = header.packet_type == QuicPacketType.INITIAL
+    if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+        return None
+    return header.version, is_initial, header.destination_cid, header.source_cid
+
+
+def supported_versions() -> list[int]:
+    """QUIC versions our engine speaks."""
+    return list(QuicConfiguration().supported_versions)
+
+
+def version_negotiation(dcid: bytes, scid: bytes) -> bytes:
+    """A Version Negotiation packet answering a client that used ``dcid``/``scid``."""
+    return encode_quic_version_negotiation(
+        source_cid=dcid, destination_cid=scid, supported_versions=supported_versions()
+    )
+
+
+def peer_certificate_chain(quic: QuicConnection) -> list[Any]:
+    """The certificates the peer presented in the handshake (leaf first), if any."""
+    tls = getattr(quic, "tls", None)
+    if tls is None:
+        return []
+    leaf = getattr(tls, "_peer_certificate", None)
+    if leaf is None:
+        return []
+    return [leaf, *getattr(tls, "_peer_certificate_chain", [])]
+
+
+def path_stats(quic: QuicConnection) -> dict[str, Any]:
+    """Round-trip time and congestion state of the connection's path."""
+    loss = quic._loss
+    return {
+        "rtt": loss._rtt_smoothed if loss._rtt_initialized else None,
+        "min_rtt": loss._rtt_min if loss._rtt_initialized else None,
+        "cwnd": loss.congestion_window,
+        "bytes_in_flight": loss.bytes_in_flight,
+    }
+
+
+def close_event(quic: QuicConnection) -> events.ConnectionTerminated | None:
+    """Why the engine is closing, as soon as it knows (before draining ends)."""
+    event = quic._close_event
+    return event if isinstance(event, events.ConnectionTerminated) else None
+
+
+def new_client(
+    configuration: QuicConfiguration,
+    config: Config,
+    trust: Trust,
+    expect_peer_id: PeerId | None,
+) -> QuicConnection:
+    """A dialling engine whose handshake enforces ``trust`` (and the per-dial pin)."""
+    from ._tls import AuthenticatingQuicConnection
+
+    quic = AuthenticatingQuicConnection(
+        configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
+    )
+    set_stream_limits(quic, config)
+    return quic
+
+
+def new_server(
+    configuration: QuicConfiguration, config: Config, trust: Trust, original_dcid: bytes
+) -> QuicConnection:
+    """An accepting engine for a client whose first Initial used ``original_dcid``."""
+    from ._tls import AuthenticatingQuicConnection
+
+    quic = AuthenticatingQuicConnection(
+        configuration=configuration,
+        trust=trust,
+        original_destination_connection_id=original_dcid,
+    )
+    set_stream_limits(quic, config)
+    return quic
+
+
+def authenticated_peer(quic: QuicConnection) -> PeerId | None:
+    """The peer's id once the handshake completed; raises if the policy rejected it."""
+    error = auth_error(quic)
+    if error is not None:
+        raise error
+    peer: PeerId | None = getattr(quic, "peer_id", None)
+    return peer
+
+
+def auth_error(quic: QuicConnection) -> PeerAuthenticationError | None:
+    """Why the trust policy rejected the peer, if it did."""
+    error: PeerAuthenticationError | None = getattr(quic, "auth_error", None)
+    return error
+
+
+def keep_alive(quic: QuicConnection) -> None:
+    """Queue a PING so an idle connection stays open (and NAT mappings stay fresh)."""
+    quic.send_ping(0)

@@ -1,0 +1,66 @@
+"""The connection pool: open connections keyed by the peer's socket address."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .identity import PeerId
+
+__all__ = ["Pool"]
+
+Address = tuple[Any, ...]
+
+
+class Pool:
+    """Open connections by remote address, dialled and accepted alike.
+
+    An address may briefly hold two connections (both sides dialled at once); lookups
+    return the oldest open one that matches the expected peer id. ``pending`` shares one
+    dial among concurrent ``connect_to`` calls for the same (address, expected peer).
+    """
+
+    def __init__(self) -> None:
+        self._by_addr: dict[Address, list[Connection]] = {}
+        self.pending: dict[tuple[Address, PeerId | None], asyncio.Future[Connection]] = {}
+
+    def add(self, conn: Connection) -> None:
+        """Pool an established connection."""
+        conns = self._by_addr.setdefault(_key(conn.remote_addr), [])
+        if conn not in conns:
+            conns.append(conn)
+
+    def remove(self, conn: Connection) -> None:
+        """Drop a connection (closed or lost); a no-op if it isn't pooled."""
+        key = _key(conn.remote_addr)
+        conns = self._by_addr.get(key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._by_addr[key]
+
+    def get(self, addr: Address, expect_peer_id: PeerId | None = None) -> Connection | None:
+        """The oldest open connection to ``addr`` (whose peer is ``expect_peer_id`` if given)."""
+        for conn in self._by_addr.get(_key(addr), ()):
+            if conn.is_closed:
+                continue
+            if expect_peer_id is None or conn.peer_id == expect_peer_id:
+                return conn
+        return None
+
+    def all(self) -> list[Connection]:
+        """Every pooled connection."""
+        return [c for conns in self._by_addr.values() for c in conns]
+
+    def all_open(self) -> list[Connection]:
+        """Every pooled connection that is still open."""
+        return [c for c in self.all() if not c.is_closed]
+
+    def __len__(self) -> int:
+        return sum(len(conns) for conns in self._by_addr.values())
+
+
+def _key(addr: Address) -> Address:
+    return (addr[0], int(addr[1]))

@@ -1,0 +1,66 @@
+"""Exponential backoff with jitter under a time budget (``RetryConfig``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+from .config import RetryConfig
+from .errors import ConnectionError, PeerAuthenticationError
+
+__all__ = ["backoff_delays", "retry_dial"]
+
+logger = logging.getLogger("qp2p.retry")
+T = TypeVar("T")
+
+
+def backoff_delays(retry: RetryConfig, rng: random.Random | None = None) -> Iterator[float]:
+    """Successive waits: ``initial * multiplier**n`` capped at ``max_interval``, jittered."""
+    rng = rng or random.Random()
+    interval = retry.initial_interval
+    while True:
+        spread = retry.randomization_factor * interval
+        yield max(0.0, interval + rng.uniform(-spread, spread))
+        interval = min(interval * retry.multiplier, retry.max_interval)
+
+
+async def retry_dial(
+    attempt: Callable[[float], Awaitable[T]],
+    retry: RetryConfig,
+    attempt_timeout: float,
+    what: str,
+) -> T:
+    """Call ``attempt(timeout)`` until it succeeds or ``retry.max_elapsed_time`` is spent.
+
+    Timeouts and refusals are retried; an authentication failure is final (dialling the
+    same peer again gives the same answer). The budget bounds the whole call: the last
+    attempt is cut short rather than overrunning it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry.max_elapsed_time
+    delays = backoff_delays(retry)
+    last: BaseException | None = None
+    tries = 0
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        tries += 1
+        try:
+            return await attempt(min(attempt_timeout, remaining))
+        except PeerAuthenticationError:
+            raise
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            last = exc
+            logger.debug("dial %s attempt %d failed: %r", what, tries, exc)
+        wait = next(delays)
+        if loop.time() + wait >= deadline:
+            break
+        await asyncio.sleep(wait)
+    raise ConnectionError(
+        f"could not connect to {what} after {tries} attempt(s) in "
+        f"{retry.max_elapsed_time:g}s: {last!r}"
+    ) from last

@@ -1,0 +1,65 @@
+"""qp2p's message format (DESIGN.md §3), on top of the fast path's frame codec.
+
+A message is one frame on its own QUIC stream: a 16-byte header (version 0x0002,
+lengths of ``header``, ``dst`` and ``payload``, a kind byte, a reserved byte), then the
+three byte strings. Kind 0 is a user message (byte for byte the Rust crate's frame);
+other kinds are qp2p's own control messages.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .errors import MessageTooLarge
+
+__all__ = [
+    "ERR_CANCELLED",
+    "ERR_FRAME_REJECTED",
+    "FRAME_HEADER_LEN",
+    "KIND_ECHO_REQUEST",
+    "KIND_ECHO_RESPONSE",
+    "KIND_INTRODUCE_REQUEST",
+    "KIND_INTRODUCE_RESPONSE",
+    "KIND_INTRODUCTION",
+    "KIND_USER",
+    "as_bytes",
+    "check_message",
+]
+
+FRAME_HEADER_LEN: Final = 16
+
+# Frame kinds (byte 14).
+KIND_USER: Final = 0
+KIND_ECHO_REQUEST: Final = 1  # "what address do you see me at?" (bidi stream)
+KIND_ECHO_RESPONSE: Final = 2  # the observed address, as "host:port" text
+KIND_INTRODUCE_REQUEST: Final = 3  # ask a rendezvous to introduce a peer (bidi)
+KIND_INTRODUCE_RESPONSE: Final = 4  # the rendezvous' answer
+KIND_INTRODUCTION: Final = 5  # rendezvous -> target: "a peer wants to punch to you"
+
+# Application error codes on streams (RESET_STREAM / STOP_SENDING).
+ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
+ERR_CANCELLED: Final = 0x71_70_02  # the sender gave up on the message
+
+# Connection close codes (application CONNECTION_CLOSE).
+CLOSE_NORMAL: Final = 0
+
+
+def as_bytes(name: str, value: object) -> bytes:
+    """``value`` as ``bytes``; ``TypeError`` for anything not bytes-like."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
+
+
+def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: int) -> int:
+    """Validate a message before anything is sent; returns its framed size."""
+    if not payload:
+        raise ValueError("payload must not be empty")
+    total = FRAME_HEADER_LEN + len(header) + len(dst) + len(payload)
+    if total > max_message_size:
+        raise MessageTooLarge(
+            f"message of {total} bytes exceeds max_message_size of {max_message_size}"
+        )
+    return total

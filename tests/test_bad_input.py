@@ -1,0 +1,156 @@
+"""Hostile and broken peers: a raw aioquic client (no qp2p code) sends malformed frames;
+each offending stream is reset, never delivered, counted; the connection keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamReset
+
+import qp2p
+from tests.conftest import FAST
+
+pytestmark = pytest.mark.asyncio
+
+
+def frame(header: bytes, dst: bytes, payload: bytes, *, version: int = 2, kind: int = 0,
+          reserved: int = 0, lengths: tuple[int, int, int] | None = None) -> bytes:
+    hl, dl, pl = lengths or (len(header), len(dst), len(payload))
+    return struct.pack(">HIIIBB", version, hl, dl, pl, kind, reserved) + header + dst + payload
+
+
+BAD_FRAMES = {
+    "truncated header": b"\x00\x02\x00\x00\x00",
+    "unknown version 0x9999": frame(b"", b"", b"hello", version=0x9999),
+    "claims 2 GiB": frame(b"", b"", b"x" * 100, lengths=(0, 0, 2**31)),
+    "payload shorter than claimed": frame(b"", b"", b"abc", lengths=(0, 0, 10)),
+    "bytes after the frame": frame(b"", b"", b"abc") + b"trailing",
+    "header length beyond the data": frame(b"h", b"", b"abc", lengths=(50, 0, 3)),
+    "empty payload": frame(b"h", b"d", b""),
+    "unknown kind": frame(b"", b"", b"abc", kind=200),
+    "reserved byte set": frame(b"", b"", b"abc", reserved=7),
+    "empty stream": b"",
+}
+
+
+class Recorder(QuicConnectionProtocol):
+    """Collects the stream resets/stops the qp2p endpoint answers with."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.stopped: dict[int, int] = {}
+        self.reset: dict[int, int] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StopSendingReceived):
+            self.stopped[event.stream_id] = event.error_code
+        elif isinstance(event, StreamReset):
+            self.reset[event.stream_id] = event.error_code
+
+
+async def test_raw_client_bad_frames_then_valid_message(impl: str) -> None:
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        config = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        host, port = server.local_addr
+        async with connect(host, port, configuration=config, create_protocol=Recorder,
+                           wait_connected=True) as client:
+            assert isinstance(client, Recorder)
+            quic = client._quic
+            conn = await asyncio.wait_for(server.accept(), 5)
+            assert conn.peer_id is None  # a raw client presents no certificate
+            uni_ids = {}
+            for name, data in BAD_FRAMES.items():
+                sid = quic.get_next_available_stream_id(is_unidirectional=True)
+                quic.send_stream_data(sid, data, end_stream=True)
+                uni_ids[sid] = name
+            # a malformed request on a bidirectional stream
+            bidi = quic.get_next_available_stream_id(is_unidirectional=False)
+            quic.send_stream_data(bidi, frame(b"", b"", b"q", version=7), end_stream=True)
+            # and a valid message after all of them, on the same connection
+            sid = quic.get_next_available_stream_id(is_unidirectional=True)
+            quic.send_stream_data(sid, frame(b"H", b"D", b"valid"), end_stream=True)
+            client.transmit()
+
+            msg = await asyncio.wait_for(conn.recv(), 5)
+            assert (msg.header, msg.dst, msg.payload) == (b"H", b"D", b"valid")
+            for _ in range(100):
+                if len(client.stopped) >= len(uni_ids) + 1 and bidi in client.reset:
+                    break
+                await asyncio.sleep(0.02)
+            assert set(client.stopped) == {*uni_ids, bidi}, {
+                uni_ids[s] for s in uni_ids if s not in client.stopped
+            }
+            assert bidi in client.reset
+            assert conn.stats()["streams_rejected"] == len(BAD_FRAMES) + 1
+            # nothing else was delivered, and the connection keeps serving
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.recv(), 0.2)
+            assert not conn.is_closed
+            await conn.send(b"still here")
+
+
+async def test_unknown_quic_version_gets_version_negotiation(impl: str) -> None:
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            dcid, scid = b"\x11" * 8, b"\x22" * 8
+            packet = (bytes([0xC0]) + struct.pack(">I", 0x1A2A3A4A) + bytes([8]) + dcid
+                      + bytes([8]) + scid)
+            packet += b"\x00" * (1200 - len(packet))
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendto(sock, packet, server.local_addr)
+            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), 2)
+            assert data[1:5] == b"\x00\x00\x00\x00"  # version 0: Version Negotiation
+            assert data[6:14] == scid and data[15:23] == dcid
+            # junk and short-header packets for unknown connections are dropped silently
+            await loop.sock_sendto(sock, b"\x40" + b"\x00" * 30, server.local_addr)
+            await loop.sock_sendto(sock, b"", server.local_addr)
+            await loop.sock_sendto(sock, b"\xff", server.local_addr)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(loop.sock_recv(sock, 2048), 0.3)
+        finally:
+            sock.close()
+        # the endpoint still serves real peers
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
+            conn = await peer.connect_to(server.local_addr)
+            await conn.send(b"ok")
+            assert (await asyncio.wait_for((await server.accept()).recv(), 5)).payload == b"ok"
+
+
+async def test_stream_flood_is_bounded(impl: str) -> None:
+    """A peer opening many streams of junk: each is rejected, credit keeps flowing."""
+    cfg = qp2p.Config(max_concurrent_uni_streams=16, handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        config = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        host, port = server.local_addr
+        async with connect(host, port, configuration=config, create_protocol=Recorder) as client:
+            quic = client._quic
+            conn = await asyncio.wait_for(server.accept(), 5)
+            sent = 0
+            for _ in range(50):  # 50 rounds x up to 16 streams = far beyond the limit
+                for _ in range(16):
+                    sid = quic.get_next_available_stream_id(is_unidirectional=True)
+                    if sid // 4 >= quic._remote_max_streams_uni:
+                        break
+                    quic.send_stream_data(sid, b"\x99\x99junk", end_stream=True)
+                    sent += 1
+                client.transmit()
+                await asyncio.sleep(0.01)
+            sid = quic.get_next_available_stream_id(is_unidirectional=True)
+            for _ in range(200):
+                if sid // 4 < quic._remote_max_streams_uni:
+                    break
+                await asyncio.sleep(0.01)
+            quic.send_stream_data(sid, frame(b"", b"", b"valid"), end_stream=True)
+            client.transmit()
+            assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"valid"
+            assert sent > 16 * 10
+            assert conn.stats()["streams_rejected"] == sent

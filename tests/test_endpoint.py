@@ -1,0 +1,311 @@
+"""Endpoint core behaviour on real UDP sockets, real TLS, real aioquic (both
+implementations x both loops, via the ``impl`` and ``event_loop_policy`` fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+import qp2p
+from tests.conftest import FAST, connected
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_connect_accept_addresses(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    assert accepted.remote_addr == a.local_addr
+    assert conn.remote_addr == b.local_addr
+    assert conn.peer_id == b.peer_id
+    assert accepted.peer_id == a.peer_id
+    assert not conn.is_closed and not accepted.is_closed
+    assert a.connections() == [conn]
+
+
+async def test_message_with_header_and_dst(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    payload = os.urandom(1024)
+    await conn.send(payload, header=b"hdr", dst=b"destination")
+    msg = await asyncio.wait_for(accepted.recv(), 5)
+    assert (msg.payload, msg.header, msg.dst) == (payload, b"hdr", b"destination")
+    assert not msg.is_request
+    assert msg.connection is accepted
+
+
+async def test_both_directions_one_connection(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    await accepted.send(b"from acceptor")
+    assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"from acceptor"
+    # the acceptor's connect_to finds the accepted connection in its pool
+    assert await b.connect_to(a.local_addr) is accepted
+
+
+async def test_request_reply_many_senders(impl: str) -> None:
+    server = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+
+    async def serve() -> None:
+        async def handle(conn: qp2p.Connection) -> None:
+            async for msg in conn:
+                assert msg.is_request
+                await msg.reply(hashlib.sha256(msg.payload).digest(), header=b"sha256")
+
+        async with asyncio.TaskGroup() as tg:
+            async for conn in server.incoming():
+                tg.create_task(handle(conn))
+
+    server_task = asyncio.ensure_future(serve())
+    clients = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(10)]
+    try:
+
+        async def client(ep: qp2p.Endpoint) -> None:
+            conn = await ep.connect_to(server.local_addr)
+            for _ in range(100):
+                body = os.urandom(1024)
+                reply = await conn.request(body, timeout=10)
+                assert reply.header == b"sha256"
+                assert reply.payload == hashlib.sha256(body).digest()
+                assert not reply.is_request
+
+        await asyncio.wait_for(asyncio.gather(*(client(ep) for ep in clients)), 60)
+    finally:
+        for ep in clients:
+            await ep.close()
+        await server.close()
+        await asyncio.wait_for(server_task, 5)
+
+
+@pytest.mark.parametrize("mode", ["uni", "bi"])
+async def test_large_messages(pair: tuple[qp2p.Endpoint, qp2p.Endpoint], mode: str) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    bodies = [os.urandom(2**20) for _ in range(10)]
+
+    async def echo_server() -> None:
+        for _ in bodies:
+            msg = await accepted.recv()
+            if mode == "bi":
+                await msg.reply(msg.payload)
+            else:
+                await accepted.send(msg.payload)
+
+    server = asyncio.ensure_future(echo_server())
+    for body in bodies:
+        if mode == "bi":
+            got = (await conn.request(body, timeout=30)).payload
+        else:
+            await conn.send(body)
+            got = (await asyncio.wait_for(conn.recv(), 30)).payload
+        assert got == body
+    await asyncio.wait_for(server, 10)
+
+
+async def test_ten_thousand_concurrent_sends(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    n = 10_000
+    ids = [i.to_bytes(8, "big") for i in range(n)]
+    received: list[bytes] = []
+
+    async def drain() -> None:
+        while len(received) < n:
+            received.append((await accepted.recv()).payload)
+
+    drainer = asyncio.ensure_future(drain())
+    await asyncio.wait_for(asyncio.gather(*(conn.send(i) for i in ids)), 120)
+    await asyncio.wait_for(drainer, 30)
+    assert sorted(received) == ids  # each exactly once
+    assert accepted.stats()["messages_received"] == n
+
+
+async def test_datagram_round_trip(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    conn.send_datagram(b"ping")
+    assert await asyncio.wait_for(accepted.recv_datagram(), 5) == b"ping"
+    accepted.send_datagram(b"x" * accepted.max_datagram_payload)
+    assert await asyncio.wait_for(conn.recv_datagram(), 5) == b"x" * conn.max_datagram_payload
+    with pytest.raises(qp2p.MessageTooLarge):
+        conn.send_datagram(b"x" * (conn.max_datagram_payload + 1))
+
+
+async def test_stats_grow(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    before = conn.stats()
+    await conn.send(b"a" * 5000)
+    await accepted.recv()
+    conn.send_datagram(b"d")
+    await accepted.recv_datagram()
+    after = conn.stats()
+    for key in ("bytes_sent", "packets_sent", "messages_sent", "datagrams_sent"):
+        assert after[key] > before[key], key
+    assert after["rtt"] is not None and after["rtt"] > 0
+    assert after["cwnd"] > 0
+    assert accepted.stats()["bytes_received"] >= 5000
+    assert accepted.stats()["datagrams_received"] == 1
+
+
+async def test_close_is_seen_by_peer(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    await conn.send(b"last words")
+    await conn.close("bye now")
+    assert conn.is_closed
+    await conn.close()  # idempotent
+    # a message fully received before the close is still returned
+    assert (await asyncio.wait_for(accepted.recv(), 1)).payload == b"last words"
+    with pytest.raises(qp2p.ConnectionClosed) as info:
+        await asyncio.wait_for(accepted.recv(), 1)
+    assert info.value.reason == "bye now"
+    assert accepted.is_closed
+    with pytest.raises(qp2p.ConnectionClosed):
+        await accepted.send(b"too late")
+    with pytest.raises(qp2p.ConnectionClosed):
+        await conn.send(b"too late")
+    assert accepted not in b.connections()
+    assert conn not in a.connections()
+
+
+async def test_endpoint_close_ends_incoming(impl: str) -> None:
+    ep = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    seen: list[qp2p.Connection] = []
+
+    async def consume() -> None:
+        async for conn in ep.incoming():
+            seen.append(conn)
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.05)
+    await ep.close()
+    await asyncio.wait_for(task, 2)
+    await ep.close()  # idempotent
+    with pytest.raises(qp2p.EndpointClosed):
+        await ep.connect_to(("127.0.0.1", 9))
+    with pytest.raises(qp2p.EndpointClosed):
+        await ep.accept()
+
+
+async def test_endpoint_close_closes_peers(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    async with a:
+        pass  # the context manager closes the endpoint
+    with pytest.raises(qp2p.ConnectionClosed) as info:
+        await asyncio.wait_for(accepted.recv(), 2)
+    assert info.value.reason == "endpoint closed"
+
+
+async def test_sender_side_validation(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    with pytest.raises(ValueError):
+        await conn.send(b"")
+    with pytest.raises(TypeError):
+        await conn.send("text")  # type: ignore[arg-type]
+    with pytest.raises(qp2p.MessageTooLarge):
+        await conn.send(b"x" * (FAST.max_message_size - 15))
+    with pytest.raises(qp2p.MessageTooLarge):
+        await conn.request(b"x", header=b"h" * FAST.max_message_size)
+    # nothing was sent: the connection still works and nothing odd arrived
+    await conn.send(b"fine")
+    assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"fine"
+    assert accepted.stats()["streams_rejected"] == 0
+
+
+async def test_oversized_for_receiver_is_rejected(impl: str) -> None:
+    small = qp2p.Config(max_message_size=1024, handshake_timeout=3.0)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=small)
+    try:
+        conn, accepted = await connected(a, b)
+        for size in (2000, 200_000):
+            with pytest.raises(qp2p.MessageRejected):
+                await asyncio.wait_for(conn.send(b"x" * size), 5)
+        with pytest.raises(qp2p.MessageRejected):
+            await conn.request(b"y" * 5000, timeout=5)
+        # the connection keeps serving
+        await conn.send(b"small")
+        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"small"
+        assert accepted.stats()["streams_rejected"] == 3
+        assert not conn.is_closed and not accepted.is_closed
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_request_timeout_and_unanswered(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    with pytest.raises(asyncio.TimeoutError):
+        await conn.request(b"nobody answers", timeout=0.2)
+    msg = await asyncio.wait_for(accepted.recv(), 5)
+    assert msg.is_request
+    await conn.send(b"still alive")
+    assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"still alive"
+    with pytest.raises(ValueError):
+        await (await asyncio.wait_for(accepted.recv(), 5)).reply(b"not a request")
+
+
+async def test_reply_once(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
+    a, b = pair
+    conn, accepted = await connected(a, b)
+    pending = asyncio.ensure_future(conn.request(b"q", timeout=5))
+    msg = await asyncio.wait_for(accepted.recv(), 5)
+    await msg.reply(b"answer")
+    with pytest.raises(ValueError):
+        await msg.reply(b"again")
+    assert (await pending).payload == b"answer"
+
+
+async def test_connect_to_dead_port_fails(impl: str) -> None:
+    cfg = qp2p.Config(
+        handshake_timeout=0.3,
+        retry=qp2p.RetryConfig(initial_interval=0.05, max_elapsed_time=1.0),
+    )
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as ep:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(qp2p.ConnectionError) as info:
+            await ep.connect_to(("127.0.0.1", 9))
+        assert loop.time() - start < 3
+        assert isinstance(info.value.__cause__, asyncio.TimeoutError)
+        assert ep.connections() == []
+
+
+async def test_dial_only_endpoint_refuses_incoming(impl: str) -> None:
+    cfg = qp2p.Config(handshake_timeout=0.5, retry=qp2p.RetryConfig(max_elapsed_time=0.6))
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg, accept_incoming=False)
+    try:
+        with pytest.raises(qp2p.ConnectionError):
+            await a.connect_to(b.local_addr)
+        conn = await b.connect_to(a.local_addr)  # b can still dial out
+        await conn.send(b"hi")
+        assert (await asyncio.wait_for((await a.accept()).recv(), 5)).payload == b"hi"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_many_peers_one_endpoint(impl: str) -> None:
+    hub = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    peers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(5)]
+    try:
+        for i, peer in enumerate(peers):
+            conn = await peer.connect_to(hub.local_addr)
+            await conn.send(f"hello {i}".encode())
+        got = set()
+        for _ in peers:
+            conn = await asyncio.wait_for(hub.accept(), 5)
+            got.add((await asyncio.wait_for(conn.recv(), 5)).payload)
+        assert got == {f"hello {i}".encode() for i in range(5)}
+        assert len(hub.connections()) == 5
+    finally:
+        for ep in [hub, *peers]:
+            await ep.close()
