@@ -1,0 +1,457 @@
+"""The fast path in plain Python: the twin of ``qp2p._fastpath``.
+
+Same public names, same behaviour, byte-identical results and identical exceptions
+(type and message) as the compiled module. ``qp2p._speedups`` picks one of the two;
+``QP2P_NO_EXTENSIONS=1`` forces this one.
+
+Wire format of a frame (all integers big-endian, see DESIGN.md §3)::
+
+    u16 version (0x0002) | u32 len(header) | u32 len(dst) | u32 len(payload) | u8 kind | u8 0
+    header | dst | payload
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import operator as _operator
+import socket as _socket
+import struct as _struct
+from collections.abc import Sequence as _Sequence
+from typing import Any as _Any
+
+from qp2p.errors import ProtocolError
+
+__all__ = [
+    "FRAME_HEADER_LEN",
+    "KIND_USER",
+    "MAX_KIND",
+    "WIRE_VERSION",
+    "ConnectionTable",
+    "FrameAssembler",
+    "decode_frame",
+    "enable_gro",
+    "encode_frame",
+    "features",
+    "parse_dcid",
+    "recv_batch",
+    "send_batch",
+]
+
+FRAME_HEADER_LEN: int = 16
+"""Bytes in the fixed frame header."""
+WIRE_VERSION: int = 0x0002
+"""The frame version this code speaks."""
+KIND_USER: int = 0
+"""Frame kind of a user message."""
+MAX_KIND: int = 7
+"""Kinds ``0..MAX_KIND`` are valid; ``1..7`` are qp2p's own control messages."""
+
+_HEADER = _struct.Struct(">HIIIBB")
+_LEN_LIMIT = 1 << 32
+_MAX_CID_LEN = 20
+# A UDP payload never exceeds 65535 bytes: a larger receive buffer is never useful.
+_MAX_RECV_BUFSIZE = 65536
+_DONTWAIT: int = getattr(_socket, "MSG_DONTWAIT", 0)
+# Errors from the socket that mean "try again later": stop, nothing is lost.
+_SEND_STOP = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK, _errno.ENOBUFS})
+_RECV_STOP = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK})
+# Errors a UDP socket reports for an earlier datagram (ICMP and friends): skipped.
+_RECV_TRANSIENT = frozenset(
+    {
+        _errno.ECONNREFUSED,
+        _errno.ECONNRESET,
+        _errno.EHOSTUNREACH,
+        _errno.ENETUNREACH,
+        _errno.EHOSTDOWN,
+        _errno.ENETDOWN,
+        _errno.ETIMEDOUT,
+        _errno.EMSGSIZE,
+    }
+)
+
+# FrameAssembler states.
+_HEAD = 0  # collecting the 16 header bytes
+_BODY = 1  # collecting header, dst, payload
+_COMPLETE = 2  # every byte is in, waiting for the end of the stream
+_DONE = 3  # the frame was returned
+_FAILED = 4  # a ProtocolError was raised; every later feed raises it again
+
+
+def _view(obj: _Any) -> bytes | bytearray | memoryview:
+    """Any bytes-like object as something whose ``len`` counts bytes."""
+    if type(obj) is bytes or type(obj) is bytearray:
+        return obj
+    return memoryview(obj).cast("B")
+
+
+def _limits(max_message_size: _Any, max_kind: _Any) -> tuple[int, int]:
+    size = _operator.index(max_message_size)
+    if size < 0:
+        raise ValueError(f"max_message_size must not be negative, got {size}")
+    kind = _operator.index(max_kind)
+    if not 0 <= kind <= 255:
+        raise ValueError(f"max_kind must be in 0..255, got {kind}")
+    return size, kind
+
+
+def _cid_len(short_cid_len: _Any) -> int:
+    n = _operator.index(short_cid_len)
+    if not 0 <= n <= _MAX_CID_LEN:
+        raise ValueError(f"short_cid_len must be in 0..{_MAX_CID_LEN}, got {n}")
+    return n
+
+
+def _parse_header(
+    data: bytes | bytearray | memoryview, max_message_size: int, max_kind: int
+) -> tuple[int, int, int, int, int]:
+    """Validate the first 16 bytes of ``data``: ``(kind, len_h, len_d, len_p, total)``."""
+    version, lh, ld, lp, kind, reserved = _HEADER.unpack_from(data)
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"unsupported frame version 0x{version:04x}")
+    if kind > max_kind:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if reserved != 0:
+        raise ProtocolError(f"reserved byte is {reserved}, not 0")
+    total = FRAME_HEADER_LEN + lh + ld + lp
+    if total > max_message_size:
+        raise ProtocolError(f"frame of {total} bytes exceeds the limit of {max_message_size}")
+    if lp == 0:
+        raise ProtocolError("empty payload")
+    return kind, lh, ld, lp, total
+
+
+def encode_frame(header: bytes, dst: bytes, payload: bytes, kind: int = 0) -> bytes:
+    """One frame: the 16-byte frame header, then ``header``, ``dst`` and ``payload``.
+
+    Accepts any bytes-like objects. Raises ``ValueError`` if ``kind`` is not in
+    ``0..255`` or a part is ``2**32`` bytes or longer. No size or emptiness policy:
+    the caller checks those.
+    """
+    k = _operator.index(kind)
+    if not 0 <= k <= 255:
+        raise ValueError(f"frame kind must be in 0..255, got {k}")
+    h = _view(header)
+    lh = len(h)
+    if lh >= _LEN_LIMIT:
+        raise ValueError(f"header of {lh} bytes is too long for a frame")
+    d = _view(dst)
+    ld = len(d)
+    if ld >= _LEN_LIMIT:
+        raise ValueError(f"dst of {ld} bytes is too long for a frame")
+    p = _view(payload)
+    lp = len(p)
+    if lp >= _LEN_LIMIT:
+        raise ValueError(f"payload of {lp} bytes is too long for a frame")
+    return b"".join((_HEADER.pack(WIRE_VERSION, lh, ld, lp, k, 0), h, d, p))
+
+
+def decode_frame(
+    data: bytes, max_message_size: int, max_kind: int = MAX_KIND
+) -> tuple[int, bytes, bytes, bytes]:
+    """Decode a whole frame held in one buffer: ``(kind, header, dst, payload)``.
+
+    Same checks, same ``ProtocolError`` messages as ``FrameAssembler`` fed ``data``
+    with ``fin=True``.
+    """
+    size, max_k = _limits(max_message_size, max_kind)
+    buf = _view(data)
+    n = len(buf)
+    if n < FRAME_HEADER_LEN:
+        raise ProtocolError(f"stream ended after {n} of {FRAME_HEADER_LEN} bytes")
+    kind, lh, ld, _lp, total = _parse_header(buf, size, max_k)
+    if n > total:
+        raise ProtocolError(f"{n - total} bytes after the end of the frame")
+    if n < total:
+        raise ProtocolError(f"stream ended after {n} of {total} bytes")
+    a = FRAME_HEADER_LEN + lh
+    b = a + ld
+    return kind, bytes(buf[FRAME_HEADER_LEN:a]), bytes(buf[a:b]), bytes(buf[b:])
+
+
+class FrameAssembler:
+    """Incremental decoder for ONE stream carrying exactly one frame.
+
+    ``feed`` the stream's data as it arrives; it returns ``(kind, header, dst, payload)``
+    once the frame is complete and the stream has ended, ``None`` while more is needed.
+    A broken frame raises ``qp2p.errors.ProtocolError``; the assembler then stays failed
+    and every later ``feed`` raises the same error. The frame header is checked against
+    the limits as soon as its 16 bytes are in, before any of the body is buffered.
+    """
+
+    __slots__ = (
+        "_error",
+        "_head",
+        "_kind",
+        "_lens",
+        "_max_kind",
+        "_max_message_size",
+        "_parts",
+        "_received",
+        "_seg",
+        "_seg_left",
+        "_state",
+        "_total",
+    )
+
+    def __init__(self, max_message_size: int, max_kind: int = MAX_KIND) -> None:
+        """``max_message_size`` bounds the whole frame (16 header bytes included)."""
+        self._max_message_size, self._max_kind = _limits(max_message_size, max_kind)
+        self._state = _HEAD
+        self._head = bytearray()
+        self._received = 0
+        self._total = FRAME_HEADER_LEN
+        self._kind = 0
+        self._lens = (0, 0, 0)
+        self._parts: tuple[list[bytes], list[bytes], list[bytes]] = ([], [], [])
+        self._seg = 0
+        self._seg_left = 0
+        self._error = ""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the stream currently held (0 once the frame was returned or failed)."""
+        if self._state >= _DONE:
+            return 0
+        return self._received
+
+    def _fail(self, message: str) -> ProtocolError:
+        self._state = _FAILED
+        self._error = message
+        self._head = bytearray()
+        self._parts = ([], [], [])
+        return ProtocolError(message)
+
+    def _advance(self) -> None:
+        # Move past finished (and empty) segments; the payload is never empty.
+        while self._seg_left == 0 and self._seg < 2:
+            self._seg += 1
+            self._seg_left = self._lens[self._seg]
+
+    def feed(self, data: bytes, fin: bool) -> tuple[int, bytes, bytes, bytes] | None:
+        """Add the next piece of the stream; ``fin`` says the stream ended with it.
+
+        Returns ``(kind, header, dst, payload)`` once the frame is complete and the
+        stream has ended, else ``None``. Raises ``ProtocolError`` for a broken frame.
+        """
+        state = self._state
+        if state == _FAILED:
+            raise ProtocolError(self._error)
+        if type(data) is not bytes:
+            data = bytes(_view(data))
+        n = len(data)
+        if state == _DONE:
+            if n:
+                raise self._fail(f"{n} bytes after the end of the frame")
+            return None
+        pos = 0
+        if state == _HEAD:
+            head = self._head
+            if n >= FRAME_HEADER_LEN and not head:
+                head_bytes: bytes | bytearray = data  # the usual case: no copy
+                pos = FRAME_HEADER_LEN
+            else:
+                pos = min(FRAME_HEADER_LEN - len(head), n)
+                head += data[:pos]
+                head_bytes = head
+            self._received = len(head_bytes) if head_bytes is head else FRAME_HEADER_LEN
+            if self._received < FRAME_HEADER_LEN:
+                if fin:
+                    raise self._fail(
+                        f"stream ended after {self._received} of {FRAME_HEADER_LEN} bytes"
+                    )
+                return None
+            try:
+                kind, lh, ld, lp, total = _parse_header(
+                    head_bytes, self._max_message_size, self._max_kind
+                )
+            except ProtocolError as exc:
+                raise self._fail(exc.args[0]) from None
+            self._head = bytearray()
+            self._kind = kind
+            self._lens = (lh, ld, lp)
+            self._total = total
+            self._seg = 0
+            self._seg_left = lh
+            self._advance()
+            state = self._state = _BODY
+            if fin and n == total and head_bytes is data:
+                # The whole frame in one piece: slice it out directly.
+                self._state = _DONE
+                a = FRAME_HEADER_LEN + lh
+                b = a + ld
+                return kind, data[FRAME_HEADER_LEN:a], data[a:b], data[b:]
+        if pos < n:
+            avail = n - pos
+            if state == _COMPLETE:
+                raise self._fail(f"{avail} bytes after the end of the frame")
+            need = self._total - self._received
+            if avail > need:
+                raise self._fail(f"{avail - need} bytes after the end of the frame")
+            parts = self._parts
+            if pos == 0 and self._seg_left >= n:
+                parts[self._seg].append(data)  # the usual case: no copy
+                self._seg_left -= n
+                self._advance()
+            else:
+                while pos < n:
+                    take = min(self._seg_left, n - pos)
+                    parts[self._seg].append(data[pos : pos + take])
+                    pos += take
+                    self._seg_left -= take
+                    self._advance()
+            self._received += avail
+            if self._received == self._total:
+                state = self._state = _COMPLETE
+        if not fin:
+            return None
+        if state != _COMPLETE:
+            raise self._fail(f"stream ended after {self._received} of {self._total} bytes")
+        header, dst, payload = self._parts
+        result = (self._kind, b"".join(header), b"".join(dst), b"".join(payload))
+        self._state = _DONE
+        self._parts = ([], [], [])
+        return result
+
+
+def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:
+    """The destination connection ID of a QUIC packet (RFC 8999 invariants), or ``None``.
+
+    Long header (first bit set): the length byte at offset 5 (more than 20 -> ``None``)
+    and the ID after it. Short header: the ``short_cid_len`` bytes after the first byte.
+    ``None`` for an empty or truncated datagram.
+    """
+    n_cid = _cid_len(short_cid_len)
+    if type(datagram) is not bytes:
+        datagram = bytes(_view(datagram))
+    n = len(datagram)
+    if n == 0:
+        return None
+    if datagram[0] & 0x80:
+        if n < 6:
+            return None
+        length = datagram[5]
+        if length > _MAX_CID_LEN or n < 6 + length:
+            return None
+        return datagram[6 : 6 + length]
+    if n < 1 + n_cid:
+        return None
+    return datagram[1 : 1 + n_cid]
+
+
+class ConnectionTable:
+    """Destination connection ID -> connection object, consulted for every datagram.
+
+    ``short_cid_len`` is the length of the connection IDs this endpoint issues: a short
+    header packet carries no length, so the table must know it.
+    """
+
+    __slots__ = ("_short_cid_len", "_table")
+
+    def __init__(self, short_cid_len: int) -> None:
+        """An empty table for connection IDs of ``short_cid_len`` bytes (0..20)."""
+        self._short_cid_len = _cid_len(short_cid_len)
+        self._table: dict[object, object] = {}
+
+    def add(self, cid: bytes, value: object) -> None:
+        """Map ``cid`` to ``value`` (replacing any earlier value)."""
+        self._table[cid] = value
+
+    def remove(self, cid: bytes) -> None:
+        """Forget ``cid``; no error if it is not there."""
+        self._table.pop(cid, None)
+
+    def get(self, cid: bytes) -> object | None:
+        """The value for ``cid``, or ``None``."""
+        return self._table.get(cid)
+
+    def lookup(self, datagram: bytes) -> object | None:
+        """The value for the destination connection ID of ``datagram``, or ``None``."""
+        cid = parse_dcid(datagram, self._short_cid_len)
+        if cid is None:
+            return None
+        return self._table.get(cid)
+
+    def __len__(self) -> int:
+        """Number of connection IDs in the table."""
+        return len(self._table)
+
+    def __contains__(self, cid: object) -> bool:
+        """Whether ``cid`` is in the table."""
+        return cid in self._table
+
+
+def _batch_args(max_datagrams: _Any, bufsize: _Any) -> tuple[int, int]:
+    count = _operator.index(max_datagrams)
+    if count < 1:
+        raise ValueError(f"max_datagrams must be at least 1, got {count}")
+    size = _operator.index(bufsize)
+    if size < 1:
+        raise ValueError(f"bufsize must be at least 1, got {size}")
+    return count, min(size, _MAX_RECV_BUFSIZE)
+
+
+def recv_batch(
+    sock: _socket.socket, max_datagrams: int = 64, bufsize: int = 65536
+) -> list[tuple[bytes, tuple[_Any, ...]]]:
+    """Read up to ``max_datagrams`` waiting datagrams from a non-blocking UDP socket.
+
+    Returns ``[(data, address), ...]`` in arrival order, addresses as ``sock.recvfrom``
+    gives them; ``[]`` when nothing is waiting. A datagram longer than ``bufsize`` is
+    truncated. Errors reported for earlier datagrams (ICMP: ECONNREFUSED, ...) are
+    skipped; any other error raises ``OSError``.
+    """
+    count, size = _batch_args(max_datagrams, bufsize)
+    out: list[tuple[bytes, tuple[_Any, ...]]] = []
+    recvfrom = sock.recvfrom
+    for _ in range(count):
+        try:
+            data, addr = recvfrom(size, _DONTWAIT)
+        except OSError as exc:
+            if exc.errno in _RECV_STOP:
+                break
+            if exc.errno in _RECV_TRANSIENT:
+                continue
+            raise
+        out.append((data, addr))
+    return out
+
+
+def send_batch(
+    sock: _socket.socket,
+    datagrams: _Sequence[tuple[bytes, tuple[_Any, ...]]],
+    start: int = 0,
+) -> tuple[int, int]:
+    """Send ``datagrams[start:]`` (``(data, address)`` pairs) in order.
+
+    Returns ``(next_index, errors)``. ``next_index == len(datagrams)`` when everything
+    went out; it is smaller when the socket would block (EAGAIN, EWOULDBLOCK, ENOBUFS):
+    wait until it is writable and call again with ``start=next_index``; nothing is
+    lost. A datagram failing with any other ``OSError`` (EMSGSIZE, EHOSTUNREACH, a bad
+    address, ...) is skipped and counted in ``errors``.
+    """
+    n = len(datagrams)
+    i = _operator.index(start)
+    if not 0 <= i <= n:
+        raise ValueError(f"start {i} is out of range 0..{n}")
+    errors = 0
+    sendto = sock.sendto
+    while i < n:
+        data, addr = datagrams[i]
+        try:
+            sendto(data, _DONTWAIT, addr)
+        except OSError as exc:
+            if exc.errno in _SEND_STOP:
+                return i, errors
+            errors += 1
+        i += 1
+    return n, errors
+
+
+def enable_gro(sock: _socket.socket) -> bool:
+    """Turn on UDP GRO for ``sock`` if this implementation uses it; the twin never does."""
+    return False
+
+
+def features() -> dict[str, bool]:
+    """Which kernel batching features this implementation uses (the twin: none)."""
+    return {"recvmmsg": False, "sendmmsg": False, "gso": False, "gro": False}
