@@ -116,6 +116,9 @@ class Connection:
         self._terminated = False
         # receive side
         self._assemblers: dict[int, Any] = {}
+        # streams we rejected whose FIN/reset hasn't arrived yet: their data is ignored
+        # (bounded by the peer's stream credit, which these streams keep using)
+        self._rejected: set[int] = set()
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._datagrams: collections.deque[bytes] = collections.deque()
@@ -398,6 +401,10 @@ class Connection:
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
         self._stats["bytes_received"] += len(data)
         assembler = self._assemblers.get(sid)
+        if assembler is None and self._rejected and sid in self._rejected:
+            if fin:
+                self._rejected.discard(sid)
+            return
         try:
             if assembler is None:
                 if fin:  # the whole frame in one piece: the common case for small messages
@@ -413,6 +420,8 @@ class Connection:
                     del self._assemblers[sid]
         except ProtocolError as exc:
             self._assemblers.pop(sid, None)
+            if not fin:
+                self._rejected.add(sid)
             self._reject(sid, exc)
             return
         if frame is not None:
@@ -475,6 +484,7 @@ class Connection:
 
     def _on_stream_reset(self, sid: int, code: int) -> None:
         self._assemblers.pop(sid, None)
+        self._rejected.discard(sid)
         self._on_peer_rejected(sid, code, "reset")
 
     # ------------------------------------------------------------------ lifecycle

@@ -78,8 +78,11 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
 
 def set_stream_limits(quic: QuicConnection, config: Config) -> None:
     """Advertise our stream limits (call before the handshake starts)."""
-    quic._local_max_streams_bidi.value = config.max_concurrent_bidi_streams
-    quic._local_max_streams_uni.value = config.max_concurrent_uni_streams
+    for limit, value in (
+        (quic._local_max_streams_bidi, config.max_concurrent_bidi_streams),
+        (quic._local_max_streams_uni, config.max_concurrent_uni_streams),
+    ):
+        limit.value = limit.sent = value
 
 
 def streams_available(quic: QuicConnection, unidirectional: bool) -> int:
