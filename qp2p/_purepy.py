@@ -10,8 +10,6 @@ Wire format of a frame (all integers big-endian, see DESIGN.md §3)::
     header | dst | payload
 """
 
-from __future__ import annotations
-
 import errno as _errno
 import operator as _operator
 import socket as _socket

@@ -1,0 +1,46 @@
+# Declarations of the compiled fast path's classes (asyncpg style: fields here,
+# code in _fastpath.pyx). The public interface is in _fastpath.pyi.
+
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t, uint32_t
+
+
+cdef enum _AssemblerState:
+    _HEAD = 0       # collecting the 16 frame-header bytes
+    _BODY = 1       # collecting header, dst and payload
+    _COMPLETE = 2   # every byte is in; waiting for the end of the stream
+    _DONE = 3       # the frame was returned
+    _FAILED = 4     # a ProtocolError was raised; every later feed raises it again
+
+
+cdef class FrameAssembler:
+    cdef:
+        int64_t _max_message_size
+        int _max_kind
+        _AssemblerState _state
+        int _kind
+        int64_t _received           # stream bytes taken so far (frame header included)
+        int64_t _total              # frame length; 16 until the frame header is in
+        unsigned char _head[16]     # the frame header while it is incomplete
+        uint32_t _lens[3]           # lengths of header, dst, payload
+        int _seg                    # segment being filled: 0 header, 1 dst, 2 payload
+        # Each segment is a bytes object grown in place (_PyBytes_Resize) as data
+        # arrives, so the finished part is handed out without another copy. Only
+        # what has arrived is allocated, never what the frame header claims.
+        PyObject* _parts[3]
+        Py_ssize_t _part_len[3]
+        Py_ssize_t _part_cap[3]
+        str _error
+
+    cdef int _fail(self, str message) except -1
+    cdef int _store(self, const unsigned char* data, Py_ssize_t n) except -1
+    cdef int _reserve(self, int seg, Py_ssize_t extra) except -1
+    cdef object _feed(self, const unsigned char* data, Py_ssize_t n, bint fin)
+    cdef object _finish(self)
+    cdef void _release(self) noexcept
+
+
+cdef class ConnectionTable:
+    cdef:
+        dict _table
+        Py_ssize_t _short_cid_len
