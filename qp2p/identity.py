@@ -131,6 +131,7 @@ def _leaf_builder(
     key: PrivateKey, subject: x509.Name, issuer: x509.Name, valid_days: int
 ) -> x509.CertificateBuilder:
     """A leaf certificate usable in both TLS roles, without the issuer key identifier."""
+    _check_days(valid_days)
     now = datetime.datetime.now(datetime.timezone.utc)
     return (
         x509.CertificateBuilder()
@@ -164,6 +165,11 @@ def _leaf_builder(
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(_LEAF_DNS_NAME)]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
+
+
+def _check_days(valid_days: int) -> None:
+    if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days <= 0:
+        raise ValueError(f"valid_days must be a positive int, got {valid_days!r}")
 
 
 def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
@@ -361,6 +367,7 @@ class CertificateAuthority:
         """
         if not name:
             raise ValueError("a certificate authority needs a name")
+        _check_days(valid_days)
         key = _generate_key("p256")
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -486,7 +493,7 @@ class Trust:
         return cls._make("any", frozenset(), ())
 
     @classmethod
-    def pinned(cls, ids: Iterable[PeerId]) -> Trust:
+    def pinned(cls, ids: Iterable[PeerId | str]) -> Trust:
         """Accept only the peers in ``ids`` (``PeerId`` objects or their text form)."""
         if isinstance(ids, (str, PeerId)):
             raise TypeError("Trust.pinned() takes an iterable of peer ids, not a single one")

@@ -9,6 +9,7 @@ network is mocked. Every test runs under plain asyncio and under uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -16,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
@@ -93,6 +94,7 @@ class Side:
         self.make_quic: Callable[[bytes], QuicConnection] | None = None
         self.events: list[QuicEvent] = []
         self.settled = asyncio.Event()
+        self.settle_on_handshake = True  # for a plain aioquic peer (no PeerAuthenticated)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.loop.add_reader(sock.fileno(), self._readable)
@@ -142,16 +144,16 @@ class Side:
         if quic is None:
             return
         for data, addr in quic.datagrams_to_send(now=self.loop.time()):
-            try:
-                self.sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                pass  # QUIC recovers from the loss
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self.sock.sendto(data, addr)  # a dropped datagram is QUIC's to recover
         while (event := quic.next_event()) is not None:
             self.events.append(event)
             if isinstance(event, (PeerAuthenticated, ConnectionTerminated)):
                 self.settled.set()
-            elif isinstance(event, HandshakeCompleted) and not isinstance(
-                quic, AuthenticatingQuicConnection
+            elif (
+                isinstance(event, HandshakeCompleted)
+                and self.settle_on_handshake
+                and not isinstance(quic, AuthenticatingQuicConnection)
             ):
                 self.settled.set()  # a plain aioquic peer has no PeerAuthenticated
         when = quic.get_timer()
@@ -176,14 +178,16 @@ async def handshake(
     server_trust: Trust,
     client_expect: PeerId | None = None,
     server_expect: PeerId | None = None,
-    settle: bool = True,
+    plain_client_fails: bool = False,
 ) -> tuple[Side, Side]:
     """Dial ``server`` from ``client`` and run both until each has settled.
 
-    ``client_trust=None`` dials with a plain aioquic ``QuicConnection`` (no qp2p hooks).
+    ``client_trust=None`` dials with a plain aioquic ``QuicConnection`` (no qp2p hooks),
+    which settles on ``HandshakeCompleted`` unless ``plain_client_fails``.
     """
     server = Side("server", _udp_socket())
     client = Side("client", _udp_socket())
+    client.settle_on_handshake = not plain_client_fails
 
     def make_server(odcid: bytes) -> QuicConnection:
         return AuthenticatingQuicConnection(
@@ -204,13 +208,11 @@ async def handshake(
     client.quic.connect(server.addr, now=started)
     client.pump()
     try:
-        if settle:
-            await asyncio.wait_for(
-                asyncio.gather(client.settled.wait(), server.settled.wait()), SETTLE_TIMEOUT
-            )
-            # A terminated side stays quiet; a settled-by-authentication side may still be
-            # about to receive the peer's close: give in-flight packets a moment.
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(
+            asyncio.gather(client.settled.wait(), server.settled.wait()), SETTLE_TIMEOUT
+        )
+        # Let in-flight packets land, so a late close would still be seen.
+        await asyncio.sleep(0.05)
     finally:
         client.close()
         server.close()
@@ -317,7 +319,7 @@ def test_any_both_ways(run: Runner, alice: Identity, bob: Identity) -> None:
 def test_server_always_asks_for_the_client_certificate(
     run: Runner, alice: Identity, bob: Identity
 ) -> None:
-    client, server = connect(run, alice, bob, client_trust=Trust.any(), server_trust=Trust.any())
+    _, server = connect(run, alice, bob, client_trust=Trust.any(), server_trust=Trust.any())
     assert server.auth.peer_id == alice.peer_id  # known on the acceptor under Trust.any too
 
 
@@ -371,6 +373,7 @@ def test_policies_refuse_a_client_without_certificate(
             server_config=cfg(server_identity, is_client=False),
             client_trust=None,
             server_trust=policy,
+            plain_client_fails=True,
         )
     )
     assert_rejected_by(server, client, CERTIFICATE_REQUIRED, None)
@@ -642,7 +645,7 @@ def test_rejection_is_logged(
     run: Runner, alice: Identity, bob: Identity, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="qp2p.tls"):
-        connect(run, alice, bob, client_trust=Trust.pinned([alice.peer_id]), server_trust=Trust.any())
-    assert any(
-        r.name == "qp2p.tls" and str(bob.peer_id) in r.getMessage() for r in caplog.records
-    )
+        connect(
+            run, alice, bob, client_trust=Trust.pinned([alice.peer_id]), server_trust=Trust.any()
+        )
+    assert any(r.name == "qp2p.tls" and str(bob.peer_id) in r.getMessage() for r in caplog.records)
