@@ -110,6 +110,7 @@ class Connection:
         self.peer_id: PeerId | None = None
         self._cids: set[bytes] = set()
         self._established = False
+        self._handshake_done = False  # TLS done; dialler still waits for confirmation
         self._ready: asyncio.Future[None] | None = None  # set for dialled connections
         self._keepalive: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None

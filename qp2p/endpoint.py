@@ -334,6 +334,8 @@ class Endpoint:
         self.stats_counters["datagrams_received"] += received
         for conn in list(dirty):
             if not conn._terminated:
+                if not conn._established and conn._handshake_done:
+                    self._maybe_established(conn)
                 conn._check_acks()
                 self._check_engine_closed(conn)
         self._flush()
@@ -392,6 +394,16 @@ class Endpoint:
         self._dirty[conn] = None
 
     def _on_handshake(self, conn: Connection) -> None:
+        conn._handshake_done = True
+        self._maybe_established(conn)
+
+    def _maybe_established(self, conn: Connection) -> None:
+        """Hand the connection to the user once both sides accepted each other: for a
+        dialler that means the handshake is *confirmed* (the acceptor checked our
+        certificate and sent HANDSHAKE_DONE), so a peer that rejects us never yields
+        a connection."""
+        if conn._is_client and not engine.handshake_confirmed(conn._quic):
+            return
         try:
             peer_id = engine.authenticated_peer(conn._quic)
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
@@ -430,6 +442,12 @@ class Endpoint:
         if ready is not None and not ready.done():
             if auth_error is not None:
                 ready.set_exception(auth_error)
+            elif code is not None and engine.is_tls_failure(code):
+                # the acceptor refused us in the TLS handshake: retrying can't help
+                ready.set_exception(PeerAuthenticationError(
+                    f"peer at {conn.remote_addr[0]}:{conn.remote_addr[1]} refused the "
+                    f"handshake: {reason or hex(code)}"
+                ))
             else:
                 ready.set_exception(
                     ConnectionError(f"connection to {conn.remote_addr} refused: {reason or code}")

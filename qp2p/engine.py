@@ -236,3 +236,13 @@ def auth_error(quic: QuicConnection) -> PeerAuthenticationError | None:
 def keep_alive(quic: QuicConnection) -> None:
     """Queue a PING so an idle connection stays open (and NAT mappings stay fresh)."""
     quic.send_ping(0)
+
+
+def handshake_confirmed(quic: QuicConnection) -> bool:
+    """For a dialler: the acceptor finished (and accepted) the handshake (HANDSHAKE_DONE)."""
+    return bool(quic._handshake_confirmed)
+
+
+def is_tls_failure(error_code: int) -> bool:
+    """A QUIC CRYPTO_ERROR (0x100-0x1ff): the TLS handshake failed, e.g. a TLS alert."""
+    return 0x100 <= error_code <= 0x1FF
