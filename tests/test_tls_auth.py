@@ -20,9 +20,16 @@ import pytest
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+)
 from aioquic.quic.packet import pull_quic_header
+from aioquic.tls import SessionTicket
 
+import qp2p._tls as qp2p_tls
 from qp2p._tls import (
     AUTH_ERROR_CODES,
     AUTH_REASON_PREFIX,
@@ -38,6 +45,7 @@ CRYPTO_ERROR = 0x100
 BAD_CERTIFICATE = CRYPTO_ERROR + 42
 ACCESS_DENIED = CRYPTO_ERROR + 49
 CERTIFICATE_REQUIRED = CRYPTO_ERROR + 116
+INTERNAL_ERROR = CRYPTO_ERROR + 80
 
 #: Far below the 10 s idle timeout the connections use: a failure must be an alert, not a
 #: timeout.
@@ -170,6 +178,46 @@ class Side:
         self.sock.close()
 
 
+async def drive(
+    client_quic: QuicConnection,
+    make_server: Callable[[bytes], QuicConnection],
+    *,
+    plain_client_fails: bool = False,
+    before_connect: Callable[[QuicConnection], None] | None = None,
+    until: Callable[[Side, Side], bool] | None = None,
+) -> tuple[Side, Side]:
+    """Dial from ``client_quic`` to a server made by ``make_server`` on first contact, and
+    run both until each side has settled (and ``until`` holds, if given).
+
+    A plain aioquic peer settles on ``HandshakeCompleted`` unless ``plain_client_fails``.
+    """
+    server = Side("server", _udp_socket())
+    client = Side("client", _udp_socket())
+    client.settle_on_handshake = not plain_client_fails
+    server.make_quic = make_server
+    client.quic = client_quic
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    client_quic.connect(server.addr, now=started)
+    if before_connect is not None:
+        before_connect(client_quic)
+    client.pump()
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(client.settled.wait(), server.settled.wait()), SETTLE_TIMEOUT
+        )
+        while until is not None and not until(client, server):
+            assert loop.time() - started < SETTLE_TIMEOUT
+            await asyncio.sleep(0.01)
+        # Let in-flight packets land, so a late close would still be seen.
+        await asyncio.sleep(0.05)
+    finally:
+        client.close()
+        server.close()
+    assert loop.time() - started < IDLE_TIMEOUT / 2
+    return client, server
+
+
 async def handshake(
     *,
     client_config: QuicConfiguration,
@@ -179,15 +227,9 @@ async def handshake(
     client_expect: PeerId | None = None,
     server_expect: PeerId | None = None,
     plain_client_fails: bool = False,
+    before_connect: Callable[[QuicConnection], None] | None = None,
 ) -> tuple[Side, Side]:
-    """Dial ``server`` from ``client`` and run both until each has settled.
-
-    ``client_trust=None`` dials with a plain aioquic ``QuicConnection`` (no qp2p hooks),
-    which settles on ``HandshakeCompleted`` unless ``plain_client_fails``.
-    """
-    server = Side("server", _udp_socket())
-    client = Side("client", _udp_socket())
-    client.settle_on_handshake = not plain_client_fails
+    """Dial an authenticating server; ``client_trust=None`` dials with plain aioquic."""
 
     def make_server(odcid: bytes) -> QuicConnection:
         return AuthenticatingQuicConnection(
@@ -197,27 +239,19 @@ async def handshake(
             original_destination_connection_id=odcid,
         )
 
-    server.make_quic = make_server
+    client_quic: QuicConnection
     if client_trust is None:
-        client.quic = QuicConnection(configuration=client_config)
+        client_quic = QuicConnection(configuration=client_config)
     else:
-        client.quic = AuthenticatingQuicConnection(
+        client_quic = AuthenticatingQuicConnection(
             configuration=client_config, trust=client_trust, expect_peer_id=client_expect
         )
-    started = asyncio.get_running_loop().time()
-    client.quic.connect(server.addr, now=started)
-    client.pump()
-    try:
-        await asyncio.wait_for(
-            asyncio.gather(client.settled.wait(), server.settled.wait()), SETTLE_TIMEOUT
-        )
-        # Let in-flight packets land, so a late close would still be seen.
-        await asyncio.sleep(0.05)
-    finally:
-        client.close()
-        server.close()
-    assert asyncio.get_running_loop().time() - started < IDLE_TIMEOUT / 2
-    return client, server
+    return await drive(
+        client_quic,
+        make_server,
+        plain_client_fails=plain_client_fails,
+        before_connect=before_connect,
+    )
 
 
 def cfg(identity: Identity, *, is_client: bool) -> QuicConfiguration:
@@ -573,36 +607,102 @@ def test_application_data_flows_only_after_authentication(
 ) -> None:
     """A refused dialer's early stream data never reaches the acceptor's application."""
 
-    async def scenario() -> tuple[Side, Side]:
-        server = Side("server", _udp_socket())
-        client = Side("client", _udp_socket())
-        server.make_quic = lambda odcid: AuthenticatingQuicConnection(
-            configuration=cfg(bob, is_client=False),
-            trust=Trust.pinned([alice.peer_id]),
-            original_destination_connection_id=odcid,
-        )
-        quic = AuthenticatingQuicConnection(
-            configuration=cfg(mallory, is_client=True), trust=Trust.any()
-        )
-        client.quic = quic
-        quic.connect(server.addr, now=asyncio.get_running_loop().time())
-        # queue data as early as aioquic allows: it goes out once 1-RTT keys exist
+    def send_early(quic: QuicConnection) -> None:
+        # queued at once: aioquic sends it as soon as it has 1-RTT keys, i.e. together
+        # with the dialer's certificate, before the acceptor has judged it
         quic.send_stream_data(quic.get_next_available_stream_id(), b"secret", end_stream=True)
-        client.pump()
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(client.settled.wait(), server.settled.wait()), SETTLE_TIMEOUT
-            )
-        finally:
-            client.close()
-            server.close()
-        return client, server
 
-    client, server = run(scenario())
-    from aioquic.quic.events import StreamDataReceived
-
+    client, server = run(
+        handshake(
+            client_config=cfg(mallory, is_client=True),
+            server_config=cfg(bob, is_client=False),
+            client_trust=Trust.any(),
+            server_trust=Trust.pinned([alice.peer_id]),
+            before_connect=send_early,
+        )
+    )
     assert not server.of(StreamDataReceived)
     assert_rejected_by(server, client, ACCESS_DENIED, mallory.peer_id)
+
+
+def test_accepted_peers_exchange_data(run: Runner, alice: Identity, bob: Identity) -> None:
+    def send_early(quic: QuicConnection) -> None:
+        quic.send_stream_data(quic.get_next_available_stream_id(), b"hello", end_stream=True)
+
+    client, server = run(
+        handshake(
+            client_config=cfg(alice, is_client=True),
+            server_config=cfg(bob, is_client=False),
+            client_trust=Trust.pinned([bob.peer_id]),
+            server_trust=Trust.pinned([alice.peer_id]),
+            before_connect=send_early,
+        )
+    )
+    assert_connected(client, server, alice, bob)
+    assert b"".join(e.data for e in server.of(StreamDataReceived)) == b"hello"
+
+
+def test_session_resumption_cannot_skip_authentication(run: Runner, bob: Identity) -> None:
+    """A client holding a session ticket still gets (and checks) the server's certificate."""
+    tickets: dict[bytes, SessionTicket] = {}
+    received: list[SessionTicket] = []
+    plain_server_config = cfg(bob, is_client=False)
+
+    def plain_server(odcid: bytes) -> QuicConnection:
+        return QuicConnection(
+            configuration=plain_server_config,
+            original_destination_connection_id=odcid,
+            session_ticket_fetcher=tickets.get,
+            session_ticket_handler=lambda t: tickets.__setitem__(t.ticket, t),
+        )
+
+    def plain_client(ticket: SessionTicket | None) -> QuicConnection:
+        conf = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE)
+        conf.session_ticket = ticket
+        return QuicConnection(configuration=conf, session_ticket_handler=received.append)
+
+    # 1. a plain client obtains a ticket
+    run(drive(plain_client(None), plain_server, until=lambda c, s: bool(received)))
+    ticket = received[0]
+    # 2. control: with it, plain aioquic resumes without any certificate
+    client, _ = run(drive(plain_client(ticket), plain_server))
+    assert client.of(HandshakeCompleted)[0].session_resumed
+    # 3. qp2p's client ignores the ticket and authenticates the server as usual
+    conf = quic_configuration(Identity.generate(), is_client=True, idle_timeout=IDLE_TIMEOUT)
+    conf.session_ticket = ticket
+    quic = AuthenticatingQuicConnection(configuration=conf, trust=Trust.pinned([bob.peer_id]))
+    client, _ = run(drive(quic, plain_server, until=lambda c, s: bool(c.of(PeerAuthenticated))))
+    assert not client.of(HandshakeCompleted)[0].session_resumed
+    assert client.auth.peer_id == bob.peer_id and client.auth.auth_error is None
+
+
+def test_fails_closed_if_the_certificate_hook_never_ran(
+    run: Runner, alice: Identity, bob: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should aioquic ever reach Finished without our certificate hook, the handshake fails."""
+    monkeypatch.setattr(
+        AuthenticatingQuicConnection, "_after_peer_certificate", lambda self, ctx: None
+    )
+    client, server = connect(run, alice, bob, client_trust=Trust.any(), server_trust=Trust.any())
+    for side in (client, server):
+        term = side.terminated
+        assert term is not None and term.error_code == INTERNAL_ERROR, side.name
+        assert not side.of(PeerAuthenticated)
+    assert isinstance(client.auth.auth_error, PeerAuthenticationError)
+    assert "skipped" in str(client.auth.auth_error)
+
+
+def test_guard_against_changed_internals(alice: Identity, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qp2p_tls, "_STATIC_PROBLEM", "aioquic 9.9 lacks the TLS internals")
+    with pytest.raises(RuntimeError, match="lacks the TLS internals"):
+        AuthenticatingQuicConnection(configuration=cfg(alice, is_client=True), trust=Trust.any())
+    monkeypatch.setattr(qp2p_tls, "_STATIC_PROBLEM", None)
+    monkeypatch.setattr(
+        qp2p_tls, "_CONTEXT_ATTRIBUTES", (*qp2p_tls._CONTEXT_ATTRIBUTES, "_gone_in_aioquic_2")
+    )
+    quic = AuthenticatingQuicConnection(configuration=cfg(alice, is_client=True), trust=Trust.any())
+    with pytest.raises(RuntimeError, match="_gone_in_aioquic_2"):
+        quic.connect(("127.0.0.1", 9), now=0.0)
 
 
 def test_quic_configuration(alice: Identity, net_ca: CertificateAuthority) -> None:
