@@ -193,7 +193,10 @@ def _load_key_and_certs(data: bytes, what: str) -> tuple[PrivateKey, list[x509.C
 
 
 def _load_private_key(pem: bytes) -> PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError as exc:  # cryptography's "password was not given" for encrypted keys
+        raise ValueError(f"cannot load the private key: {exc}") from exc
     if not isinstance(
         key,
         (
@@ -468,7 +471,9 @@ class Trust:
     - :meth:`ca`: only peers whose certificate chain verifies against one of the given CA
       certificates (validity dates, key usage and signatures are all checked).
 
-    :meth:`check` applies the policy to a presented chain.
+    :meth:`check` applies the policy to a presented chain. ``any`` and ``pinned`` look at
+    the leaf's public key only (a pinned key is trusted whatever its certificate's dates,
+    like the Rust crate's self-signed certificates); ``ca`` checks the whole chain.
     """
 
     __slots__ = ("_cas", "_kind", "_pins")

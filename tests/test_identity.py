@@ -231,6 +231,21 @@ def test_from_pem_rejects_garbage() -> None:
         Identity.from_pem(ident.certificate_pem, b"not a key")
 
 
+def test_encrypted_keys_are_refused_with_value_error(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    encrypted = ident.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
+    with pytest.raises(ValueError, match="private key"):
+        Identity.from_pem(ident.certificate_pem, encrypted)
+    path = tmp_path / "enc.pem"
+    path.write_bytes(encrypted + ident.certificate_pem)
+    with pytest.raises(ValueError):
+        Identity.load(path)
+
+
 def test_from_pem_accepts_an_openssl_style_traditional_ec_key() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "elsewhere")])
