@@ -373,7 +373,7 @@ class ConnectionTable:
         """Number of connection IDs in the table."""
         return len(self._table)
 
-    def __contains__(self, cid: object) -> bool:
+    def __contains__(self, cid: object, /) -> bool:
         """Whether ``cid`` is in the table."""
         return cid in self._table
 

@@ -1,0 +1,176 @@
+"""Types of the compiled fast path; ``qp2p._purepy`` is its pure-Python twin.
+
+Both modules expose these names with the same behaviour, byte-identical results and
+identical exceptions (type and message). Errors for bad wire data are
+``qp2p.errors.ProtocolError``.
+"""
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from typing_extensions import disjoint_base
+
+from qp2p.errors import ProtocolError as ProtocolError
+
+__all__ = [
+    "FRAME_HEADER_LEN",
+    "KIND_USER",
+    "MAX_KIND",
+    "WIRE_VERSION",
+    "ConnectionTable",
+    "FrameAssembler",
+    "decode_frame",
+    "enable_gro",
+    "encode_frame",
+    "features",
+    "parse_dcid",
+    "recv_batch",
+    "send_batch",
+]
+
+FRAME_HEADER_LEN: int
+"""Bytes in the fixed frame header (16)."""
+WIRE_VERSION: int
+"""The frame version this code speaks (0x0002)."""
+KIND_USER: int
+"""Frame kind of a user message (0)."""
+MAX_KIND: int
+"""Kinds ``0..MAX_KIND`` (7) are valid; ``1..7`` are qp2p's own control messages."""
+
+def encode_frame(header: bytes, dst: bytes, payload: bytes, kind: int = 0) -> bytes:
+    """One frame: the 16-byte frame header, then ``header``, ``dst`` and ``payload``.
+
+    The frame header is ``u16 version=2, u32 len(header), u32 len(dst),
+    u32 len(payload), u8 kind, u8 0``, big-endian. Accepts any bytes-like objects.
+    Raises ``ValueError`` if ``kind`` is not in ``0..255`` or a part is ``2**32`` bytes
+    or longer. No size or emptiness policy: the caller checks those.
+    """
+
+def decode_frame(
+    data: bytes, max_message_size: int, max_kind: int = MAX_KIND
+) -> tuple[int, bytes, bytes, bytes]:
+    """Decode a whole frame held in one buffer: ``(kind, header, dst, payload)``.
+
+    Same checks and ``ProtocolError`` messages as ``FrameAssembler`` fed ``data`` with
+    ``fin=True``.
+    """
+
+@disjoint_base
+class FrameAssembler:
+    """Incremental decoder for ONE stream carrying exactly one frame.
+
+    ``feed`` the stream's data as it arrives. The frame header is checked as soon as
+    its 16 bytes are in, before any of the body is buffered; only what has arrived is
+    ever allocated. On a broken frame ``feed`` raises ``ProtocolError`` and the
+    assembler stays failed: every later ``feed`` raises the same error. Messages:
+
+    - ``unsupported frame version 0x%04x``
+    - ``unknown frame kind %d`` (kind > ``max_kind``)
+    - ``reserved byte is %d, not 0``
+    - ``frame of %d bytes exceeds the limit of %d`` (16 + lengths > ``max_message_size``)
+    - ``empty payload``
+    - ``%d bytes after the end of the frame``
+    - ``stream ended after %d of %d bytes`` (16 is the expected total while the frame
+      header is incomplete)
+    """
+
+    def __init__(self, max_message_size: int, max_kind: int = MAX_KIND) -> None:
+        """``max_message_size`` bounds the whole frame, its 16 header bytes included.
+
+        Raises ``ValueError`` if it is negative or ``max_kind`` is not in ``0..255``.
+        """
+
+    def feed(self, data: bytes, fin: bool) -> tuple[int, bytes, bytes, bytes] | None:
+        """Add the next piece of the stream; ``fin`` says the stream ended with it.
+
+        Returns ``(kind, header, dst, payload)`` once the frame is complete and the
+        stream has ended, ``None`` while more is needed. Raises ``ProtocolError``.
+        """
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the stream currently held (0 once the frame was returned or failed)."""
+
+def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:
+    """The destination connection ID of a QUIC packet (RFC 8999 invariants), or ``None``.
+
+    Long header (first bit set): needs 6 bytes; the byte at offset 5 is the ID's length
+    (more than 20 -> ``None``) and the ID follows. Short header: the ``short_cid_len``
+    bytes after the first byte. ``None`` for an empty or truncated datagram. Raises
+    ``ValueError`` if ``short_cid_len`` is not in ``0..20``.
+    """
+
+@disjoint_base
+class ConnectionTable:
+    """Destination connection ID -> connection object, consulted for every datagram."""
+
+    def __init__(self, short_cid_len: int) -> None:
+        """An empty table; ``short_cid_len`` (0..20) is the length of short-header IDs."""
+
+    def add(self, cid: bytes, value: object) -> None:
+        """Map ``cid`` to ``value`` (replacing any earlier value)."""
+
+    def remove(self, cid: bytes) -> None:
+        """Forget ``cid``; no error if it is not there."""
+
+    def get(self, cid: bytes) -> object | None:
+        """The value for ``cid``, or ``None``."""
+
+    def lookup(self, datagram: bytes) -> object | None:
+        """The value for the destination connection ID of ``datagram``, or ``None``.
+
+        ``parse_dcid`` and ``get`` in one call: the receive hot path.
+        """
+
+    def __len__(self) -> int:
+        """Number of connection IDs in the table."""
+
+    def __contains__(self, cid: object, /) -> bool:
+        """Whether ``cid`` is in the table."""
+
+def recv_batch(
+    sock: socket.socket, max_datagrams: int = 64, bufsize: int = 65536
+) -> list[tuple[bytes, tuple[Any, ...]]]:
+    """Read up to ``max_datagrams`` waiting datagrams from a non-blocking UDP socket.
+
+    Returns ``[(data, address), ...]`` in arrival order, addresses exactly as
+    ``sock.recvfrom`` gives them (``(host, port)`` for IPv4, ``(host, port, flowinfo,
+    scope_id)`` for IPv6); ``[]`` when nothing is waiting. A datagram longer than
+    ``bufsize`` is truncated. Errors reported for earlier datagrams (ICMP:
+    ECONNREFUSED, ...) are skipped; any other error raises ``OSError``.
+
+    Compiled: recvmmsg(2), one system call per burst. On a socket where ``enable_gro``
+    succeeded, a datagram coalesced by the kernel is split back into the datagrams that
+    were sent, so the list can hold somewhat more than ``max_datagrams`` entries.
+    """
+
+def send_batch(
+    sock: socket.socket,
+    datagrams: Sequence[tuple[bytes, tuple[Any, ...]]],
+    start: int = 0,
+) -> tuple[int, int]:
+    """Send ``datagrams[start:]`` (``(data, address)`` pairs) in order.
+
+    Returns ``(next_index, errors)``. ``next_index == len(datagrams)`` when everything
+    went out; it is smaller when the socket would block (EAGAIN, EWOULDBLOCK, ENOBUFS):
+    wait until it is writable and call again with ``start=next_index``; nothing is
+    lost. A datagram failing with any other ``OSError`` (EMSGSIZE, EHOSTUNREACH, a bad
+    address, ...) is skipped and counted in ``errors``.
+
+    Compiled: sendmmsg(2), with UDP GSO for runs of datagrams to one address that have
+    one size (the last may be shorter) where the kernel supports it.
+    """
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Turn on UDP GRO for ``sock`` (call once after binding); ``True`` if it is on.
+
+    The twin, and the compiled module under ``QP2P_NO_GSO=1`` or without kernel
+    support, return ``False``. ``recv_batch`` splits coalesced datagrams again.
+    """
+
+def features() -> dict[str, bool]:
+    """Which kernel batching features are in use: ``recvmmsg``, ``sendmmsg``, ``gso``, ``gro``.
+
+    The twin reports all ``False``.
+    """

@@ -1,0 +1,1138 @@
+"""The fast path: the compiled ``qp2p._fastpath`` and its twin ``qp2p._purepy``.
+
+Every behaviour runs against both (fixture ``fp``, ids "cython" and "python"); property
+tests feed both the same random inputs and demand identical results or identical
+exceptions (type and message). Networking is real UDP on 127.0.0.1 / ::1. If the
+extension is not built the cython cases fail: they never skip.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import importlib
+import json
+import logging
+import mmap
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qp2p import _purepy, _speedups
+from qp2p.errors import ProtocolError
+
+ROOT = Path(__file__).resolve().parent.parent
+SOL_UDP = 17
+UDP_GRO = 104
+SO_NO_CHECK = 11
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Nothing here is async: run once, not once per event loop (see conftest.py)."""
+    return asyncio.DefaultEventLoopPolicy()
+
+
+def compiled() -> ModuleType:
+    """The compiled module; an ImportError here fails the test (the build is required)."""
+    return importlib.import_module("qp2p._fastpath")
+
+
+def both() -> tuple[ModuleType, ModuleType]:
+    return compiled(), _purepy
+
+
+@pytest.fixture(params=["cython", "python"])
+def fp(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+    """The implementation under test, selected through ``_speedups.select``."""
+    before = _speedups.implementation
+    try:
+        _speedups.select(request.param)
+    except ImportError as exc:
+        pytest.fail(f"the compiled fast path must be built for these tests: {exc}")
+    assert _speedups.implementation == request.param
+    yield _speedups.impl
+    _speedups.select(before)
+
+
+def outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+    """A call's result, or its exception's type and message: comparable across twins."""
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:
+        return ("raised", type(exc), str(exc))
+
+
+def feed_outcomes(mod: ModuleType, chunks: Sequence[bytes], limit: int, max_kind: int) -> list[Any]:
+    asm = mod.FrameAssembler(limit, max_kind)
+    out: list[Any] = []
+    for i, chunk in enumerate(chunks):
+        out.append(outcome(asm.feed, chunk, i == len(chunks) - 1))
+        out.append(asm.buffered)
+    return out
+
+
+def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    points = sorted(min(c, len(data)) for c in cuts)
+    chunks, prev = [], 0
+    for p in points:
+        chunks.append(data[prev:p])
+        prev = p
+    chunks.append(data[prev:])
+    return chunks
+
+
+def frame_header(
+    lh: int, ld: int, lp: int, kind: int = 0, version: int = 2, reserved: int = 0
+) -> bytes:
+    return (
+        version.to_bytes(2, "big")
+        + lh.to_bytes(4, "big")
+        + ld.to_bytes(4, "big")
+        + lp.to_bytes(4, "big")
+        + bytes([kind, reserved])
+    )
+
+
+# ----------------------------------------------------------------------------- surface
+
+
+def test_same_public_names() -> None:
+    c, p = both()
+    public = {n for n in dir(p) if not n.startswith("_")}
+    assert {n for n in dir(c) if not n.startswith("_")} == public
+    assert sorted(c.__all__) == sorted(p.__all__)
+    assert set(p.__all__) <= public
+    for cls in ("FrameAssembler", "ConnectionTable"):
+        names_c = {n for n in dir(getattr(c, cls)) if not n.startswith("_")}
+        names_p = {n for n in dir(getattr(p, cls)) if not n.startswith("_")}
+        assert names_c == names_p, cls
+    for name in c.__all__:
+        assert getattr(c, name).__doc__ if callable(getattr(c, name)) else True, name
+        assert getattr(p, name).__doc__ if callable(getattr(p, name)) else True, name
+
+
+def test_constants(fp: ModuleType) -> None:
+    assert fp.FRAME_HEADER_LEN == 16
+    assert fp.WIRE_VERSION == 0x0002
+    assert fp.KIND_USER == 0
+    assert fp.MAX_KIND == 7
+
+
+def test_select_switches_and_rejects_unknown_names() -> None:
+    before = _speedups.implementation
+    try:
+        _speedups.select("python")
+        assert _speedups.impl is _purepy and _speedups.implementation == "python"
+        _speedups.select("cython")
+        assert _speedups.impl is compiled() and _speedups.implementation == "cython"
+        with pytest.raises(ValueError, match="unknown implementation"):
+            _speedups.select("rust")
+        assert _speedups.implementation == "cython"
+    finally:
+        _speedups.select(before)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", "python"), ("yes", "python"), ("0", "cython"), ("", "cython")]
+)
+def test_qp2p_no_extensions_env(value: str, expected: str) -> None:
+    env = dict(os.environ, QP2P_NO_EXTENSIONS=value, PYTHONPATH=str(ROOT))
+    code = "from qp2p import _speedups as s; print(s.implementation, s.impl.__name__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    module = {"python": "qp2p._purepy", "cython": "qp2p._fastpath"}[expected]
+    assert out == [expected, module]
+
+
+def test_select_cython_when_not_built_raises_clear_import_error(tmp_path: Path) -> None:
+    # A copy of the package without the extension module.
+    shutil.copytree(ROOT / "qp2p", tmp_path / "qp2p", ignore=shutil.ignore_patterns("*.so"))
+    code = (
+        "from qp2p import _speedups as s\n"
+        "assert s.implementation == 'python', s.implementation\n"
+        "try:\n    s.select('cython')\nexcept ImportError as e:\n    print(e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("QP2P_NO_EXTENSIONS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
+    assert "not available" in out and "build_ext" in out
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def test_encode_known_bytes(fp: ModuleType) -> None:
+    frame = fp.encode_frame(b"hd", b"dst", b"payload!", 5)
+    assert frame == (
+        b"\x00\x02\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00\x08\x05\x00hddstpayload!"
+    )
+    assert fp.encode_frame(b"", b"", b"x") == frame_header(0, 0, 1) + b"x"
+    # no policy in the encoder: empty payloads and any kind up to 255 are encodable
+    assert fp.encode_frame(b"", b"", b"", 255) == frame_header(0, 0, 0, 255)
+
+
+def test_encode_accepts_bytes_like(fp: ModuleType) -> None:
+    words = array.array("H", [1, 2, 3])
+    frame = fp.encode_frame(bytearray(b"ab"), memoryview(b"xyz")[1:], words)
+    assert frame == frame_header(2, 2, 6) + b"ab" + b"yz" + words.tobytes()
+    assert type(frame) is bytes
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "message"),
+    [
+        ((b"", b"", b"x", -1), ValueError, "frame kind must be in 0..255, got -1"),
+        ((b"", b"", b"x", 256), ValueError, "frame kind must be in 0..255, got 256"),
+        ((b"", b"", b"x", 1.0), TypeError, None),
+        (("text", b"", b"x"), TypeError, None),
+        ((b"", None, b"x"), TypeError, None),
+        ((b"", b"", memoryview(b"abcdef")[::2]), TypeError, None),
+    ],
+)
+def test_encode_errors_identical(args: tuple[Any, ...], exc: type, message: str | None) -> None:
+    c, p = both()
+    got = outcome(c.encode_frame, *args)
+    assert got == outcome(p.encode_frame, *args)
+    assert got[0] == "raised" and got[1] is exc
+    if message is not None:
+        assert got[2] == message
+
+
+@pytest.mark.parametrize("position", ["header", "dst", "payload"])
+def test_encode_rejects_parts_of_4_gib(position: str) -> None:
+    c, p = both()
+    big = mmap.mmap(-1, 1 << 32)  # virtual memory only: nothing is touched or copied
+    try:
+        view = memoryview(big)
+        try:
+            parts = {"header": b"", "dst": b"", "payload": b"x"}
+            parts[position] = view  # type: ignore[assignment]
+            args = (parts["header"], parts["dst"], parts["payload"])
+            got = outcome(c.encode_frame, *args)
+            assert got == outcome(p.encode_frame, *args)
+            assert got == (
+                "raised",
+                ValueError,
+                f"{position} of 4294967296 bytes is too long for a frame",
+            )
+        finally:
+            view.release()
+    finally:
+        big.close()
+
+
+# ----------------------------------------------------------------------------- decode
+
+LIMIT = 16 * MIB
+GOOD = frame_header(1, 2, 3, 4) + b"h" + b"dd" + b"ppp"
+
+ERROR_CASES = [
+    # (stream bytes, limit, max_kind, message)
+    (frame_header(1, 2, 3, version=3) + b"hddppp", LIMIT, 7, "unsupported frame version 0x0003"),
+    (
+        frame_header(1, 2, 3, version=0x0100) + b"hddppp",
+        LIMIT,
+        7,
+        "unsupported frame version 0x0100",
+    ),
+    (frame_header(1, 2, 3, kind=8) + b"hddppp", LIMIT, 7, "unknown frame kind 8"),
+    (frame_header(1, 2, 3, kind=1) + b"hddppp", LIMIT, 0, "unknown frame kind 1"),
+    (frame_header(1, 2, 3, reserved=9) + b"hddppp", LIMIT, 7, "reserved byte is 9, not 0"),
+    (frame_header(1, 2, 3) + b"hddppp", 21, 7, "frame of 22 bytes exceeds the limit of 21"),
+    (frame_header(4, 0, 0) + b"hhhh", LIMIT, 7, "empty payload"),
+    (GOOD + b"!!", LIMIT, 7, "2 bytes after the end of the frame"),
+    (GOOD[:-1], LIMIT, 7, "stream ended after 21 of 22 bytes"),
+    (GOOD[:16], LIMIT, 7, "stream ended after 16 of 22 bytes"),
+    (GOOD[:5], LIMIT, 7, "stream ended after 5 of 16 bytes"),
+    (b"", LIMIT, 7, "stream ended after 0 of 16 bytes"),
+]
+
+
+def test_decode_good(fp: ModuleType) -> None:
+    assert fp.decode_frame(GOOD, LIMIT) == (4, b"h", b"dd", b"ppp")
+    assert fp.decode_frame(GOOD, 22) == (4, b"h", b"dd", b"ppp")  # the limit is inclusive
+    assert fp.decode_frame(bytearray(GOOD), LIMIT) == (4, b"h", b"dd", b"ppp")
+    assert fp.decode_frame(memoryview(GOOD), LIMIT, 4) == (4, b"h", b"dd", b"ppp")
+    for part in fp.decode_frame(memoryview(GOOD), LIMIT)[1:]:
+        assert type(part) is bytes
+
+
+@pytest.mark.parametrize(("data", "limit", "max_kind", "message"), ERROR_CASES)
+def test_decode_errors(
+    fp: ModuleType, data: bytes, limit: int, max_kind: int, message: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        fp.decode_frame(data, limit, max_kind)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("data", "limit", "max_kind", "message"), ERROR_CASES)
+@pytest.mark.parametrize("chunking", ["whole", "bytewise", "header-then-rest"])
+def test_assembler_errors_and_stays_failed(
+    fp: ModuleType, data: bytes, limit: int, max_kind: int, message: str, chunking: str
+) -> None:
+    if chunking == "whole":
+        chunks = [data]
+    elif chunking == "bytewise":
+        chunks = [data[i : i + 1] for i in range(len(data))] or [b""]
+    else:
+        chunks = [data[:16], data[16:]]
+    asm = fp.FrameAssembler(limit, max_kind)
+    raised = None
+    for i, chunk in enumerate(chunks):
+        try:
+            assert asm.feed(chunk, i == len(chunks) - 1) is None
+        except ProtocolError as exc:
+            raised = exc
+            break
+    if raised is None:  # all bytes in, no error yet: the end of the stream must tell
+        with pytest.raises(ProtocolError) as info:
+            asm.feed(b"", True)
+        raised = info.value
+    if "after the end" in message and chunking == "bytewise":
+        assert str(raised) == "1 bytes after the end of the frame"
+    else:
+        assert str(raised) == message
+    assert asm.buffered == 0
+    for later in (b"", b"more", GOOD):
+        with pytest.raises(ProtocolError) as again:
+            asm.feed(later, True)
+        assert str(again.value) == str(raised)
+
+
+def test_header_claiming_2_gib_fails_after_16_bytes(fp: ModuleType) -> None:
+    head = frame_header(0, 0, 1 << 31)
+    asm = fp.FrameAssembler(16 * MIB)
+    for i in range(15):
+        assert asm.feed(head[i : i + 1], False) is None
+        assert asm.buffered == i + 1
+    with pytest.raises(
+        ProtocolError, match=r"^frame of 2147483664 bytes exceeds the limit of 16777216$"
+    ):
+        asm.feed(head[15:] + b"x" * 100, False)
+    assert asm.buffered == 0
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        asm.feed(b"x" * 1000, False)
+    assert asm.buffered == 0
+    # the largest claim a header can make
+    asm = fp.FrameAssembler(16 * MIB)
+    with pytest.raises(ProtocolError, match=r"^frame of 12884901901 bytes exceeds"):
+        asm.feed(frame_header(2**32 - 1, 2**32 - 1, 2**32 - 1), False)
+
+
+def test_assembler_16_mib_in_1_kib_chunks(fp: ModuleType) -> None:
+    payload = os.urandom(16 * MIB - 64)
+    frame = fp.encode_frame(b"H" * 30, b"D" * 18, payload)
+    assert len(frame) == 16 * MIB
+    asm = fp.FrameAssembler(16 * MIB)
+    start = time.perf_counter()
+    for pos in range(0, len(frame), 1024):
+        assert asm.feed(frame[pos : pos + 1024], False) is None
+        assert asm.buffered == min(pos + 1024, len(frame))
+    result = asm.feed(b"", True)
+    elapsed = time.perf_counter() - start
+    assert result == (0, b"H" * 30, b"D" * 18, payload)
+    assert asm.buffered == 0
+    assert elapsed < 10, "feeding must stay linear"
+
+
+def test_assembler_fin_and_after_the_end(fp: ModuleType) -> None:
+    asm = fp.FrameAssembler(LIMIT)
+    assert asm.feed(GOOD, False) is None  # complete, but the stream has not ended
+    assert asm.buffered == len(GOOD)
+    assert asm.feed(b"", True) == (4, b"h", b"dd", b"ppp")
+    assert asm.buffered == 0
+    assert asm.feed(b"", True) is None  # an empty end-of-stream repeat is harmless
+    with pytest.raises(ProtocolError, match=r"^3 bytes after the end of the frame$"):
+        asm.feed(b"abc", False)
+    # bytes after a complete frame, before the end of the stream
+    asm = fp.FrameAssembler(LIMIT)
+    assert asm.feed(GOOD, False) is None
+    with pytest.raises(ProtocolError, match=r"^5 bytes after the end of the frame$"):
+        asm.feed(b"12345", True)
+    # a frame whose header and dst are empty
+    asm = fp.FrameAssembler(LIMIT)
+    frame = fp.encode_frame(b"", b"", b"only payload", 7)
+    assert asm.feed(frame[:3], False) is None
+    assert asm.feed(frame[3:20], False) is None
+    assert asm.feed(frame[20:], True) == (7, b"", b"", b"only payload")
+
+
+def test_assembler_accepts_bytes_like(fp: ModuleType) -> None:
+    asm = fp.FrameAssembler(LIMIT)
+    source = bytearray(GOOD)
+    assert asm.feed(source[:10], False) is None
+    assert asm.feed(memoryview(source)[10:19], False) is None
+    assert asm.feed(array.array("B", source[19:]), True) == (4, b"h", b"dd", b"ppp")
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "message"),
+    [
+        ((-1,), ValueError, "max_message_size must not be negative, got -1"),
+        ((100, 256), ValueError, "max_kind must be in 0..255, got 256"),
+        ((100, -1), ValueError, "max_kind must be in 0..255, got -1"),
+        (("100",), TypeError, None),
+        ((100, 2.0), TypeError, None),
+    ],
+)
+def test_limits_validated_identically(
+    args: tuple[Any, ...], exc: type, message: str | None
+) -> None:
+    c, p = both()
+    for make in (lambda m, *a: m.FrameAssembler(*a), lambda m, *a: m.decode_frame(GOOD, *a)):
+        got = outcome(make, c, *args)
+        assert got == outcome(make, p, *args)
+        assert got[0] == "raised" and got[1] is exc
+        if message is not None:
+            assert got[2] == message
+
+
+def test_huge_limit_is_no_limit(fp: ModuleType) -> None:
+    assert fp.decode_frame(GOOD, 1 << 80) == (4, b"h", b"dd", b"ppp")
+    asm = fp.FrameAssembler(1 << 80)
+    with pytest.raises(ProtocolError, match=r"^stream ended after 16 of 12884901901 bytes$"):
+        asm.feed(frame_header(2**32 - 1, 2**32 - 1, 2**32 - 1), True)
+
+
+# ----------------------------------------------------------------------------- properties
+
+parts = st.binary(max_size=64)
+kinds = st.integers(0, 7)
+limits = st.one_of(st.integers(0, 300), st.just(LIMIT))
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    return _purepy.encode_frame(
+        draw(parts), draw(parts), draw(st.binary(min_size=1, max_size=200)), draw(kinds)
+    )
+
+
+@st.composite
+def damaged_frames(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(frames()))
+    for _ in range(draw(st.integers(0, 3))):
+        pos = draw(st.integers(0, len(data) - 1))
+        data[pos] = draw(st.integers(0, 255))
+    how = draw(st.sampled_from(["keep", "cut", "extend"]))
+    if how == "cut":
+        del data[draw(st.integers(0, len(data))) :]
+    elif how == "extend":
+        data += draw(st.binary(min_size=1, max_size=20))
+    return bytes(data)
+
+
+@st.composite
+def plausible_headers(draw: st.DrawFn) -> bytes:
+    """Version 2, random lengths, kinds and reserved bytes, then a random body."""
+    lengths = st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1))
+    head = frame_header(
+        draw(lengths),
+        draw(lengths),
+        draw(lengths),
+        draw(st.one_of(kinds, st.integers(0, 255))),
+        2,
+        draw(st.sampled_from([0, 0, 0, 1, 255])),
+    )
+    return head + draw(st.binary(max_size=120))
+
+
+streams = st.one_of(frames(), damaged_frames(), plausible_headers(), st.binary(max_size=80))
+cuts = st.lists(st.integers(0, 400), max_size=12)
+PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(parts, parts, st.binary(min_size=1, max_size=300), st.integers(0, 255), cuts)
+def test_round_trip_identical(
+    header: bytes, dst: bytes, payload: bytes, kind: int, cut: list[int]
+) -> None:
+    c, p = both()
+    frame = p.encode_frame(header, dst, payload, kind)
+    assert c.encode_frame(header, dst, payload, kind) == frame
+    assert c.encode_frame(bytearray(header), memoryview(dst), bytearray(payload), kind) == frame
+    expected = (kind, header, dst, payload)
+    for mod in (c, p):
+        assert mod.decode_frame(frame, len(frame), 255) == expected
+        asm = mod.FrameAssembler(len(frame), 255)
+        chunks = split(frame, cut)
+        results = [asm.feed(ch, i == len(chunks) - 1) for i, ch in enumerate(chunks)]
+        assert results[:-1] == [None] * (len(chunks) - 1)
+        assert results[-1] == expected
+
+
+@PROPS
+@given(streams, limits, kinds)
+def test_decode_identical_on_anything(data: bytes, limit: int, max_kind: int) -> None:
+    c, p = both()
+    got = outcome(c.decode_frame, data, limit, max_kind)
+    assert got == outcome(p.decode_frame, data, limit, max_kind)
+    if got[0] == "raised":
+        assert got[1] is ProtocolError
+
+
+@PROPS
+@given(streams, cuts, limits, kinds)
+def test_feed_identical_on_any_chunking(
+    data: bytes, cut: list[int], limit: int, max_kind: int
+) -> None:
+    c, p = both()
+    chunks = split(data, cut)
+    got = feed_outcomes(c, chunks, limit, max_kind)
+    assert got == feed_outcomes(p, chunks, limit, max_kind)
+    # the result of a successful stream never depends on the chunking
+    final = got[-2]
+    whole = outcome(p.decode_frame, data, limit, max_kind)
+    if final[0] == "ok" or whole[0] == "ok":
+        assert final == whole
+
+
+# ----------------------------------------------------------------------------- DCIDs
+
+
+def long_header(cid: bytes, rest: bytes = b"\x00" * 20) -> bytes:
+    return bytes([0xC3, 0, 0, 0, 1, len(cid)]) + cid + rest
+
+
+@pytest.mark.parametrize(
+    ("datagram", "short_len", "expected"),
+    [
+        (b"", 8, None),
+        (b"\x40", 0, b""),
+        (b"\x40" + bytes(range(8)), 8, bytes(range(8))),
+        (b"\x40" + bytes(range(7)), 8, None),
+        (b"\x40" + bytes(range(30)), 8, bytes(range(8))),
+        (b"\xc0\x00\x00\x00", 8, None),
+        (b"\xc0\x00\x00\x00\x01", 8, None),
+        (b"\xc0\x00\x00\x00\x01\x00", 8, b""),
+        (long_header(b"ABCD"), 8, b"ABCD"),
+        (long_header(bytes(20)), 8, bytes(20)),
+        (long_header(bytes(21)), 8, None),
+        (long_header(b"ABCD", b"")[:-1], 8, None),
+        (long_header(b"ABCD", b""), 8, b"ABCD"),
+    ],
+)
+def test_parse_dcid(
+    fp: ModuleType, datagram: bytes, short_len: int, expected: bytes | None
+) -> None:
+    assert fp.parse_dcid(datagram, short_len) == expected
+    assert fp.parse_dcid(bytearray(datagram), short_len) == expected
+    assert fp.parse_dcid(memoryview(datagram), short_len) == expected
+    got = fp.parse_dcid(memoryview(datagram), short_len)
+    assert got is None or type(got) is bytes
+
+
+def test_cid_len_validated_identically() -> None:
+    c, p = both()
+    for bad in (-1, 21, "8", 8.0):
+        for call in (lambda m, n: m.parse_dcid(b"\x40" * 9, n), lambda m, n: m.ConnectionTable(n)):
+            got = outcome(call, c, bad)
+            assert got == outcome(call, p, bad)
+            assert got[0] == "raised"
+    assert outcome(c.parse_dcid, b"\x40", 21)[2] == "short_cid_len must be in 0..20, got 21"
+
+
+@PROPS
+@given(
+    st.one_of(st.binary(max_size=40), st.builds(long_header, st.binary(max_size=25))),
+    st.integers(0, 20),
+)
+def test_parse_dcid_identical(datagram: bytes, short_len: int) -> None:
+    c, p = both()
+    assert outcome(c.parse_dcid, datagram, short_len) == outcome(p.parse_dcid, datagram, short_len)
+
+
+def test_connection_table(fp: ModuleType) -> None:
+    table = fp.ConnectionTable(8)
+    assert len(table) == 0
+    a, b = object(), object()
+    table.add(b"AAAAAAAA", a)
+    table.add(b"BBBB", b)
+    assert len(table) == 2 and b"AAAAAAAA" in table and b"CCCC" not in table
+    assert table.get(b"AAAAAAAA") is a and table.get(b"none") is None
+    assert table.lookup(b"\x41AAAAAAAA rest of a short header packet") is a
+    assert table.lookup(long_header(b"BBBB")) is b
+    assert table.lookup(long_header(b"AAAAAAAA")) is a
+    assert table.lookup(memoryview(long_header(b"BBBB"))) is b
+    assert table.lookup(b"\x41AAAA") is None
+    assert table.lookup(b"") is None
+    assert table.lookup(long_header(b"CCCC")) is None
+    table.add(b"BBBB", a)
+    assert table.get(b"BBBB") is a
+    table.remove(b"BBBB")
+    table.remove(b"BBBB")  # missing: no error
+    assert len(table) == 1 and table.lookup(long_header(b"BBBB")) is None
+    assert 42 not in table
+
+
+@PROPS
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "remove", "get", "lookup", "contains", "len"]),
+            st.binary(min_size=0, max_size=10),
+            st.integers(0, 3),
+        ),
+        max_size=40,
+    ),
+    st.integers(0, 10),
+)
+def test_connection_table_identical(ops: list[tuple[str, bytes, int]], short_len: int) -> None:
+    c, p = both()
+    tables = [c.ConnectionTable(short_len), p.ConnectionTable(short_len)]
+    for op, cid, value in ops:
+        results = []
+        for t in tables:
+            if op == "add":
+                results.append(t.add(cid, value))
+            elif op == "remove":
+                results.append(t.remove(cid))
+            elif op == "get":
+                results.append(t.get(cid))
+            elif op == "lookup":
+                results.append(t.lookup(bytes([0x40]) + cid))
+                results.append(t.lookup(long_header(cid)))
+            elif op == "contains":
+                results.append(cid in t)
+            else:
+                results.append(len(t))
+        assert results[: len(results) // 2] == results[len(results) // 2 :]
+
+
+# ----------------------------------------------------------------------------- sockets
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+FAMILIES = [
+    pytest.param((socket.AF_INET, "127.0.0.1"), id="ipv4"),
+    pytest.param(
+        (socket.AF_INET6, "::1"),
+        id="ipv6",
+        marks=pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback"),
+    ),
+]
+
+
+def udp(
+    family: int = socket.AF_INET, host: str = "127.0.0.1", rcvbuf: int = 4 * MIB
+) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((host, 0))
+    s.setblocking(False)
+    return s
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def drain(
+    mod: ModuleType, sock: socket.socket, want: int, timeout: float = 5.0, **kw: Any
+) -> list[Any]:
+    """Receive with ``mod.recv_batch`` until ``want`` datagrams arrived (or time is up)."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        batch = mod.recv_batch(sock, **kw)
+        if batch:
+            got.extend(batch)
+        else:
+            select.select([sock], [], [], 0.05)
+    return got
+
+
+def mixed_datagrams(count: int, seed: int = 1) -> list[bytes]:
+    rng = __import__("random").Random(seed)
+    return [rng.randbytes(rng.randint(1, 1472)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("receiver", ["cython", "python"])
+def test_round_trip_thousands(
+    fp: ModuleType, receiver: str, family: tuple[int, str], sockets: list[socket.socket]
+) -> None:
+    recv_mod = compiled() if receiver == "cython" else _purepy
+    fam, host = family
+    rx, tx = udp(fam, host), udp(fam, host)
+    sockets += [rx, tx]
+    payloads = mixed_datagrams(3000)
+    dest = rx.getsockname()
+    got: list[Any] = []
+    for pos in range(0, len(payloads), 150):  # keep the receive buffer from overflowing
+        chunk = [(d, dest) for d in payloads[pos : pos + 150]]
+        assert fp.send_batch(tx, chunk) == (len(chunk), 0)
+        got += drain(recv_mod, rx, len(chunk))
+    assert [d for d, _ in got] == payloads
+    assert {a for _, a in got} == {tx.getsockname()}
+    # the very tuples socket.recvfrom gives
+    tx.sendto(b"x", dest)
+    select.select([rx], [], [], 1)
+    raw = rx.recvfrom(10)
+    assert got[0][1] == raw[1] and type(got[0][1][0]) is str
+    assert recv_mod.recv_batch(rx) == []
+
+
+def test_recv_batch_limits_and_truncation(fp: ModuleType, sockets: list[socket.socket]) -> None:
+    rx, tx = udp(), udp()
+    sockets += [rx, tx]
+    assert fp.recv_batch(rx) == []
+    for i in range(10):
+        tx.sendto(bytes([i]) * 1000, rx.getsockname())
+    time.sleep(0.05)
+    first = fp.recv_batch(rx, 3)
+    assert [d for d, _ in first] == [bytes([i]) * 1000 for i in range(3)]
+    second = fp.recv_batch(rx, 4, bufsize=100)
+    assert [d for d, _ in second] == [bytes([i]) * 100 for i in range(3, 7)]
+    rest = fp.recv_batch(rx, max_datagrams=100, bufsize=10**12)
+    assert [d for d, _ in rest] == [bytes([i]) * 1000 for i in range(7, 10)]
+    tx.sendto(b"", rx.getsockname())  # an empty datagram is a datagram
+    assert drain(fp, rx, 1) == [(b"", tx.getsockname())]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"max_datagrams": 0}, ValueError, "max_datagrams must be at least 1, got 0"),
+        ({"bufsize": 0}, ValueError, "bufsize must be at least 1, got 0"),
+        ({"bufsize": "big"}, TypeError, None),
+    ],
+)
+def test_recv_batch_argument_errors(
+    kwargs: dict[str, Any], exc: type, message: str | None, sockets: list[socket.socket]
+) -> None:
+    c, p = both()
+    rx = udp()
+    sockets.append(rx)
+    got = outcome(lambda m: m.recv_batch(rx, **kwargs), c)
+    assert got == outcome(lambda m: m.recv_batch(rx, **kwargs), p)
+    assert got[0] == "raised" and got[1] is exc
+    if message:
+        assert got[2] == message
+
+
+def test_recv_batch_skips_icmp_errors(fp: ModuleType, sockets: list[socket.socket]) -> None:
+    probe = udp()
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on ``port`` now
+    client = udp()
+    sockets.append(client)
+    client.connect(("127.0.0.1", port))
+    client.send(b"hello?")  # answered by ICMP port unreachable
+    time.sleep(0.05)
+    assert fp.recv_batch(client) == []  # ECONNREFUSED was reported, and skipped
+    client.send(b"again")
+    time.sleep(0.05)
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sockets.append(server)
+    server.bind(("127.0.0.1", port))
+    server.sendto(b"late answer", client.getsockname())
+    assert drain(fp, client, 1) == [(b"late answer", ("127.0.0.1", port))]
+
+
+def test_recv_batch_raises_other_errors(fp: ModuleType) -> None:
+    s = udp()
+    s.close()
+    c, p = both()
+    got = outcome(c.recv_batch, s)
+    assert got == outcome(p.recv_batch, s)
+    assert got[1] is OSError and "Bad file descriptor" in got[2]
+
+
+def test_batches_on_other_socket_families(fp: ModuleType) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        a.setblocking(False)
+        b.setblocking(False)
+        # connected: an address is refused (EISCONN), counted like any send error
+        assert fp.send_batch(a, [(b"x", "/nonexistent")]) == (1, 1)
+        a.send(b"one")
+        a.send(b"two")
+        got = fp.recv_batch(b)
+        assert [d for d, _ in got] == [b"one", b"two"]
+
+
+def test_send_batch_counts_errors_and_goes_on(fp: ModuleType, sockets: list[socket.socket]) -> None:
+    rx, tx = udp(), udp()
+    sockets += [rx, tx]
+    dest = rx.getsockname()
+    batch = [
+        (b"one", dest),
+        (b"x" * 70000, dest),  # EMSGSIZE
+        (b"two", dest),
+        (b"three", ("127.0.0.1", 0)),  # EINVAL: port 0
+        (bytearray(b"four"), dest),
+        (memoryview(b"five"), dest),
+        [b"six", dest],  # a list works as the pair too
+        (b"seven", ("127.0.0.1", dest[1])),  # an equal but distinct address tuple
+    ]
+    assert fp.send_batch(tx, batch) == (len(batch), 2)
+    got = drain(fp, rx, 6)
+    assert [d for d, _ in got] == [b"one", b"two", b"four", b"five", b"six", b"seven"]
+    assert fp.send_batch(tx, batch, len(batch)) == (len(batch), 0)
+    assert fp.send_batch(tx, [], 0) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(("127.0.0.1",), id="short-address"),
+        pytest.param(("127.0.0.1", 70000), id="port-out-of-range"),
+        pytest.param("127.0.0.1:9", id="string-address"),
+        pytest.param(None, id="no-address"),
+    ],
+)
+def test_send_batch_bad_items_identical(bad: Any, sockets: list[socket.socket]) -> None:
+    c, p = both()
+    rx, tx = udp(), udp()
+    sockets += [rx, tx]
+    dest = rx.getsockname()
+    results = []
+    for mod in (c, p):
+        batch = [(b"before", dest), (b"bad", bad), (b"after", dest)]
+        results.append(outcome(mod.send_batch, tx, batch))
+        assert [d for d, _ in drain(mod, rx, 1, timeout=1)] == [b"before"]
+    assert results[0] == results[1] and results[0][0] == "raised"
+    for items in ([(b"a", dest, 3)], [b"abc"], [42], [("text", dest)]):
+        got = outcome(c.send_batch, tx, items)
+        assert got == outcome(p.send_batch, tx, items) and got[0] == "raised"
+
+
+def test_send_batch_start_validated(fp: ModuleType, sockets: list[socket.socket]) -> None:
+    tx = udp()
+    sockets.append(tx)
+    c, p = both()
+    items = [(b"x", tx.getsockname())] * 3
+    for start in (-1, 4, "1"):
+        got = outcome(c.send_batch, tx, items, start)
+        assert got == outcome(p.send_batch, tx, items, start) and got[0] == "raised"
+    assert outcome(c.send_batch, tx, items, 4)[2] == "start 4 is out of range 0..3"
+
+
+def test_send_batch_ipv6_address_forms(fp: ModuleType, sockets: list[socket.socket]) -> None:
+    if not has_ipv6():
+        pytest.skip("no IPv6 loopback")
+    rx, tx = udp(socket.AF_INET6, "::1"), udp(socket.AF_INET6, "::1")
+    sockets += [rx, tx]
+    port = rx.getsockname()[1]
+    batch = [
+        (b"a", ("::1", port)),
+        (b"b", ("::1", port, 0)),
+        (b"c", ("::1", port, 0, 0)),
+        (b"d", ("0:0:0:0:0:0:0:1", port, 0, 0)),
+    ]
+    assert fp.send_batch(tx, batch) == (4, 0)
+    assert [d for d, _ in drain(fp, rx, 4)] == [b"a", b"b", b"c", b"d"]
+    c, p = both()
+    for bad in (("::1", port, 1 << 20, 0), ("::1", port, 0, 0, 0), ("::1", -1)):
+        got = outcome(c.send_batch, tx, [(b"x", bad)])
+        assert got == outcome(p.send_batch, tx, [(b"x", bad)]), bad
+
+
+# The EAGAIN path needs a socket whose send buffer really fills. On the host's loopback
+# the kernel frees a datagram's send buffer at once, so this runs in a private network
+# namespace whose loopback has a rate-limiting qdisc (a real kernel queue, no mocks).
+EAGAIN_SCRIPT = r"""
+import json, select, socket, sys, time
+from qp2p import _speedups
+_speedups.select(sys.argv[1])
+fp = _speedups.impl
+
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+rx.bind(("127.0.0.1", 0))
+rx.setblocking(False)
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+tx.bind(("127.0.0.1", 0))
+tx.setblocking(False)
+import random
+rng = random.Random(7)
+payloads = [rng.randbytes(rng.randint(1, 1472)) for _ in range(1500)]
+datagrams = [(d, rx.getsockname()) for d in payloads]
+
+def receive_exactly(count):
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        select.select([rx], [], [], 0.05)
+        got += fp.recv_batch(rx)
+    time.sleep(0.05)
+    got += fp.recv_batch(rx)  # nothing more may come
+    return got
+
+received, calls, partial, pos, errors = [], 0, 0, 0, 0
+while pos < len(datagrams):
+    select.select([], [tx], [], 5)
+    nxt, errs = fp.send_batch(tx, datagrams, pos)
+    calls += 1
+    errors += errs
+    assert pos <= nxt <= len(datagrams)
+    if nxt < len(datagrams):
+        partial += 1
+    # the receiver reads only now: exactly datagrams[pos:nxt] must arrive
+    got = receive_exactly(nxt - pos)
+    assert [d for d, _ in got] == payloads[pos:nxt], (pos, nxt, len(got))
+    received += got
+    pos = nxt
+print(json.dumps({"calls": calls, "partial": partial, "errors": errors,
+                  "received": len(received), "same": [d for d, _ in received] == payloads,
+                  "features": fp.features()}))
+"""
+
+
+def netns_available() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "ip", "tc"))
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not netns_available(), reason="needs root, unshare, ip and tc")
+@pytest.mark.parametrize("gso", ["gso-on", "gso-off"])
+def test_send_batch_eagain_resumes_without_loss(fp: ModuleType, gso: str) -> None:
+    name = "cython" if fp.__name__.endswith("_fastpath") else "python"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("QP2P_NO_EXTENSIONS", None)
+    if gso == "gso-off":
+        env["QP2P_NO_GSO"] = "1"
+    else:
+        env.pop("QP2P_NO_GSO", None)
+    setup = (
+        "ip link set lo up && "
+        "tc qdisc add dev lo root tbf rate 40mbit burst 16kb latency 2s && "
+        'exec "$0" -c "$1" "$2"'
+    )
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-c", setup, sys.executable, EAGAIN_SCRIPT, name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    if (
+        proc.returncode != 0
+        and "Operation not permitted" in proc.stderr
+        and "unshare" in proc.stderr
+    ):
+        pytest.skip("network namespaces are not permitted here")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["partial"] >= 1, result  # EAGAIN really happened, and more than once
+    assert result["calls"] > 2
+    assert result["errors"] == 0
+    assert result["received"] == 1500 and result["same"], result
+
+
+# ----------------------------------------------------------------------------- GSO / GRO
+
+
+def gro_socket(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
+    s = udp(family, host)
+    s.setsockopt(SOL_UDP, UDP_GRO, 1)
+    return s
+
+
+def raw_gro_receive(sock: socket.socket, timeout: float = 2.0) -> list[tuple[bytes, int]]:
+    """``(data, gso_size)`` per read with plain socket calls (gso_size 0: not coalesced)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        select.select([sock], [], [], 0.1)
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(4))
+        except BlockingIOError:
+            if out:
+                break
+            continue
+        size = 0
+        for level, kind, value in anc:
+            if level == SOL_UDP and kind == UDP_GRO:
+                size = int.from_bytes(value[:4], sys.byteorder)
+        out.append((data, size))
+    return out
+
+
+@pytest.fixture
+def gso_module() -> Iterator[ModuleType]:
+    c = compiled()
+    c._reset_offload()
+    if not c.features()["gso"]:
+        pytest.skip("the kernel has no UDP GSO")
+    yield c
+    c._reset_offload()
+
+
+def test_twin_reports_no_kernel_features(sockets: list[socket.socket]) -> None:
+    assert _purepy.features() == {"recvmmsg": False, "sendmmsg": False, "gso": False, "gro": False}
+    s = udp()
+    sockets.append(s)
+    assert _purepy.enable_gro(s) is False
+    assert compiled().features()["recvmmsg"] is True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gso_sends_runs_as_one_buffer(
+    gso_module: ModuleType, family: tuple[int, str], sockets: list[socket.socket]
+) -> None:
+    fam, host = family
+    rx, tx = gro_socket(fam, host), udp(fam, host)
+    sockets += [rx, tx]
+    dest = rx.getsockname()
+    payloads = [bytes([i]) * 1200 for i in range(40)] + [b"tail" * 100]
+    assert gso_module.send_batch(tx, [(d, dest) for d in payloads]) == (41, 0)
+    reads = raw_gro_receive(rx)
+    # the kernel saw one GSO send (proof that UDP_SEGMENT was used) and kept it whole
+    assert reads == [(b"".join(payloads), 1200)]
+
+
+def test_gro_receive_splits_like_the_twin(
+    gso_module: ModuleType, sockets: list[socket.socket]
+) -> None:
+    rx, tx = udp(), udp()
+    sockets += [rx, tx]
+    assert gso_module.enable_gro(rx) is True
+    dest = rx.getsockname()
+    rng = __import__("random").Random(3)
+    payloads: list[bytes] = []
+    for _ in range(60):  # runs of equal sizes with shorter tails, and singles
+        size = rng.choice([1, 100, 1200, 1472])
+        payloads += [rng.randbytes(size) for _ in range(rng.randint(1, 70))]
+        if rng.random() < 0.5:
+            payloads.append(rng.randbytes(rng.randint(1, size)))
+    expected = [(d, tx.getsockname()) for d in payloads]
+    got: list[Any] = []
+    for pos in range(0, len(payloads), 300):
+        chunk = [(d, dest) for d in payloads[pos : pos + 300]]
+        assert gso_module.send_batch(tx, chunk) == (len(chunk), 0)
+        got += drain(gso_module, rx, len(chunk))
+    assert got == expected
+    # and the twin, sending one by one to a plain socket, gives exactly the same list
+    rx2 = udp()
+    sockets.append(rx2)
+    tx2 = udp()
+    sockets.append(tx2)
+    twin: list[Any] = []
+    for pos in range(0, len(payloads), 300):
+        chunk = [(d, rx2.getsockname()) for d in payloads[pos : pos + 300]]
+        assert _purepy.send_batch(tx2, chunk) == (len(chunk), 0)
+        twin += drain(_purepy, rx2, len(chunk))
+    assert [d for d, _ in twin] == [d for d, _ in got]
+
+
+def test_gso_runs_to_several_addresses(
+    gso_module: ModuleType, sockets: list[socket.socket]
+) -> None:
+    rxs = [gro_socket() for _ in range(3)]
+    tx = udp()
+    sockets += [*rxs, tx]
+    batch = []
+    for i in range(400):
+        dest = rxs[(i // 7) % 3].getsockname()  # runs of 7 to one address, then the next
+        batch.append((bytes([i % 256]) * (1000 if i % 7 != 6 else 10), dest))
+    assert gso_module.send_batch(tx, batch) == (400, 0)
+    for rx in rxs:
+        expected = [d for d, a in batch if a == rx.getsockname()]
+        got = drain(gso_module, rx, len(expected))
+        assert [d for d, _ in got] == expected
+
+
+def test_gso_falls_back_when_the_kernel_refuses(
+    gso_module: ModuleType, sockets: list[socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    rx, tx = gro_socket(), udp()
+    sockets += [rx, tx]
+    tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)  # the kernel refuses GSO: EINVAL
+    dest = rx.getsockname()
+    payloads = [bytes([i]) * 1200 for i in range(20)]
+    with caplog.at_level(logging.DEBUG, logger="qp2p._fastpath"):
+        assert gso_module.send_batch(tx, [(d, dest) for d in payloads]) == (20, 0)
+    assert gso_module.features()["gso"] is False  # remembered
+    assert "GSO refused" in caplog.text
+    reads = raw_gro_receive(rx)
+    assert reads == [(d, 0) for d in payloads]  # sent one by one, nothing lost
+    assert gso_module.send_batch(tx, [(d, dest) for d in payloads]) == (20, 0)
+    assert raw_gro_receive(rx) == [(d, 0) for d in payloads]
+
+
+def test_qp2p_no_gso_forces_plain_batches(
+    gso_module: ModuleType, monkeypatch: pytest.MonkeyPatch, sockets: list[socket.socket]
+) -> None:
+    monkeypatch.setenv("QP2P_NO_GSO", "1")
+    gso_module._reset_offload()
+    assert gso_module.features() == {"recvmmsg": True, "sendmmsg": True, "gso": False, "gro": False}
+    rx, tx = gro_socket(), udp()
+    sockets += [rx, tx]
+    assert gso_module.enable_gro(udp()) is False
+    payloads = [bytes([i]) * 1200 for i in range(20)]
+    assert gso_module.send_batch(tx, [(d, rx.getsockname()) for d in payloads]) == (20, 0)
+    assert raw_gro_receive(rx) == [(d, 0) for d in payloads]
+    # and at import time, in a fresh interpreter
+    env = dict(os.environ, QP2P_NO_GSO="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", "import qp2p._fastpath as f; print(f.features())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'gso': False" in out and "'gro': False" in out
+
+
+def test_gso_send_errors_counted_per_datagram(
+    gso_module: ModuleType, sockets: list[socket.socket]
+) -> None:
+    # A run to an address the kernel refuses: each datagram is one error, like the twin.
+    tx = udp()
+    sockets.append(tx)
+    batch = [(b"x" * 1000, ("127.0.0.1", 0))] * 5
+    assert gso_module.send_batch(tx, batch) == (5, 5)
+    assert _purepy.send_batch(tx, batch) == (5, 5)
+    assert gso_module.features()["gso"] is True  # an address error is not a GSO problem
+
+
+def test_stub_matches_module() -> None:
+    stub = (ROOT / "qp2p" / "_fastpath.pyi").read_text()
+    for name in compiled().__all__:
+        assert name in stub
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "qp2p._fastpath", "--ignore-missing-stub"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
