@@ -66,6 +66,7 @@ class Config:
       before QUIC flow control stops the peer.
     - ``max_connections``: the most connections one endpoint holds; further incoming
       handshakes are refused.
+    - ``hole_punch_timeout``: the longest ``connect_via`` takes before ``HolePunchFailed``.
     - ``require_address_validation``: answer new incoming handshakes with a QUIC Retry first
       (costs one round trip, protects against spoofed-source floods).
     """
@@ -81,12 +82,14 @@ class Config:
     max_pending_send_bytes: int = 4 * 2**20
     max_buffered_bytes: int = 16 * 2**20
     max_connections: int = 10_000
+    hole_punch_timeout: float = 5.0
     require_address_validation: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("idle_timeout", self.idle_timeout, allow_none=True)
         _check_positive("keep_alive_interval", self.keep_alive_interval, allow_none=True)
         _check_positive("handshake_timeout", self.handshake_timeout)
+        _check_positive("hole_punch_timeout", self.hole_punch_timeout)
         for name in (
             "max_message_size",
             "max_concurrent_bidi_streams",

@@ -318,6 +318,15 @@ class Connection:
         self._endpoint._mark_dirty(self)
         await future
 
+    def _send_nowait(self, frame: bytes) -> None:
+        """Queue a control message on a fresh unidirectional stream; don't wait for it."""
+        if self._closed is not None:
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        future.add_done_callback(_consume_exception)
+        self._queue_uni.append(_PendingSend(frame, future, bidi=False))
+        self._pump()
+
     def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
         """Answer a control request without waiting for the acknowledgement."""
         if self._closed is not None:
@@ -541,6 +550,11 @@ class Connection:
             pending = self._unacked.pop(sid)
             if not pending.future.done():
                 pending.future.set_result(None)
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _ControlReply:

@@ -8,42 +8,19 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import engine, wire
-from .errors import ConnectionError, HolePunchFailed, ProtocolError
+from . import engine, holepunch, wire
+from .errors import ConnectionError, ProtocolError
+from .wire import format_addr, parse_addr
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .endpoint import Endpoint
-    from .identity import PeerId
 
-__all__ = ["echo", "format_addr", "is_reachable", "on_control", "parse_addr", "race"]
+__all__ = ["echo", "is_reachable", "on_control", "race"]
 
 logger = logging.getLogger("qp2p.discovery")
 
 Address = tuple[Any, ...]
-
-
-def format_addr(addr: Address) -> bytes:
-    """``host:port`` text (``[v6]:port`` for IPv6), the echo service's answer."""
-    host, port = str(addr[0]), int(addr[1])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
-    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return text.encode("ascii")
-
-
-def parse_addr(data: bytes) -> Address:
-    """The inverse of :func:`format_addr`; ``ProtocolError`` for junk."""
-    try:
-        text = data.decode("ascii")
-        host, _, port_text = text.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        port = int(port_text)
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(f"malformed address in control message: {data[:64]!r}") from None
-    if not host or not 0 < port < 65536:
-        raise ProtocolError(f"malformed address in control message: {data[:64]!r}")
-    return (host, port)
 
 
 def on_control(
@@ -60,6 +37,12 @@ def on_control(
         frame = endpoint._fp.encode_frame(b"", b"", format_addr(conn.remote_addr),
                                           wire.KIND_ECHO_RESPONSE)
         conn._reply_nowait(stream_id, frame)
+        return
+    if kind == wire.KIND_INTRODUCE_REQUEST and stream_id is not None:
+        holepunch.on_introduce_request(endpoint, conn, payload, stream_id)
+        return
+    if kind == wire.KIND_INTRODUCTION and stream_id is None:
+        holepunch.on_introduction(endpoint, conn, payload)
         return
     logger.debug("unexpected control frame kind %d from %s", kind, conn.remote_addr)
     if stream_id is not None:
@@ -151,11 +134,3 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
         detail = "; ".join(f"{a[0]}:{a[1]}: {e}" for a, e in errors.items())
         raise ConnectionError(f"no address answered: {detail}", errors)
     return winner
-
-
-async def connect_via(endpoint: Endpoint, rendezvous_addr: Address, peer_id: PeerId) -> Connection:
-    """Hole punching through a rendezvous (see the NAT traversal issue)."""
-    raise HolePunchFailed(
-        f"cannot reach {peer_id} via {rendezvous_addr}: "
-        "rendezvous introductions are not implemented in this version"
-    )

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
-from . import _speedups, discovery, engine, wire
+from . import _speedups, discovery, engine, holepunch, wire
 from .config import Config
 from .connection import Connection
 from .errors import (
@@ -234,7 +234,7 @@ class Endpoint:
         """A direct connection to ``peer_id`` through both NATs, introduced by the
         rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
         self._check_open()
-        return await discovery.connect_via(self, rendezvous_addr, peer_id)
+        return await holepunch.connect_via(self, rendezvous_addr, peer_id)
 
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
@@ -264,9 +264,12 @@ class Endpoint:
         return (str(ip), port)
 
     async def _dial(
-        self, addr: Address, expect_peer_id: PeerId | None, timeout: float
+        self, addr: Address, expect_peer_id: PeerId | None, timeout: float, punch: bool = False
     ) -> Connection:
-        """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth."""
+        """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth.
+
+        ``punch``: resend the first flight every few tens of ms until the peer answers
+        (hole punching: the far NAT drops it until the peer's probes open a mapping)."""
         self._check_open()
         existing = self._pool.get(addr, expect_peer_id)
         if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
@@ -275,9 +278,16 @@ class Endpoint:
         conn = Connection(self, quic, addr, is_client=True)
         conn._ready = self._loop.create_future()
         self._live.add(conn)
-        quic.connect(addr, now=self._loop.time())
+        now = self._loop.time()
+        quic.connect(addr, now=now)
         self._register(conn, quic.host_cid)
-        self._mark_dirty(conn)
+        if punch:
+            first_flight = quic.datagrams_to_send(now)
+            conn._stats["packets_sent"] += len(first_flight)
+            self._arm_timer(conn, quic.get_timer())
+            self._resend_first_flight(conn, first_flight)
+        else:
+            self._mark_dirty(conn)
         try:
             await asyncio.wait_for(asyncio.shield(conn._ready), timeout)
         except asyncio.TimeoutError:
@@ -289,6 +299,17 @@ class Endpoint:
             self._abandon(conn, "dial cancelled")
             raise
         return conn
+
+    def _resend_first_flight(
+        self, conn: Connection, datagrams: list[tuple[bytes, Address]]
+    ) -> None:
+        if conn._closed is not None or conn._stats["packets_received"] or self._closed:
+            return
+        for data, addr in datagrams:
+            self._send_raw(data, addr)
+        self._loop.call_later(
+            holepunch.PUNCH_RESEND_INTERVAL, self._resend_first_flight, conn, datagrams
+        )
 
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""

@@ -8,9 +8,11 @@ other kinds are qp2p's own control messages.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-from .errors import MessageTooLarge
+from .errors import MessageTooLarge, ProtocolError
+
+Address = tuple[Any, ...]
 
 __all__ = [
     "ERR_CANCELLED",
@@ -24,6 +26,8 @@ __all__ = [
     "KIND_USER",
     "as_bytes",
     "check_message",
+    "format_addr",
+    "parse_addr",
 ]
 
 FRAME_HEADER_LEN: Final = 16
@@ -63,3 +67,26 @@ def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: i
             f"message of {total} bytes exceeds max_message_size of {max_message_size}"
         )
     return total
+
+
+def format_addr(addr: Address) -> bytes:
+    """``host:port`` text (``[v6]:port`` for IPv6), the echo service's answer."""
+    host, port = str(addr[0]), int(addr[1])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return text.encode("ascii")
+
+
+def parse_addr(data: bytes) -> Address:
+    """The inverse of :func:`format_addr`; ``ProtocolError`` for junk."""
+    try:
+        text = data.decode("ascii")
+        host, _, port_text = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        port = int(port_text)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"malformed address in control message: {data[:64]!r}") from None
+    if not host or not 0 < port < 65536:
+        raise ProtocolError(f"malformed address in control message: {data[:64]!r}")
+    return (host, port)

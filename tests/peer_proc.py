@@ -1,8 +1,9 @@
-"""A qp2p peer in its own process, for tests that kill or restart a peer.
+"""A qp2p peer in its own process, for tests that kill, restart or namespace a peer.
 
-``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT]``: binds, prints
+``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous]``: binds, prints
 ``READY <host> <port> <peer_id>``, then echoes every message back (and answers every
-request with its payload) until killed or its stdin closes.
+request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the user
+messages this peer has received. It exits when killed or when its stdin closes.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import sys
 import qp2p
 
 
-async def main(host: str, port: int, idle_timeout: float) -> None:
+async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> None:
     config = qp2p.Config(idle_timeout=idle_timeout)
-    async with await qp2p.Endpoint.bind((host, port), config=config) as ep:
+    received = 0
+    async with await qp2p.Endpoint.bind((host, port), config=config,
+                                        rendezvous=rendezvous) as ep:
         print("READY", ep.local_addr[0], ep.local_addr[1], ep.peer_id, flush=True)
 
         async def serve(conn: qp2p.Connection) -> None:
+            nonlocal received
             with contextlib.suppress(qp2p.Qp2pError):
                 async for msg in conn:
+                    received += 1
                     if msg.is_request:
                         await msg.reply(msg.payload)
                     else:
@@ -33,9 +38,16 @@ async def main(host: str, port: int, idle_timeout: float) -> None:
 
         acceptor = asyncio.ensure_future(accept_all())
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, sys.stdin.read)  # until stdin closes
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                break
+            if line.strip() == "count":
+                print("COUNT", received, flush=True)
         acceptor.cancel()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 10.0))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(main(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 10.0,
+                     "--rendezvous" in sys.argv))

@@ -1,0 +1,151 @@
+"""NAT traversal through real kernel NAT (nftables masquerade in network namespaces):
+peers behind two NATs connect directly via a rendezvous; symmetric NATs fail cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qp2p
+from tests.netlab import Host, Lab, double_nat, lab  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
+ROOT = Path(__file__).resolve().parents[1]
+CFG = qp2p.Config(hole_punch_timeout=4.0, handshake_timeout=3.0,
+                  retry=qp2p.RetryConfig(max_elapsed_time=5.0))
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Namespace tests run on one loop (uvloop), both implementations."""
+    import uvloop
+
+    return uvloop.EventLoopPolicy()
+
+
+class Rendezvous:
+    """A rendezvous peer as a subprocess inside a namespace."""
+
+    def __init__(self, host: Host, addr: str, rendezvous: bool = True) -> None:
+        argv = [sys.executable, str(ROOT / "tests" / "peer_proc.py"), addr, "0", "30"]
+        if rendezvous:
+            argv.append("--rendezvous")
+        self.proc = host.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        assert line and line[0] == "READY", line
+        self.addr = (line[1], int(line[2]))
+
+    def user_messages(self) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
+        word, count = self.proc.stdout.readline().split()
+        assert word == "COUNT"
+        return int(count)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+async def bind_in(host: Host) -> qp2p.Endpoint:
+    with host.entered():  # the socket is created in the namespace and stays there
+        return await qp2p.Endpoint.bind(("0.0.0.0", 0), config=CFG)
+
+
+async def exchange(a: qp2p.Connection, b: qp2p.Connection, count: int) -> None:
+    for i in range(count):
+        await a.send(b"a%d" % i)
+        await b.send(b"b%d" % i)
+    got_b = sorted([(await asyncio.wait_for(b.recv(), 5)).payload for _ in range(count)])
+    got_a = sorted([(await asyncio.wait_for(a.recv(), 5)).payload for _ in range(count)])
+    assert got_b == sorted(b"a%d" % i for i in range(count))
+    assert got_a == sorted(b"b%d" % i for i in range(count))
+
+
+async def test_connect_via_through_two_nats(lab: Lab, impl: str) -> None:
+    net = double_nat(lab, mode="masquerade")
+    rdv = Rendezvous(net.p, "198.18.0.10")
+    b = await bind_in(net.c2)
+    endpoints = [b]
+    try:
+        await b.connect_to(rdv.addr)  # B registers with the rendezvous
+        loop = asyncio.get_running_loop()
+        times = []
+        for _ in range(20):  # 20 attempts in a row, each from a fresh endpoint (fresh NAT state)
+            a = await bind_in(net.c1)
+            endpoints.append(a)
+            start = loop.time()
+            conn = await a.connect_via(rdv.addr, b.peer_id)
+            times.append(loop.time() - start)
+            assert conn.peer_id == b.peer_id
+            assert conn.remote_addr[0] == "198.18.0.2"  # B's router's public address
+            accepted = await asyncio.wait_for(b.accept(), 5)
+            assert accepted.peer_id == a.peer_id
+            assert accepted.remote_addr[0] == "198.18.0.1"
+            await exchange(conn, accepted, 2)
+            if len(times) < 20:
+                await a.close()
+        print(f"connect_via through two NATs: 20/20 succeeded, median "
+              f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+        await exchange(conn, accepted, 100)
+        assert rdv.user_messages() == 0  # no application data went through the rendezvous
+        rdv.kill()
+        await exchange(conn, accepted, 20)  # the direct path lives on without it
+        assert conn in a.connections() and accepted in b.connections()
+    finally:
+        rdv.kill()
+        for ep in endpoints:
+            await ep.close()
+
+
+async def test_symmetric_nat_fails_cleanly(lab: Lab, impl: str) -> None:
+    net = double_nat(lab, mode="fully-random")
+    rdv = Rendezvous(net.p, "198.18.0.10")
+    a, b = await bind_in(net.c1), await bind_in(net.c2)
+    try:
+        rb = await b.connect_to(rdv.addr)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(qp2p.HolePunchFailed) as info:
+            await a.connect_via(rdv.addr, b.peer_id)
+        elapsed = loop.time() - start
+        print(f"symmetric NAT: HolePunchFailed after {elapsed:.2f}s: {info.value.reason}")
+        assert elapsed <= CFG.hole_punch_timeout + 1.0
+        assert isinstance(info.value, qp2p.ConnectionError)
+        await asyncio.sleep(0.5)
+        # nothing half-open: each side holds only its rendezvous connection
+        assert [c.remote_addr for c in a.connections()] == [rdv.addr]
+        assert b.connections() == [rb]
+    finally:
+        rdv.kill()
+        await a.close()
+        await b.close()
+
+
+async def test_unknown_peer_and_refusing_rendezvous_fail_fast(lab: Lab, impl: str) -> None:
+    net = double_nat(lab, mode="masquerade")
+    rdv = Rendezvous(net.p, "198.18.0.10")
+    plain = Rendezvous(net.p, "198.18.0.11", rendezvous=False)
+    a = await bind_in(net.c1)
+    try:
+        loop = asyncio.get_running_loop()
+        stranger = qp2p.Identity.generate().peer_id
+        start = loop.time()
+        with pytest.raises(qp2p.HolePunchFailed, match="unknown peer id"):
+            await a.connect_via(rdv.addr, stranger)
+        with pytest.raises(qp2p.HolePunchFailed, match="refused"):
+            await a.connect_via(plain.addr, stranger)
+        assert loop.time() - start < 1.5
+    finally:
+        rdv.kill()
+        plain.kill()
+        await a.close()
