@@ -73,6 +73,9 @@ class Endpoint:
         self._client_config = engine.make_configuration(identity, config, is_client=True)
         self._server_config = engine.make_configuration(identity, config, is_client=False)
         self._versions = set(engine.supported_versions())
+        self._validator = (
+            engine.AddressValidator() if config.require_address_validation else None
+        )
         self.local_addr: Address = sock.getsockname()[:2]
         self.public_addr: Address | None = None
         self._pool = Pool()
@@ -89,7 +92,7 @@ class Endpoint:
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
             ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
-             "version_negotiations", "handshakes_refused"),
+             "version_negotiations", "handshakes_refused", "retries_sent"),
             0,
         )
         self._loop.add_reader(self._fd, self._on_readable)
@@ -384,7 +387,8 @@ class Endpoint:
         if header is None or header[0] is None:
             self.stats_counters["dropped_unknown"] += 1
             return
-        version, is_initial, dcid, scid = header
+        version, is_initial, dcid, scid = header.version, header.is_initial, header.dcid, \
+            header.scid
         if version not in self._versions:
             if version != 0:
                 self.stats_counters["version_negotiations"] += 1
@@ -400,9 +404,21 @@ class Endpoint:
             self.stats_counters["handshakes_refused"] += 1
             logger.warning("refusing handshake from %s: max_connections reached", addr)
             return
-        quic = engine.new_server(self._server_config, self.config, self.trust, dcid)
+        retry_scid = None
+        if self._validator is not None:
+            if not header.token:
+                self.stats_counters["retries_sent"] += 1
+                self._send_raw(self._validator.retry_packet(header, addr, now), addr)
+                return
+            odcid = self._validator.validate(header, addr, now)
+            if odcid is None:
+                self.stats_counters["handshakes_refused"] += 1
+                logger.info("dropping Initial from %s: invalid address validation token", addr)
+                return
+            dcid, retry_scid = odcid, header.dcid
+        quic = engine.new_server(self._server_config, self.config, self.trust, dcid, retry_scid)
         conn = Connection(self, quic, addr, is_client=False)
-        self._register(conn, dcid)
+        self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
         self._handshaking.add(conn)
         self._live.add(conn)

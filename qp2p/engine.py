@@ -16,8 +16,9 @@ changing this module alone. The private aioquic attributes used are:
 
 from __future__ import annotations
 
+import os
 import ssl
-from typing import Any
+from typing import Any, NamedTuple
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -25,9 +26,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import (
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStreamReceiver
 
 from .config import Config
@@ -134,17 +137,68 @@ def is_closed(quic: QuicConnection) -> bool:
     return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
 
 
-def parse_long_header(datagram: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
-    """For a datagram that matched no connection: ``(version, is_initial, dcid, scid)``,
-    or None when it is not a parsable QUIC header (``version`` None for short headers)."""
+class LongHeader(NamedTuple):
+    """What the endpoint needs from a datagram that matched no connection."""
+
+    version: int | None  # None for a short header
+    is_initial: bool
+    dcid: bytes
+    scid: bytes
+    token: bytes
+
+
+def parse_long_header(datagram: bytes) -> LongHeader | None:
+    """Parse a datagram that matched no connection; None when it is not a parsable QUIC
+    header (or is itself a Version Negotiation packet, which we never answer)."""
     try:
         header = pull_quic_header(Buffer(data=datagram), host_cid_length=CID_LENGTH)
     except ValueError:
         return None
-    is_initial = header.packet_type == QuicPacketType.INITIAL
     if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
         return None
-    return header.version, is_initial, header.destination_cid, header.source_cid
+    return LongHeader(
+        header.version,
+        header.packet_type == QuicPacketType.INITIAL,
+        header.destination_cid,
+        header.source_cid,
+        header.token,
+    )
+
+
+class AddressValidator:
+    """QUIC Retry (RFC 9000 §8.1.2): a new client must echo a token bound to its address
+    before we keep any state for it, which defeats floods from spoofed sources."""
+
+    def __init__(self) -> None:
+        self._tokens = QuicRetryTokenHandler()
+
+    def retry_packet(self, header: LongHeader, addr: Any, now: float) -> bytes:
+        """A Retry packet carrying a fresh token for ``addr``."""
+        assert header.version is not None
+        source_cid = os.urandom(CID_LENGTH)
+        token = self._tokens.create_token(
+            address=addr,
+            original_destination_connection_id=header.dcid,
+            retry_source_connection_id=source_cid,
+            now=now,
+        )
+        return encode_quic_retry(
+            version=header.version,
+            source_cid=source_cid,
+            destination_cid=header.scid,
+            original_destination_cid=header.dcid,
+            retry_token=token,
+        )
+
+    def validate(self, header: LongHeader, addr: Any, now: float) -> bytes | None:
+        """The original destination CID if the token is valid for ``addr``, else None."""
+        try:
+            odcid: bytes = self._tokens.validate_token(
+                address=addr, destination_cid=header.dcid, token=header.token, now=now
+            )
+        except ValueError:
+            return None
+        return odcid
 
 
 def supported_versions() -> list[int]:
@@ -204,15 +258,21 @@ def new_client(
 
 
 def new_server(
-    configuration: QuicConfiguration, config: Config, trust: Trust, original_dcid: bytes
+    configuration: QuicConfiguration,
+    config: Config,
+    trust: Trust,
+    original_dcid: bytes,
+    retry_scid: bytes | None = None,
 ) -> QuicConnection:
-    """An accepting engine for a client whose first Initial used ``original_dcid``."""
+    """An accepting engine for a client whose first Initial used ``original_dcid``
+    (and, after a Retry, whose token we issued with ``retry_scid``)."""
     from ._tls import AuthenticatingQuicConnection
 
     quic = AuthenticatingQuicConnection(
         configuration=configuration,
         trust=trust,
         original_destination_connection_id=original_dcid,
+        retry_source_connection_id=retry_scid,
     )
     set_stream_limits(quic, config)
     return quic

@@ -242,3 +242,15 @@ async def test_handshake_timeout_bounds_dial(impl: str) -> None:
             assert loop.time() - start < 1.5
     finally:
         silent.close()
+
+
+async def test_address_validation_with_retry(impl: str) -> None:
+    cfg = qp2p.Config(require_address_validation=True, handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as client:
+        conn = await client.connect_to(server.local_addr)
+        await conn.send(b"validated")
+        accepted = await asyncio.wait_for(server.accept(), 5)
+        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"validated"
+        assert server.stats_counters["retries_sent"] == 1
+        assert accepted.peer_id == client.peer_id
