@@ -18,17 +18,14 @@ try:
 except ImportError:  # pragma: no cover - uvloop is a test dependency
     uvloop = None
 
-LOOPS = ["asyncio", "uvloop"]
-
-
-@pytest.fixture(params=LOOPS, scope="session")
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Parametrizes every async test over plain asyncio and uvloop."""
-    if request.param == "uvloop":
-        if uvloop is None:
-            pytest.fail("uvloop is a test dependency and must be installed")
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test runs under plain asyncio and under uvloop; tests marked
+    ``one_loop`` (slow namespace tests) under uvloop only."""
+    if uvloop is None:
+        raise pytest.UsageError("uvloop is a test dependency and must be installed")
+    if item.get_closest_marker("one_loop"):
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(params=["cython", "python"])

@@ -1,5 +1,5 @@
 """Endpoint core behaviour on real UDP sockets, real TLS, real aioquic (both
-implementations x both loops, via the ``impl`` and ``event_loop_policy`` fixtures)."""
+implementations x both loops, via the ``impl`` fixture and the loop-factory hook in conftest)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import qp2p
 from tests.netlab import Lab, behind_nat, lab, two_hosts  # noqa: F401 - fixture
 from tests.udp_relay import UdpRelay
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.one_loop]  # slow: uvloop only
 ROOT = Path(__file__).resolve().parents[1]
 
 LOSSY = qp2p.Config(
@@ -25,14 +25,6 @@ LOSSY = qp2p.Config(
     handshake_timeout=10.0,
     retry=qp2p.RetryConfig(initial_interval=0.2, max_elapsed_time=40.0),
 )
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Fault tests are slow: run them on one loop (uvloop), both implementations."""
-    import uvloop
-
-    return uvloop.EventLoopPolicy()
 
 
 async def exchange(sender: qp2p.Connection, receiver_ep: qp2p.Endpoint, count: int,

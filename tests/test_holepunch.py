@@ -15,18 +15,10 @@ import pytest
 import qp2p
 from tests.netlab import Host, Lab, double_nat, lab  # noqa: F401 - fixture
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
+pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 ROOT = Path(__file__).resolve().parents[1]
 CFG = qp2p.Config(hole_punch_timeout=4.0, handshake_timeout=3.0,
                   retry=qp2p.RetryConfig(max_elapsed_time=5.0))
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Namespace tests run on one loop (uvloop), both implementations."""
-    import uvloop
-
-    return uvloop.EventLoopPolicy()
 
 
 class Rendezvous:
