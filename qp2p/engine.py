@@ -17,7 +17,6 @@ changing this module alone. The private aioquic attributes used are:
 from __future__ import annotations
 
 import os
-import ssl
 from typing import Any, NamedTuple
 
 from aioquic.buffer import Buffer
@@ -33,6 +32,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStreamReceiver
 
+from ._tls import AuthenticatingQuicConnection, quic_configuration
 from .config import Config
 from .errors import PeerAuthenticationError
 from .identity import Identity, PeerId, Trust
@@ -59,15 +59,12 @@ MIN_INITIAL_SIZE = 1200
 
 
 def make_configuration(identity: Identity, config: Config, *, is_client: bool) -> QuicConfiguration:
-    """A QUIC configuration for one role, from qp2p's ``Config`` and the endpoint's identity."""
+    """A QUIC configuration for one role, from qp2p's ``Config`` and the endpoint's identity
+    (no ALPN, certificate checks left to ``_tls``)."""
     idle = config.idle_timeout if config.idle_timeout is not None else 10 * 365 * 86400.0
-    return QuicConfiguration(
+    return quic_configuration(
+        identity,
         is_client=is_client,
-        alpn_protocols=None,  # like the Rust crate: none offered or required
-        certificate=identity.certificate,
-        certificate_chain=list(identity.chain[1:]),
-        private_key=identity.private_key,
-        verify_mode=ssl.CERT_NONE,  # qp2p checks the peer itself (identity.Trust)
         idle_timeout=idle,
         max_datagram_frame_size=65536,
         max_datagram_size=config.max_datagram_size,
@@ -248,8 +245,6 @@ def new_client(
     expect_peer_id: PeerId | None,
 ) -> QuicConnection:
     """A dialling engine whose handshake enforces ``trust`` (and the per-dial pin)."""
-    from ._tls import AuthenticatingQuicConnection
-
     quic = AuthenticatingQuicConnection(
         configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
     )
@@ -266,8 +261,6 @@ def new_server(
 ) -> QuicConnection:
     """An accepting engine for a client whose first Initial used ``original_dcid``
     (and, after a Retry, whose token we issued with ``retry_scid``)."""
-    from ._tls import AuthenticatingQuicConnection
-
     quic = AuthenticatingQuicConnection(
         configuration=configuration,
         trust=trust,
