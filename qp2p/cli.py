@@ -528,7 +528,9 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
     trust = _make_trust(args.pin, args.trust_ca)
     config = Config(keep_alive_interval=args.keep_alive, idle_timeout=args.idle_timeout)
     try:
-        endpoint = await Endpoint.bind(args.listen, config=config, identity=identity, trust=trust)
+        endpoint = await Endpoint.bind(
+            args.listen, config=config, identity=identity, trust=trust, rendezvous=args.rendezvous
+        )
     except OSError as exc:
         raise CliError(f"cannot listen on {fmt_addr(args.listen)}: {exc.strerror or exc}") from None
     loop = asyncio.get_running_loop()
@@ -558,13 +560,15 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         peer_id=str(endpoint.peer_id),
         implementation=endpoint.implementation,
         loop=_loop_name(),
+        rendezvous=args.rendezvous,
     )
     if not out.json:
         out.emit("info", f"peer id {endpoint.peer_id}")
         out.emit(
             "info",
             f"implementation {endpoint.implementation} · loop {_loop_name()} · "
-            f"trust {trust or Trust.any()!r} · Ctrl-C to stop",
+            f"trust {trust or Trust.any()!r}"
+            f"{' · rendezvous' if args.rendezvous else ''} · Ctrl-C to stop",
             style="dim",
         )
     try:
@@ -1086,6 +1090,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also dial these peers at start",
     )
     trust_options(node)
+    node.add_argument(
+        "--rendezvous",
+        action="store_true",
+        help="introduce connected peers to each other for hole punching (connect_via)",
+    )
     node.add_argument("--quiet", "-q", action="store_true", help="print connections only")
     node.add_argument(
         "--idle-timeout",

@@ -274,11 +274,10 @@ def test_send_bad_arguments_are_usage_errors() -> None:
 
 
 @pytest.mark.asyncio
-async def test_node_sigint_exits_zero_and_peer_sees_reason(
-    impl: str, event_loop_policy: asyncio.AbstractEventLoopPolicy
-) -> None:
-    loop_name = "asyncio" if type(event_loop_policy) is asyncio.DefaultEventLoopPolicy else "uvloop"
+async def test_node_sigint_exits_zero_and_peer_sees_reason(impl: str) -> None:
+    """Runs under both loops (conftest); the node child uses the same loop and impl."""
     aloop = asyncio.get_running_loop()
+    loop_name = "uvloop" if type(aloop).__module__.startswith("uvloop") else "asyncio"
     node = await aloop.run_in_executor(None, lambda: Node(impl=impl, loop=loop_name))
     try:
         assert (node.implementation, node.loop) == (impl, loop_name)
