@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from . import _speedups, engine, wire
+from . import engine, wire
 from .errors import ConnectionClosed, MessageRejected, ProtocolError
 from .identity import PeerId
 

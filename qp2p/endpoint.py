@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -122,10 +123,8 @@ class Endpoint:
         try:
             sock.setblocking(False)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
+                with contextlib.suppress(OSError):  # the system may cap it
                     sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
-                except OSError:  # pragma: no cover - capped by the system
-                    pass
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))

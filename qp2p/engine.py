@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
@@ -108,7 +108,7 @@ class _StopBeforeDiscardReceiver(QuicStreamReceiver):
     so the sender would take a rejected message for a delivered one.
     """
 
-    @property  # type: ignore[override]
+    @property
     def is_finished(self) -> bool:
         return bool(self.__dict__.get("is_finished", False)) and not self.stop_pending
 

@@ -23,7 +23,7 @@ class Qp2pError(Exception):
     """Base class of every error qp2p raises on purpose."""
 
 
-class ConnectionError(Qp2pError, builtins.ConnectionError):  # noqa: A001
+class ConnectionError(Qp2pError, builtins.ConnectionError):
     """A dial failed (after retries). ``__cause__`` holds the last cause.
 
     ``errors`` maps each address tried to its exception when several were

@@ -25,7 +25,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from . import engine, wire
-from .wire import format_addr, parse_addr
 from .errors import (
     ConnectionError,
     HolePunchFailed,
@@ -34,6 +33,7 @@ from .errors import (
     ProtocolError,
 )
 from .identity import PeerId
+from .wire import format_addr, parse_addr
 
 if TYPE_CHECKING:
     from .connection import Connection

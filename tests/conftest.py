@@ -13,6 +13,8 @@ import pytest_asyncio
 import qp2p
 from qp2p import _speedups
 
+pytest_plugins = ["tests.netlab"]  # the ``lab`` fixture for namespace tests
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a test dependency

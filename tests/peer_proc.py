@@ -32,9 +32,13 @@ async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> N
                     else:
                         await conn.send(msg.payload)
 
+        tasks: set[asyncio.Future[None]] = set()
+
         async def accept_all() -> None:
             async for conn in ep.incoming():
-                asyncio.ensure_future(serve(conn))
+                task = asyncio.ensure_future(serve(conn))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
         acceptor = asyncio.ensure_future(accept_all())
         loop = asyncio.get_running_loop()

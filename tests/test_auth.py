@@ -78,7 +78,8 @@ async def test_expect_peer_id_and_pool_identity(pair: tuple[qp2p.Endpoint, qp2p.
 
 
 async def test_private_ca_both_ways(impl: str) -> None:
-    ca, other_ca = qp2p.CertificateAuthority.generate("net"), qp2p.CertificateAuthority.generate("x")
+    ca = qp2p.CertificateAuthority.generate("net")
+    other_ca = qp2p.CertificateAuthority.generate("other")
     trust = qp2p.Trust.ca(ca.certificate_pem)
     server = await bind(ca.issue(), trust)
     member = await bind(ca.issue(), trust)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.netlab import Lab, behind_nat, lab, two_hosts  # noqa: F401 - fixture
+from tests.netlab import Lab, behind_nat, two_hosts
 from tests.udp_relay import UdpRelay
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.one_loop]  # slow: uvloop only

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.netlab import Host, Lab, double_nat, lab  # noqa: F401 - fixture
+from tests.netlab import Host, Lab, double_nat
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 ROOT = Path(__file__).resolve().parents[1]
