@@ -254,3 +254,34 @@ async def test_address_validation_with_retry(impl: str) -> None:
         assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"validated"
         assert server.stats_counters["retries_sent"] == 1
         assert accepted.peer_id == client.peer_id
+
+
+async def test_backpressure_bounds_unacked_bytes(impl: str) -> None:
+    """A sender far faster than its path: unacknowledged bytes stay under the bound."""
+    from tests.udp_relay import UdpRelay
+
+    bound = 256 * 1024
+    cfg = qp2p.Config(max_pending_send_bytes=bound, handshake_timeout=3.0)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    relay = UdpRelay(("127.0.0.1", 0), b.local_addr, delay_ms=20)  # a slow path
+    await relay.start()
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg)
+    try:
+        conn = await a.connect_to(relay.address)
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        size, count = 64 * 1024, 64
+        sends = asyncio.ensure_future(
+            asyncio.gather(*(conn.send(bytes([i]) * size) for i in range(count))))
+        peak = 0
+        while not sends.done():
+            peak = max(peak, conn.stats()["unacked_bytes"])
+            await asyncio.sleep(0.005)
+        await sends
+        got = [await asyncio.wait_for(accepted.recv(), 5) for _ in range(count)]
+        assert sorted(m.payload[0] for m in got) == list(range(count))
+        assert 0 < peak <= bound + size + 16, peak  # at most one frame beyond the bound
+        assert conn.stats()["unacked_bytes"] == 0
+    finally:
+        await a.close()
+        relay.close()
+        await b.close()
