@@ -563,16 +563,18 @@ class Lab:
         self._unsettled.add((ns, iface.name))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until every interface made so far can carry packets.
+        """Block until every interface made so far shows carrier and a real qdisc.
 
-        ``ip link set up`` returns before the kernel has finished bringing a veth up: its
-        qdisc and operational state are set by the asynchronous linkwatch work (which
-        needs the RTNL lock that parallel namespace churn holds). Measured here with four
-        suites in parallel: without this wait about 1 in 80 fresh links dropped the first
-        ARP request (the sender's veth counted a TX drop) and the test's first datagram
-        arrived a full ARP retransmit (1 s) late; with it, 0 in 480. So this polls until
-        each new interface shows LOWER_UP, ``state UP`` and a qdisc other than ``noop``.
-        Called for you before ``Host.run/popen/socket/entered``.
+        Why: measured here with four test runs in parallel (2 CPUs), about 1 in 80 fresh
+        veth links lost the very first ARP request (the sender's veth counted one TX drop)
+        and the test's first datagram arrived a full ARP retransmit (1 s) late. With this
+        wait before first use: 0 in 960. The mechanism is not proven: the likely one is the
+        kernel finishing a veth's bring-up (carrier, qdisc) asynchronously in linkwatch,
+        whose non-urgent work runs up to 1 s apart, but this poll has never caught an
+        interface still unready, so part of the cure may simply be its few ms of delay.
+        It checks LOWER_UP and a qdisc other than ``noop``, not ``state UP`` (operstate lags
+        up to 1 s and IPv4 ignores it); cost 10-30 ms per topology. Called for you before
+        ``Host.run/popen/socket/entered``.
         """
         deadline = time.monotonic() + timeout
         while self._unsettled:
@@ -580,7 +582,7 @@ class Lab:
                 for line in _cmd(["ip", "-n", ns, "-o", "link", "show"]).stdout.splitlines():
                     name = line.split(":")[1].strip().split("@")[0]
                     if ((ns, name) in self._unsettled and "LOWER_UP" in line
-                            and "qdisc noop" not in line and "state UP" in line):
+                            and "qdisc noop" not in line):
                         self._unsettled.discard((ns, name))
             if self._unsettled:
                 if time.monotonic() > deadline:

@@ -25,18 +25,7 @@ from udp_relay import UdpRelay, set_big_buffers
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 netns = pytest.mark.netns
-both_loops = pytest.mark.parametrize("event_loop_policy", ["asyncio", "uvloop"], indirect=True)
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Overrides the suite-wide loop parametrization, which pytest-asyncio applies to every
-    test, sync ones included: here only the relay tests (``@both_loops``) run twice."""
-    if getattr(request, "param", "asyncio") == "uvloop":
-        import uvloop
-
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+# Async (relay) tests run under asyncio and uvloop: tests/conftest.py's loop factories.
 
 
 # --------------------------------------------------------------------------- helpers
@@ -398,7 +387,6 @@ async def _rtts(client: _Client, transport: asyncio.DatagramTransport, n: int) -
     return out
 
 
-@both_loops
 @pytest.mark.asyncio
 async def test_relay_adds_configured_delay_each_way() -> None:
     st, _ = await _echo_server()
@@ -423,7 +411,6 @@ class _Stamper(asyncio.DatagramProtocol):
         self.one_way.append((time.monotonic() - float(data)) * 1000)
 
 
-@both_loops
 @pytest.mark.asyncio
 async def test_relay_never_delivers_early() -> None:
     """Per packet, in bursts: at least delay - jitter (loop timers can fire early; the
@@ -479,7 +466,6 @@ def _late(seqs: list[int]) -> int:
     return late
 
 
-@both_loops
 @pytest.mark.asyncio
 async def test_relay_reorders_and_duplicates() -> None:
     n = 600
@@ -498,7 +484,6 @@ async def test_relay_reorders_and_duplicates() -> None:
     assert _late(seqs) >= 20, _late(seqs)
 
 
-@both_loops
 @pytest.mark.asyncio
 async def test_relay_loss_and_multiple_clients() -> None:
     st, echo = await _echo_server()
@@ -525,7 +510,7 @@ async def test_relay_loss_and_multiple_clients() -> None:
     assert relay.stats()["clients"] == 0
 
 
-@both_loops
+@pytest.mark.one_loop  # the relay process runs its own asyncio loop anyway
 @pytest.mark.asyncio
 async def test_relay_command_line() -> None:
     st, _ = await _echo_server()
