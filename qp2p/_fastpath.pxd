@@ -25,8 +25,9 @@ cdef class FrameAssembler:
         uint32_t _lens[3]           # lengths of header, dst, payload
         int _seg                    # segment being filled: 0 header, 1 dst, 2 payload
         # Each segment is a bytes object grown in place (_PyBytes_Resize) as data
-        # arrives, so the finished part is handed out without another copy. Only
-        # what has arrived is allocated, never what the frame header claims.
+        # arrives, so the finished part is handed out without another copy. Memory
+        # follows what has arrived (at most 64 KiB or twice that), never what the
+        # frame header claims.
         PyObject* _parts[3]
         Py_ssize_t _part_len[3]
         Py_ssize_t _part_cap[3]
