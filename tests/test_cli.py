@@ -456,3 +456,33 @@ def test_ca_trust_end_to_end(node_factory: Any, tmp_path: Path) -> None:
     assert len(stranger.stderr.splitlines()) == 1, stranger.stderr
     assert node.stop() == 0
     assert not [e for e in node.seen if e.get("payload") == "outsider"]
+
+
+def test_plain_text_without_rich(tmp_path: Path) -> None:
+    """rich is an optional extra: with it hidden, every subcommand still prints plain text."""
+    blocker = tmp_path / "rich"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('rich is hidden by this test')\n")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    result = subprocess.run(
+        qp2p_cmd("bench", "--count", "200"),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("qp2p bench\n")
+    assert "messages/s" in result.stdout and "implementation            cython" in result.stdout
+    result = subprocess.run(
+        qp2p_cmd("identity", "new", str(tmp_path / "k.pem")),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    qp2p.PeerId.from_str(result.stdout.strip())
