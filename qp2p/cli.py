@@ -1000,8 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qp2p",
         description="Peer-to-peer messaging over QUIC: run a node, send messages, "
         "benchmark a link, manage identities and private CAs.",
-        epilog="Every subcommand takes --json (global option, before the subcommand) for one "
-        "JSON object per line. Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.",
+        epilog="--json (before or after the subcommand) makes every subcommand print one JSON "
+        "object per line. Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"qp2p {__version__}")
     parser.add_argument(
