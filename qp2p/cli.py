@@ -43,7 +43,17 @@ from .endpoint import Endpoint
 from .errors import ConnectionClosed, MessageRejected, PeerAuthenticationError, Qp2pError
 from .identity import CertificateAuthority, Identity, PeerId, Trust
 
-__all__ = ["BENCH_HEADER", "SHUTDOWN_REASON", "CliError", "main", "parse_addr"]
+__all__ = [
+    "BENCH_HEADER",
+    "SHUTDOWN_REASON",
+    "CliError",
+    "Output",
+    "Server",
+    "build_parser",
+    "fmt_addr",
+    "main",
+    "parse_addr",
+]
 
 logger = logging.getLogger("qp2p.cli")
 
