@@ -53,7 +53,8 @@ class Config:
 
     - ``idle_timeout``: seconds without traffic before a connection closes (``None``: never).
     - ``keep_alive_interval``: send a PING this often on idle connections (``None``: off).
-    - ``max_message_size``: the largest header+dst+payload a receiver accepts (and a sender sends).
+    - ``max_message_size``: the largest header+dst+payload (the 16-byte frame header not
+      counted) a receiver accepts and a sender sends.
     - ``max_concurrent_bidi_streams`` / ``max_concurrent_uni_streams``: streams a peer may
       have open toward us at once (QUIC stream credit).
     - ``retry``: backoff for ``connect_to``/``connect_to_any``.
@@ -101,9 +102,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_message_size < 17:
-            raise ValueError("max_message_size must leave room for the 16-byte frame header")
-        if self.max_message_size >= 2**32:
+        if self.max_message_size > 2**32 - 17:
             raise ValueError("max_message_size must be below 4 GiB (32-bit length fields)")
         if isinstance(self.max_datagram_size, bool) or not isinstance(self.max_datagram_size, int):
             raise ValueError(f"max_datagram_size must be an int, got {self.max_datagram_size!r}")

@@ -105,6 +105,8 @@ class Connection:
         self._is_client = is_client
         self._fp = endpoint._fp
         self._max_message_size = endpoint.config.max_message_size
+        # the fast path's limit counts the whole frame, ours header+dst+payload
+        self._max_frame_size = self._max_message_size + wire.FRAME_HEADER_LEN
         self._max_pending = endpoint.config.max_pending_send_bytes
         self.remote_addr: Address = remote_addr
         self.peer_id: PeerId | None = None
@@ -418,10 +420,10 @@ class Connection:
         try:
             if assembler is None:
                 if fin:  # the whole frame in one piece: the common case for small messages
-                    frame: Frame | None = self._fp.decode_frame(data, self._max_message_size)
+                    frame: Frame | None = self._fp.decode_frame(data, self._max_frame_size)
                 else:
                     assembler = self._assemblers[sid] = self._fp.FrameAssembler(
-                        self._max_message_size
+                        self._max_frame_size
                     )
                     frame = assembler.feed(data, fin)
             else:

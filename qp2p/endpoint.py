@@ -128,6 +128,7 @@ class Endpoint:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
+            _speedups.impl.enable_gro(sock)  # receive coalesced bursts where the kernel can
         except BaseException:
             sock.close()
             raise

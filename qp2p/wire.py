@@ -58,15 +58,19 @@ def as_bytes(name: str, value: object) -> bytes:
 
 
 def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: int) -> int:
-    """Validate a message before anything is sent; returns its framed size."""
+    """Validate a message before anything is sent; returns its framed size.
+
+    ``max_message_size`` counts header+dst+payload (API.md), not the 16-byte frame header.
+    """
     if not payload:
         raise ValueError("payload must not be empty")
-    total = FRAME_HEADER_LEN + len(header) + len(dst) + len(payload)
-    if total > max_message_size:
+    size = len(header) + len(dst) + len(payload)
+    if size > max_message_size:
         raise MessageTooLarge(
-            f"message of {total} bytes exceeds max_message_size of {max_message_size}"
+            f"message of {size} bytes (header+dst+payload) exceeds max_message_size of "
+            f"{max_message_size}"
         )
-    return total
+    return FRAME_HEADER_LEN + size
 
 
 def format_addr(addr: Address) -> bytes:

@@ -213,7 +213,7 @@ async def test_sender_side_validation(pair: tuple[qp2p.Endpoint, qp2p.Endpoint])
     with pytest.raises(TypeError):
         await conn.send("text")  # type: ignore[arg-type]
     with pytest.raises(qp2p.MessageTooLarge):
-        await conn.send(b"x" * (FAST.max_message_size - 15))
+        await conn.send(b"x" * (FAST.max_message_size + 1))
     with pytest.raises(qp2p.MessageTooLarge):
         await conn.request(b"x", header=b"h" * FAST.max_message_size)
     # nothing was sent: the connection still works and nothing odd arrived
@@ -233,9 +233,10 @@ async def test_oversized_for_receiver_is_rejected(impl: str) -> None:
                 await asyncio.wait_for(conn.send(b"x" * size), 5)
         with pytest.raises(qp2p.MessageRejected):
             await conn.request(b"y" * 5000, timeout=5)
-        # the connection keeps serving
-        await conn.send(b"small")
-        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"small"
+        # the connection keeps serving; the limit counts header+dst+payload exactly
+        await conn.send(b"p" * 1000, header=b"h" * 20, dst=b"d" * 4)
+        msg = await asyncio.wait_for(accepted.recv(), 5)
+        assert len(msg.header) + len(msg.dst) + len(msg.payload) == 1024
         assert accepted.stats()["streams_rejected"] == 3
         assert not conn.is_closed and not accepted.is_closed
     finally:
