@@ -108,7 +108,8 @@ class Connection:
         # the fast path's limit counts the whole frame, ours header+dst+payload
         self._max_frame_size = self._max_message_size + wire.FRAME_HEADER_LEN
         self._max_pending = endpoint.config.max_pending_send_bytes
-        self.remote_addr: Address = remote_addr
+        #: the peer's (host, port); the engine keeps the socket's full address form
+        self.remote_addr: Address = (remote_addr[0], remote_addr[1])
         self.peer_id: PeerId | None = None
         self._cids: set[bytes] = set()
         self._established = False
@@ -267,9 +268,7 @@ class Connection:
     async def close(self, reason: str = "") -> None:
         """Close gracefully; the peer sees ``reason``. Idempotent."""
         if self._closed is None:
-            self._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
-            self._set_closed(ConnectionClosed(reason or "closed locally", wire.CLOSE_NORMAL))
-            self._endpoint._mark_dirty(self)
+            self._endpoint._close_connection(self, reason, reason or "closed locally")
             self._endpoint._flush()
 
     def __repr__(self) -> str:
@@ -411,7 +410,6 @@ class Connection:
             self._on_stream_reset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
 
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
-        self._stats["bytes_received"] += len(data)
         assembler = self._assemblers.get(sid)
         if assembler is None and self._rejected and sid in self._rejected:
             if fin:

@@ -103,7 +103,7 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
                 lambda t: endpoint._dial(target, None, t),
                 config.retry,
                 config.handshake_timeout,
-                f"{target[0]}:{target[1]}",
+                wire.addr_text(target),
             )
         )
 
@@ -131,6 +131,6 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
             if not task.cancelled() and task.exception() is None:
                 await task.result().close("connect_to_any: another address answered first")
     if winner is None:
-        detail = "; ".join(f"{a[0]}:{a[1]}: {e}" for a, e in errors.items())
+        detail = "; ".join(f"{wire.addr_text(a)}: {e}" for a, e in errors.items())
         raise ConnectionError(f"no address answered: {detail}", errors)
     return winner

@@ -183,7 +183,7 @@ class Endpoint:
                     lambda timeout: self._dial(target, expect_peer_id, timeout),
                     self.config.retry,
                     self.config.handshake_timeout,
-                    f"{target[0]}:{target[1]}",
+                    wire.addr_text(target),
                 )
             )
             self._pool.pending[key] = pending
@@ -261,9 +261,15 @@ class Endpoint:
             )
             if not infos:
                 raise ConnectionError(f"cannot resolve {host!r}") from None
-            return tuple(infos[0][4][:2])
-        if self._sock.family == socket.AF_INET6 and ip.version == 4:
-            return (f"::ffff:{ip}", port)
+            resolved: Address = tuple(infos[0][4])
+            return resolved
+        if self._sock.family == socket.AF_INET6:
+            # the socket's own address form: recvfrom reports (host, port, flow, scope) and
+            # aioquic matches a path by tuple equality
+            host = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+            return (host, port, 0, 0)
+        if ip.version == 6:
+            raise ConnectionError(f"cannot dial IPv6 {host} from an IPv4 endpoint")
         return (str(ip), port)
 
     async def _dial(
@@ -296,7 +302,7 @@ class Endpoint:
         except asyncio.TimeoutError:
             self._abandon(conn, "handshake timed out")
             raise asyncio.TimeoutError(
-                f"handshake with {addr[0]}:{addr[1]} timed out after {timeout:g}s"
+                f"handshake with {wire.addr_text(addr)} timed out after {timeout:g}s"
             ) from None
         except asyncio.CancelledError:
             self._abandon(conn, "dial cancelled")
@@ -347,6 +353,7 @@ class Endpoint:
                 quic.receive_datagram(data, addr, now)
                 stats = conn._stats
                 stats["packets_received"] += 1
+                stats["bytes_received"] += len(data)
                 event = quic.next_event()
                 while event is not None:
                     self._on_event(conn, event)
@@ -424,6 +431,7 @@ class Endpoint:
         self._live.add(conn)
         quic.receive_datagram(data, addr, now)
         conn._stats["packets_received"] += 1
+        conn._stats["bytes_received"] += len(data)
         event = quic.next_event()
         while event is not None:
             self._on_event(conn, event)
@@ -444,7 +452,7 @@ class Endpoint:
         try:
             peer_id = engine.authenticated_peer(conn._quic)
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
-            logger.warning("peer at %s failed authentication: %s", conn.remote_addr, exc)
+            logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
         conn._on_established(peer_id)
         self._handshaking.discard(conn)
@@ -482,16 +490,19 @@ class Endpoint:
             elif code is not None and engine.is_tls_failure(code):
                 # the acceptor refused us in the TLS handshake: retrying can't help
                 ready.set_exception(PeerAuthenticationError(
-                    f"peer at {conn.remote_addr[0]}:{conn.remote_addr[1]} refused the "
+                    f"peer at {wire.addr_text(conn.remote_addr)} refused the "
                     f"handshake: {reason or hex(code)}"
                 ))
             else:
                 ready.set_exception(
-                    ConnectionError(f"connection to {conn.remote_addr} refused: {reason or code}")
+                    ConnectionError(
+                        f"connection to {wire.addr_text(conn.remote_addr)} refused: "
+                        f"{reason or code}"
+                    )
                 )
             ready.exception()  # retrieved here so an abandoned dial logs nothing
         elif auth_error is not None:
-            logger.warning("rejected peer at %s: %s", conn.remote_addr, auth_error)
+            logger.debug("rejected peer at %s: %s", conn.remote_addr, auth_error)
         conn._set_closed(ConnectionClosed(reason or "connection lost", code))
 
     def _on_connection_closed(self, conn: Connection) -> None:
@@ -613,6 +624,16 @@ class Endpoint:
 
     # ------------------------------------------------------------------ closing
 
+    def _close_connection(self, conn: Connection, reason: str, local_reason: str) -> None:
+        """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
+        quic = conn._quic
+        now = self._loop.time()
+        engine.ack_now(quic, now)
+        self._backlog.extend(quic.datagrams_to_send(now))
+        quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+        conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
+        self._mark_dirty(conn)
+
     def _check_open(self) -> None:
         if self._closed:
             raise EndpointClosed("endpoint is closed")
@@ -621,9 +642,7 @@ class Endpoint:
         self._closed = True
         for conn in list(self._live):
             if conn._closed is None:
-                conn._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase="endpoint closed")
-                conn._set_closed(ConnectionClosed("endpoint closed", wire.CLOSE_NORMAL))
-                self._dirty[conn] = None
+                self._close_connection(conn, "endpoint closed", "endpoint closed")
         self._flush()
         deadline = self._loop.time() + CLOSE_FLUSH_TIMEOUT
         while self._backlog and self._loop.time() < deadline:

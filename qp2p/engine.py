@@ -129,6 +129,15 @@ def reject_stream(quic: QuicConnection, stream_id: int, error_code: int) -> None
         quic.reset_stream(stream_id, error_code)
 
 
+def ack_now(quic: QuicConnection, now: float) -> None:
+    """Make a delayed ACK due now, so it leaves before a CONNECTION_CLOSE we are about to
+    queue: the peer then learns its last stream arrived instead of seeing its ``send()``
+    fail with the close."""
+    for space in quic._spaces.values():
+        if space.ack_at is not None:
+            space.ack_at = now
+
+
 def is_closed(quic: QuicConnection) -> bool:
     """True once the engine has entered its closing/draining/terminated states."""
     return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)

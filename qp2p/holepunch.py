@@ -159,10 +159,10 @@ async def connect_via(endpoint: Endpoint, rendezvous_addr: Address, peer_id: Pee
     try:
         return await endpoint._dial(target, peer_id, remaining(), punch=True)
     except PeerAuthenticationError as exc:
-        raise HolePunchFailed(f"the peer at {target[0]}:{target[1]} is not {peer_id}: {exc}") \
+        raise HolePunchFailed(f"the peer at {wire.addr_text(target)} is not {peer_id}: {exc}") \
             from exc
     except (asyncio.TimeoutError, ConnectionError) as exc:
         raise HolePunchFailed(
-            f"no direct path to {peer_id} at {target[0]}:{target[1]} within {budget:g}s "
+            f"no direct path to {peer_id} at {wire.addr_text(target)} within {budget:g}s "
             "(are both NATs endpoint-independent?)"
         ) from exc

@@ -25,6 +25,7 @@ __all__ = [
     "KIND_INTRODUCTION",
     "KIND_USER",
     "as_bytes",
+    "addr_text",
     "check_message",
     "format_addr",
     "parse_addr",
@@ -71,6 +72,11 @@ def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: i
             f"{max_message_size}"
         )
     return FRAME_HEADER_LEN + size
+
+
+def addr_text(addr: Address) -> str:
+    """``host:port`` (``[v6]:port``) for messages and logs."""
+    return format_addr(addr).decode("ascii")
 
 
 def format_addr(addr: Address) -> bytes:

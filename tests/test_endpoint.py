@@ -318,3 +318,37 @@ async def test_many_peers_one_endpoint(impl: str) -> None:
     finally:
         for ep in [hub, *peers]:
             await ep.close()
+
+
+async def test_close_after_receiving_lets_last_send_succeed(
+    pair: tuple[qp2p.Endpoint, qp2p.Endpoint],
+) -> None:
+    """The closing side acknowledges what it received before closing, so the peer's last
+    send() returns instead of failing with the close."""
+    a, b = pair
+    for i in range(10):
+        conn = await a.connect_to(b.local_addr)
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        sending = asyncio.ensure_future(accepted.send(b"last %d" % i))
+        assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"last %d" % i
+        await conn.close("got it")
+        await asyncio.wait_for(sending, 5)  # returned: the peer acknowledged it
+
+
+async def test_ipv6_loopback(impl: str) -> None:
+    try:
+        a = await qp2p.Endpoint.bind(("::1", 0), config=FAST)
+    except OSError as exc:  # pragma: no cover - a host without IPv6
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    b = await qp2p.Endpoint.bind(("::1", 0), config=FAST)
+    try:
+        conn = await a.connect_to(("::1", b.local_addr[1]))
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        assert accepted.remote_addr == a.local_addr == ("::1", a.local_addr[1])
+        await conn.send(b"over v6")
+        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"over v6"
+        assert await b.connect_to(a.local_addr) is accepted
+        assert await a.discover_public_addr(b.local_addr) == a.local_addr
+    finally:
+        await a.close()
+        await b.close()
