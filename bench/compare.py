@@ -412,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     info["seconds"] = round(time.perf_counter() - started, 1)
     text = table(col, configs)
     print()
+    done_reps = max((run["rep"] + 1 for run in col.runs), default=0)
+    extra_reps = f" ({done_reps - reps} more to confirm a shortfall)" if done_reps > reps else ""
     print(f"qp2p vs raw aioquic, loopback, both ends in one process, {params.duration:g} s "
-          f"per rate scenario, {reps} repetition(s): median [min-max]")
+          f"per rate scenario, {reps} repetition(s){extra_reps}: median [min-max]")
     print(f"machine: {info.get('cpu')}, {info['cpus']} CPUs, Python {info['python']}, "
           f"aioquic {info['aioquic']}, uvloop {info['uvloop']}; load "
           f"{info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
@@ -443,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             print("bench-check FAILED:\n  " + "\n  ".join(failures))
             return 1
-        print("bench-check passed: every ratio is above its floor "
-              f"({', '.join(f'{k} >= {v}x' for k, v in floors.get('ratio_floors', {}).items())})")
+        limits = [f"{k} >= {v}x" for k, v in floors.get("ratio_floors", {}).items()]
+        limits += [f"{k} <= {v}" for k, v in floors.get("maxima", {}).items()]
+        print(f"bench-check passed ({', '.join(limits)})")
     return 0
 
 

@@ -291,6 +291,8 @@ async def _stream_scenario(
             "messages_received": messages,
             "window_s": round(meter.window(), 3),
             "sender_packets": stats.get("packets_sent"),
+            "sender_rtt_ms": None if stats.get("rtt") is None else 1000 * stats["rtt"],
+            "sender_cwnd": stats.get("cwnd"),
             "receiver_packets": accepted.stats().get("packets_sent"),
             "implementation": qp2p.implementation,
         },
