@@ -63,8 +63,10 @@ class Config:
       every path).
     - ``max_pending_send_bytes``: per connection, ``send()`` waits while more than this many
       bytes are queued and unacknowledged (backpressure).
-    - ``max_buffered_bytes``: per connection, bytes of received but unread messages kept
-      before QUIC flow control stops the peer.
+    - ``max_buffered_bytes``: per connection, how far (in bytes) the peer may send beyond
+      what the application has read with ``recv()``; QUIC flow control then stops it and its
+      ``send()`` calls wait. Messages still arriving on open streams are not counted, so
+      the memory held is about this plus what those streams carry.
     - ``max_connections``: the most connections one endpoint holds; further incoming
       handshakes are refused.
     - ``hole_punch_timeout``: the longest ``connect_via`` takes before ``HolePunchFailed``.

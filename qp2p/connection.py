@@ -94,7 +94,7 @@ class Connection:
     def __init__(
         self,
         endpoint: Endpoint,
-        quic: engine.QuicConnection,
+        quic: engine.FlowControlledQuicConnection,
         remote_addr: Address,
         *,
         is_client: bool,
@@ -125,6 +125,9 @@ class Connection:
         self._rejected: set[int] = set()
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
+        # flow control: bytes read since the window was last re-announced
+        self._released = 0
+        self._window_step = max(endpoint.config.max_buffered_bytes // 4, 1)
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_waiter: asyncio.Future[None] | None = None
         # send side
@@ -200,7 +203,15 @@ class Connection:
                 await waiter
             finally:
                 self._inbox_waiter = None
-        return self._inbox.popleft()
+        msg = self._inbox.popleft()
+        size = len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN
+        quic = self._quic
+        quic.held -= size
+        self._released += size
+        if self._released >= self._window_step:  # tell the peer it may send more
+            self._released = 0
+            self._endpoint._mark_dirty(self)
+        return msg
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter_messages()
@@ -262,6 +273,7 @@ class Connection:
         out: dict[str, Any] = dict(self._stats)
         out.update(engine.path_stats(self._quic))
         out["unacked_bytes"] = self._unacked_bytes
+        out["buffered_bytes"] = self._quic.held
         out["queued_messages"] = len(self._queue_uni) + len(self._queue_bidi)
         return out
 
@@ -464,6 +476,9 @@ class Connection:
             return
         self._stats["messages_received"] += 1
         self._inbox.append(Message(self, header, dst, payload, sid if bidi else None))
+        self._quic.held += (
+            len(header) + len(dst) + len(payload) + wire.FRAME_HEADER_LEN
+        )
         waiter = self._inbox_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

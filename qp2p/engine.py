@@ -69,10 +69,10 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         max_datagram_frame_size=65536,
         max_datagram_size=config.max_datagram_size,
         connection_id_length=CID_LENGTH,
-        # Generous windows: aioquic hands data over as soon as it arrives, so these bound
-        # bytes in flight, not memory held for the application.
-        max_data=max(config.max_buffered_bytes, 1 << 20),
-        max_stream_data=max(min(config.max_message_size, config.max_buffered_bytes), 1 << 20),
+        # the connection window is managed by FlowControlledQuicConnection; per stream,
+        # one message must fit
+        max_data=config.max_buffered_bytes,
+        max_stream_data=max(min(config.max_message_size + 16, config.max_buffered_bytes), 65536),
     )
 
 
@@ -247,16 +247,42 @@ def close_event(quic: QuicConnection) -> events.ConnectionTerminated | None:
     return event if isinstance(event, events.ConnectionTerminated) else None
 
 
+class FlowControlledQuicConnection(AuthenticatingQuicConnection):
+    """Connection-level flow control that follows what the application has read.
+
+    aioquic treats data as consumed the moment it hands it over and doubles MAX_DATA on
+    its own, so a peer could fill our memory while the application isn't reading. Here the
+    peer may send at most ``receive_window`` bytes beyond what the application has taken
+    (``held`` = bytes of complete messages waiting in the inbox).
+    """
+
+    receive_window: int = 16 * 2**20
+    held: int = 0
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        max_data = self._local_max_data
+        target = max_data.used - self.held + self.receive_window
+        if target > max_data.value:
+            max_data.value = target
+        used = max_data.used
+        max_data.used = 0  # keeps aioquic from doubling the window behind our back
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            max_data.used = used
+
+
 def new_client(
     configuration: QuicConfiguration,
     config: Config,
     trust: Trust,
     expect_peer_id: PeerId | None,
-) -> QuicConnection:
+) -> FlowControlledQuicConnection:
     """A dialling engine whose handshake enforces ``trust`` (and the per-dial pin)."""
-    quic = AuthenticatingQuicConnection(
+    quic = FlowControlledQuicConnection(
         configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
     )
+    quic.receive_window = config.max_buffered_bytes
     set_stream_limits(quic, config)
     return quic
 
@@ -267,15 +293,16 @@ def new_server(
     trust: Trust,
     original_dcid: bytes,
     retry_scid: bytes | None = None,
-) -> QuicConnection:
+) -> FlowControlledQuicConnection:
     """An accepting engine for a client whose first Initial used ``original_dcid``
     (and, after a Retry, whose token we issued with ``retry_scid``)."""
-    quic = AuthenticatingQuicConnection(
+    quic = FlowControlledQuicConnection(
         configuration=configuration,
         trust=trust,
         original_destination_connection_id=original_dcid,
         retry_source_connection_id=retry_scid,
     )
+    quic.receive_window = config.max_buffered_bytes
     set_stream_limits(quic, config)
     return quic
 

@@ -285,3 +285,33 @@ async def test_backpressure_bounds_unacked_bytes(impl: str) -> None:
         await a.close()
         relay.close()
         await b.close()
+
+
+async def test_receiver_memory_bounded_when_not_reading(impl: str) -> None:
+    """A receiver that doesn't read holds about max_buffered_bytes of complete messages
+    (plus what is in flight on open streams): QUIC flow control stops the sender, whose
+    send() calls wait; reading lets them all finish."""
+    bound = 1 * 2**20
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=qp2p.Config(max_buffered_bytes=bound))
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    try:
+        conn, accepted = await connected(a, b)
+        size, count, window = 256 * 1024, 40, 4  # 10 MiB offered, 4 sends at a time
+        limit = asyncio.Semaphore(window)
+
+        async def send(i: int) -> None:
+            async with limit:
+                await conn.send(bytes([i]) * size)
+
+        sends = asyncio.ensure_future(asyncio.gather(*(send(i) for i in range(count))))
+        await asyncio.sleep(2.0)
+        held = accepted.stats()["buffered_bytes"]
+        assert held <= bound + window * (size + 16), held
+        assert not sends.done()  # the sender is held back, not buffering into our memory
+        got = [await asyncio.wait_for(accepted.recv(), 10) for _ in range(count)]
+        await asyncio.wait_for(sends, 10)
+        assert sorted(m.payload[0] for m in got) == list(range(count))
+        assert accepted.stats()["buffered_bytes"] == 0
+    finally:
+        await a.close()
+        await b.close()
