@@ -137,7 +137,7 @@ class Connection:
         self._unacked_bytes = 0
         self._requests: dict[int, asyncio.Future[Message]] = {}  # our bidi streams
         # timer
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
         # counters for stats()
         self._stats = dict.fromkeys(

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
@@ -42,6 +43,11 @@ Address = tuple[Any, ...]
 RECV_BATCH = 64
 RECV_BATCHES_PER_TURN = 16
 SOCKET_BUFFER_BYTES = 4 * 2**20
+#: Timers due sooner than this run on the next loop turn instead of a loop timer.
+TIMER_GRANULARITY = 0.001
+#: The engine's clock. Not ``loop.time()``: uvloop caches it in whole milliseconds, which
+#: turns aioquic's microsecond pacing into millisecond stalls.
+_now = time.monotonic
 #: How long ``close()`` waits for the CONNECTION_CLOSE frames to leave the socket.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -287,7 +293,7 @@ class Endpoint:
         conn = Connection(self, quic, addr, is_client=True)
         conn._ready = self._loop.create_future()
         self._live.add(conn)
-        now = self._loop.time()
+        now = _now()
         quic.connect(addr, now=now)
         self._register(conn, quic.host_cid)
         if punch:
@@ -335,7 +341,7 @@ class Endpoint:
         fp = self._fp
         table = self._table
         sock = self._sock
-        now = self._loop.time()
+        now = _now()
         dirty = self._dirty
         received = 0
         for _ in range(RECV_BATCHES_PER_TURN):
@@ -552,7 +558,7 @@ class Endpoint:
         self._flush_scheduled = False
         if not self._dirty:
             return
-        now = self._loop.time()
+        now = _now()
         out = self._backlog
         dirty = list(self._dirty)
         self._dirty.clear()
@@ -604,15 +610,28 @@ class Endpoint:
         if conn._timer is not None:
             conn._timer.cancel()
         conn._timer_at = when
-        conn._timer = None if when is None else self._loop.call_at(when, self._on_timer, conn)
+        if when is None:
+            conn._timer = None
+            return
+        delay = when - _now()
+        # uvloop's timers have 1 ms granularity: a pacing wait of a few µs must not
+        # become a whole millisecond
+        conn._timer = (
+            self._loop.call_soon(self._on_timer, conn)
+            if delay < TIMER_GRANULARITY
+            else self._loop.call_later(delay, self._on_timer, conn)
+        )
 
     def _on_timer(self, conn: Connection) -> None:
+        deadline = conn._timer_at
         conn._timer = None
         conn._timer_at = None
         if conn._terminated:
             return
         quic = conn._quic
-        now = self._loop.time()
+        now = _now()
+        if deadline is not None and now < deadline:  # fired a little early: it is due
+            now = deadline
         quic.handle_timer(now)
         event = quic.next_event()
         while event is not None:
@@ -627,7 +646,7 @@ class Endpoint:
     def _close_connection(self, conn: Connection, reason: str, local_reason: str) -> None:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
         quic = conn._quic
-        now = self._loop.time()
+        now = _now()
         engine.ack_now(quic, now)
         self._backlog.extend(quic.datagrams_to_send(now))
         quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
