@@ -517,6 +517,7 @@ class Connection:
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id
         self._established = True
+        engine.release_handshake_buffers(self._quic)
         if self._endpoint.config.keep_alive_interval is not None:
             self._schedule_keepalive()
         self._pump()

@@ -20,6 +20,7 @@ import os
 from typing import Any, NamedTuple
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
@@ -136,6 +137,21 @@ def ack_now(quic: QuicConnection, now: float) -> None:
     for space in quic._spaces.values():
         if space.ack_at is not None:
             space.ack_at = now
+
+
+#: Stand-ins for aioquic's three 16 KiB per-connection TLS output buffers once the
+#: handshake is over: TLS writes nothing more (qp2p sends no session tickets and QUIC
+#: has no TLS KeyUpdate), so they never hold data; a write would fail loudly.
+_NO_CRYPTO_OUTPUT: dict[Any, Buffer] = {
+    epoch: Buffer(capacity=0) for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE,
+                                            tls.Epoch.ONE_RTT)
+}
+
+
+def release_handshake_buffers(quic: QuicConnection) -> None:
+    """Free 48 KiB per connection after the handshake (idle connections stay small)."""
+    if all(len(buf.data) == 0 for buf in quic._crypto_buffers.values()):
+        quic._crypto_buffers = _NO_CRYPTO_OUTPUT
 
 
 def is_closed(quic: QuicConnection) -> bool:
