@@ -111,7 +111,11 @@ _CONTEXT_ATTRIBUTES = (
     "session_ticket",
     "get_session_ticket_cb",
     "new_session_ticket_cb",
+    "_supported_groups",
 )
+#: Key shares a dialler offers. aioquic offers four (P-256, P-384, X25519, X448), each a
+#: fresh key pair per handshake; these two are what every TLS 1.3 stack accepts.
+_CLIENT_GROUPS = (tls.Group.X25519, tls.Group.SECP256R1)
 _CONNECTION_ATTRIBUTES = ("_initialize", "_is_client", "_handshake_confirmed", "_events")
 
 
@@ -262,6 +266,8 @@ class AuthenticatingQuicConnection(QuicConnection):
         ctx.get_session_ticket_cb = None
         ctx.new_session_ticket_cb = None
         if self._is_client:
+            offered = [g for g in _CLIENT_GROUPS if g in ctx._supported_groups]
+            ctx._supported_groups = offered or ctx._supported_groups
             self._wrap(ctx, "_client_handle_certificate", self._after_peer_certificate)
             self._wrap(ctx, "_client_handle_finished", self._before_finished, before=True)
         else:

@@ -161,3 +161,33 @@ async def test_stream_flood_is_bounded(impl: str) -> None:
             assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"valid"
             assert sent > 16 * 10
             assert conn.stats()["streams_rejected"] == sent
+
+
+async def test_qp2p_dials_a_plain_aioquic_server(impl: str) -> None:
+    """Interop: a stock aioquic server (no qp2p code, its default TLS groups) accepts a
+    qp2p dialler, which offers only X25519 and P-256 key shares, and reads its frame."""
+    from aioquic.asyncio import serve
+    from aioquic.quic.events import StreamDataReceived
+
+    ident = qp2p.Identity.generate()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Server(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, StreamDataReceived) and event.end_stream:
+                got.put_nowait(event.data)
+
+    config = QuicConfiguration(is_client=False, alpn_protocols=None,
+                               certificate=ident.certificate, private_key=ident.private_key)
+    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=Server)
+    port = server._transport.get_extra_info("sockname")[1]
+    try:
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
+            conn = await ep.connect_to(("127.0.0.1", port), expect_peer_id=ident.peer_id)
+            assert conn.peer_id == ident.peer_id
+            send = asyncio.ensure_future(conn.send(b"hi raw", header=b"h"))
+            data = await asyncio.wait_for(got.get(), 5)
+            assert data == frame(b"h", b"", b"hi raw")
+            await asyncio.wait_for(send, 5)
+    finally:
+        server.close()
