@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic import tls
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
