@@ -433,9 +433,15 @@ class Endpoint:
         conn = Connection(self, quic, addr, is_client=False)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
+        quic.receive_datagram(data, addr, now)
+        if not engine.accepted_any_packet(quic):
+            # not a real Initial (it did not decrypt): keep no state for it
+            self.stats_counters["dropped_unknown"] += 1
+            self._table.remove(header.dcid)
+            self._table.remove(quic.host_cid)
+            return
         self._handshaking.add(conn)
         self._live.add(conn)
-        quic.receive_datagram(data, addr, now)
         conn._stats["packets_received"] += 1
         conn._stats["bytes_received"] += len(data)
         event = quic.next_event()

@@ -154,6 +154,11 @@ def release_handshake_buffers(quic: QuicConnection) -> None:
         quic._crypto_buffers = _NO_CRYPTO_OUTPUT
 
 
+def accepted_any_packet(quic: QuicConnection) -> bool:
+    """True once the engine decrypted at least one packet (a junk "Initial" leaves none)."""
+    return any(space.largest_received_packet >= 0 for space in quic._spaces.values())
+
+
 def is_closed(quic: QuicConnection) -> bool:
     """True once the engine has entered its closing/draining/terminated states."""
     return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)

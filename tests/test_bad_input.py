@@ -191,3 +191,26 @@ async def test_qp2p_dials_a_plain_aioquic_server(impl: str) -> None:
             await asyncio.wait_for(send, 5)
     finally:
         server.close()
+
+
+async def test_junk_initial_flood_keeps_no_state(impl: str) -> None:
+    """1200-byte "Initial" packets that don't decrypt create no connection state."""
+    import os
+
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for _ in range(500):
+                dcid, scid = os.urandom(8), os.urandom(8)
+                packet = (bytes([0xC3]) + struct.pack(">I", 1) + bytes([8]) + dcid + bytes([8])
+                          + scid + b"\x00" + b"\x44\xd0" + os.urandom(1180))
+                sock.sendto(packet[:1250], server.local_addr)
+            await asyncio.sleep(0.3)
+        finally:
+            sock.close()
+        assert server.stats_counters["dropped_unknown"] >= 400
+        assert len(server._live) == 0 and len(server._table) == 0
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
+            conn = await peer.connect_to(server.local_addr)
+            await conn.send(b"real")
+            assert (await asyncio.wait_for((await server.accept()).recv(), 5)).payload == b"real"
