@@ -202,9 +202,10 @@ async def test_junk_initial_flood_keeps_no_state(impl: str) -> None:
         try:
             for _ in range(500):
                 dcid, scid = os.urandom(8), os.urandom(8)
+                body = os.urandom(1200)  # "packet number + payload" that won't decrypt
                 packet = (bytes([0xC3]) + struct.pack(">I", 1) + bytes([8]) + dcid + bytes([8])
-                          + scid + b"\x00" + b"\x44\xd0" + os.urandom(1180))
-                sock.sendto(packet[:1250], server.local_addr)
+                          + scid + b"\x00" + struct.pack(">H", 0x4000 | len(body)) + body)
+                sock.sendto(packet, server.local_addr)
             await asyncio.sleep(0.3)
         finally:
             sock.close()
