@@ -894,24 +894,32 @@ def _refuse_overwrite(path: str, force: bool) -> None:
         raise CliError(f"{path} already exists (use --force to overwrite it)")
 
 
-def _identity_new(args: argparse.Namespace, out: Output) -> int:
-    _refuse_overwrite(args.path, args.force)
-    identity = Identity.generate("ed25519" if args.ed25519 else "p256")
+def _write_identity(identity: Identity, path: str, out: Output, note: str, **extra: Any) -> int:
+    """Save a new identity, report it, and say where it went."""
     try:
-        identity.save(args.path)
+        identity.save(path)
     except OSError as exc:
-        raise CliError(f"cannot write {args.path}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
     out.emit(
         "identity",
         f"{identity.peer_id}",
-        path=args.path,
+        path=path,
         peer_id=str(identity.peer_id),
         key=_key_kind(identity),
         created=True,
+        **extra,
     )
     if not out.json:
-        _note(out, f"wrote {args.path} ({_key_kind(identity)} key, mode 0600)")
+        _note(out, note)
     return 0
+
+
+def _identity_new(args: argparse.Namespace, out: Output) -> int:
+    _refuse_overwrite(args.path, args.force)
+    identity = Identity.generate("ed25519" if args.ed25519 else "p256")
+    return _write_identity(
+        identity, args.path, out, f"wrote {args.path} ({_key_kind(identity)} key, mode 0600)"
+    )
 
 
 def _identity_show(args: argparse.Namespace, out: Output) -> int:
@@ -964,22 +972,10 @@ def _ca_issue(args: argparse.Namespace, out: Output) -> int:
     ca = _load_ca(args.ca_path)
     _refuse_overwrite(args.out_path, args.force)
     identity = ca.issue("ed25519" if args.ed25519 else "p256")
-    try:
-        identity.save(args.out_path)
-    except OSError as exc:
-        raise CliError(f"cannot write {args.out_path}: {exc.strerror or exc}") from None
-    out.emit(
-        "identity",
-        f"{identity.peer_id}",
-        path=args.out_path,
-        peer_id=str(identity.peer_id),
-        key=_key_kind(identity),
-        issuer=ca.certificate.subject.rfc4514_string(),
-        created=True,
+    issuer = ca.certificate.subject.rfc4514_string()
+    return _write_identity(
+        identity, args.out_path, out, f"wrote {args.out_path}, issued by {issuer}", issuer=issuer
     )
-    if not out.json:
-        _note(out, f"wrote {args.out_path}, issued by {ca.certificate.subject.rfc4514_string()}")
-    return 0
 
 
 def _ca_cert(args: argparse.Namespace, out: Output) -> int:
