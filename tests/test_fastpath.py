@@ -163,6 +163,9 @@ def test_select_cython_when_not_built_raises_clear_import_error(tmp_path: Path) 
     # A copy of the package without the extension module.
     shutil.copytree(ROOT / "qp2p", tmp_path / "qp2p", ignore=shutil.ignore_patterns("*.so"))
     code = (
+        # an editable install can still map qp2p._fastpath to the source tree's build:
+        # make the extension unimportable, as on a machine where it wasn't built
+        "import sys\nsys.modules['qp2p._fastpath'] = None\n"
         "from qp2p import _speedups as s\n"
         "assert s.implementation == 'python', s.implementation\n"
         "try:\n    s.select('cython')\nexcept ImportError as e:\n    print(e)\n"
