@@ -9,7 +9,6 @@ extension is not built the cython cases fail: they never skip.
 from __future__ import annotations
 
 import array
-import asyncio
 import importlib
 import json
 import logging
@@ -38,12 +37,6 @@ SOL_UDP = 17
 UDP_GRO = 104
 SO_NO_CHECK = 11
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Nothing here is async: run once, not once per event loop (see conftest.py)."""
-    return asyncio.DefaultEventLoopPolicy()
 
 
 def compiled() -> ModuleType:
