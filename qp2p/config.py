@@ -39,6 +39,11 @@ class RetryConfig:
         _check_positive("max_interval", self.max_interval)
         _check_positive("max_elapsed_time", self.max_elapsed_time)
         _check_positive("multiplier", self.multiplier)
+        if self.initial_interval > self.max_interval:
+            raise ValueError(
+                f"initial_interval ({self.initial_interval!r}) exceeds max_interval "
+                f"({self.max_interval!r})"
+            )
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
         if not 0 <= self.randomization_factor < 1:
@@ -104,6 +109,12 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("max_concurrent_bidi_streams", "max_concurrent_uni_streams"):
+            if getattr(self, name) > 2**60:  # QUIC's limit (RFC 9000 §4.6)
+                raise ValueError(f"{name} must be at most 2**60")
+        for name in ("max_buffered_bytes", "max_pending_send_bytes"):
+            if getattr(self, name) > 2**62 - 1:  # QUIC variable-length integers
+                raise ValueError(f"{name} must be below 2**62")
         if self.max_message_size > 2**32 - 17:
             raise ValueError("max_message_size must be below 4 GiB (32-bit length fields)")
         if isinstance(self.max_datagram_size, bool) or not isinstance(self.max_datagram_size, int):

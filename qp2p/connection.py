@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import engine, wire
 from .errors import ConnectionClosed, MessageRejected, ProtocolError
 from .identity import PeerId
+from .signal import Signal
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -61,8 +62,9 @@ class Message:
             raise ValueError("only a request (a message from request()) can be replied to")
         if self._replied:
             raise ValueError("this request was already replied to")
+        frame = self.connection._frame(payload, header, dst, wire.KIND_USER)  # may raise
         self._replied = True
-        await self.connection._reply(self._stream_id, payload, header, dst)
+        await self.connection._reply_frame(self._stream_id, frame)
 
     def __repr__(self) -> str:
         kind = "request" if self.is_request else "message"
@@ -115,6 +117,7 @@ class Connection:
         self._established = False
         self._handshake_done = False  # TLS done; dialler still waits for confirmation
         self._ready: asyncio.Future[None] | None = None  # set for dialled connections
+        self._pooled = True  # False for private probes until adopted
         self._keepalive: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
         self._terminated = False
@@ -124,18 +127,18 @@ class Connection:
         # (bounded by the peer's stream credit, which these streams keep using)
         self._rejected: set[int] = set()
         self._inbox: collections.deque[Message] = collections.deque()
-        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._inbox_signal = Signal(self._loop)
         # flow control: bytes read since the window was last re-announced
         self._released = 0
         self._window_step = max(endpoint.config.max_buffered_bytes // 4, 1)
         self._datagrams: collections.deque[bytes] = collections.deque()
-        self._datagram_waiter: asyncio.Future[None] | None = None
+        self._datagram_signal = Signal(self._loop)
         # send side
         self._queue_uni: collections.deque[_PendingSend] = collections.deque()
         self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
         self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
         self._unacked_bytes = 0
-        self._requests: dict[int, asyncio.Future[Message]] = {}  # our bidi streams
+        self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
         # timer
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
@@ -196,13 +199,8 @@ class Connection:
         that ``ConnectionClosed`` is raised.
         """
         while not self._inbox:
-            if self._closed is not None:
-                raise self._closed
-            waiter = self._inbox_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._inbox_waiter = None
+            self._raise_if_closed()
+            await self._inbox_signal.wait()
         msg = self._inbox.popleft()
         size = len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN
         quic = self._quic
@@ -233,13 +231,15 @@ class Connection:
         """Send a request on a new bidirectional stream and return the peer's reply."""
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         self._stats["requests_sent"] += 1
-        return await self._request_frame(frame, timeout)
+        reply = await self._request_frame(frame, timeout)
+        if not isinstance(reply, Message):  # a control frame answering a user request
+            raise ProtocolError("peer answered the request with a qp2p control frame")
+        return reply
 
     def send_datagram(self, data: bytes) -> None:
         """Send an unreliable QUIC DATAGRAM (RFC 9221); it may be lost, never split."""
         data = wire.as_bytes("data", data)
-        if self._closed is not None:
-            raise self._closed
+        self._raise_if_closed()
         limit = self.max_datagram_payload
         if len(data) > limit:
             from .errors import MessageTooLarge
@@ -252,13 +252,8 @@ class Connection:
     async def recv_datagram(self) -> bytes:
         """The next unreliable datagram from this peer."""
         while not self._datagrams:
-            if self._closed is not None:
-                raise self._closed
-            waiter = self._datagram_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._datagram_waiter = None
+            self._raise_if_closed()
+            await self._datagram_signal.wait()
         return self._datagrams.popleft()
 
     @property
@@ -287,6 +282,13 @@ class Connection:
         state = "closed" if self._closed else "open"
         return f"<qp2p.Connection {self.remote_addr} peer={self.peer_id} {state}>"
 
+    def _raise_if_closed(self) -> None:
+        """Raise a fresh ``ConnectionClosed`` (re-raising one stored instance would grow
+        its traceback on every call)."""
+        closed = self._closed
+        if closed is not None:
+            raise ConnectionClosed(closed.reason, closed.error_code)
+
     # ------------------------------------------------------------------ sending
 
     def _frame(self, payload: Any, header: Any, dst: Any, kind: int) -> bytes:
@@ -294,13 +296,14 @@ class Connection:
         header = wire.as_bytes("header", header)
         dst = wire.as_bytes("dst", dst)
         wire.check_message(header, dst, payload, self._max_message_size)
-        if self._closed is not None:
-            raise self._closed
+        self._raise_if_closed()
         frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
         return frame
 
-    async def _request_frame(self, frame: bytes, timeout: float | None) -> Message:
-        future: asyncio.Future[Message] = self._loop.create_future()
+    async def _request_frame(
+        self, frame: bytes, timeout: float | None
+    ) -> Message | _ControlReply:
+        future: asyncio.Future[Message | _ControlReply] = self._loop.create_future()
         pending = _PendingSend(frame, future, bidi=True)
         self._queue_bidi.append(pending)
         self._pump()
@@ -312,13 +315,8 @@ class Connection:
             self._cancel_send(pending)
             raise
 
-    async def _reply(self, stream_id: int, payload: Any, header: Any, dst: Any) -> None:
-        frame = self._frame(payload, header, dst, wire.KIND_USER)
-        await self._reply_frame(stream_id, frame)
-
     async def _reply_frame(self, stream_id: int, frame: bytes) -> None:
-        if self._closed is not None:
-            raise self._closed
+        self._raise_if_closed()
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future, bidi=True)
         pending.stream_id = stream_id
@@ -468,7 +466,7 @@ class Connection:
             if kind == wire.KIND_USER:
                 future.set_result(Message(self, header, dst, payload))
             else:
-                future.set_result(_ControlReply(self, kind, header, dst, payload))  # type: ignore[arg-type]
+                future.set_result(_ControlReply(self, kind, header, dst, payload))
             return
         bidi = not (sid & 2)
         if kind != wire.KIND_USER:
@@ -479,9 +477,7 @@ class Connection:
         self._quic.held += (
             len(header) + len(dst) + len(payload) + wire.FRAME_HEADER_LEN
         )
-        waiter = self._inbox_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._inbox_signal.notify_all()
 
     def _on_datagram(self, data: bytes) -> None:
         self._stats["datagrams_received"] += 1
@@ -489,9 +485,7 @@ class Connection:
             self._datagrams.popleft()
             self._stats["datagrams_dropped"] += 1
         self._datagrams.append(data)
-        waiter = self._datagram_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:
         pending = self._unacked.pop(sid, None)
@@ -555,9 +549,8 @@ class Connection:
                 future.set_exception(exc)
         self._requests.clear()
         self._assemblers.clear()
-        for waiter in (self._inbox_waiter, self._datagram_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        self._inbox_signal.notify_all()
+        self._datagram_signal.notify_all()
         self._endpoint._on_connection_closed(self)
 
     def _check_acks_final(self) -> None:

@@ -68,8 +68,8 @@ async def is_reachable(endpoint: Endpoint, addr: Address, timeout: float | None)
         nonlocal created
         target = await endpoint._resolve(addr)
         conn = endpoint._pool.get(target)
-        if conn is None:
-            conn = created = await endpoint._dial(target, None, limit)
+        if conn is None:  # a private probe: nobody else can be handed it
+            conn = created = await endpoint._dial(target, None, limit, private=True)
         await echo(conn)
 
     try:
@@ -86,31 +86,38 @@ async def is_reachable(endpoint: Endpoint, addr: Address, timeout: float | None)
 
 
 async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
-    """Dial every address at once; the first handshake wins, the others are closed."""
+    """Dial every address at once; the first handshake wins, the others are closed.
+
+    An address already in the pool wins at once. The race's own dials stay out of the pool
+    until one wins, so closing the losers can't close a connection someone else holds.
+    ``ConnectionError.errors`` is keyed by the addresses as the caller gave them.
+    """
     from .retry import retry_dial
 
-    targets = [await endpoint._resolve(a) for a in addrs]
-    for target in targets:
-        pooled = endpoint._pool.get(target)
+    for addr in addrs:
+        try:
+            pooled = endpoint._pool.get(await endpoint._resolve(addr))
+        except ConnectionError:
+            continue  # reported by its dial below
         if pooled is not None:
             return pooled
 
     config = endpoint.config
 
-    def dial(target: Address) -> asyncio.Task[Connection]:
-        return asyncio.ensure_future(
-            retry_dial(
-                lambda t: endpoint._dial(target, None, t),
-                config.retry,
-                config.handshake_timeout,
-                wire.addr_text(target),
-            )
+    async def dial(addr: Address) -> Connection:
+        target = await endpoint._resolve(addr)
+        return await retry_dial(
+            lambda t: endpoint._dial(target, None, t, private=True),
+            config.retry,
+            config.handshake_timeout,
+            wire.addr_text(target),
         )
 
-    tasks = {dial(t): t for t in targets}
+    tasks = {asyncio.ensure_future(dial(a)): a for a in addrs}
     errors: dict[Address, BaseException] = {}
     winner: Connection | None = None
     pending = set(tasks)
+    lost = "connect_to_any: another address answered first"
     try:
         while pending and winner is None:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -121,7 +128,7 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
                 elif winner is None:
                     winner = task.result()
                 else:
-                    await task.result().close("connect_to_any: another address answered first")
+                    await task.result().close(lost)
     finally:
         for task in pending:
             task.cancel()
@@ -129,8 +136,9 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
             await asyncio.wait(pending)
         for task in pending:
             if not task.cancelled() and task.exception() is None:
-                await task.result().close("connect_to_any: another address answered first")
+                await task.result().close(lost)
     if winner is None:
-        detail = "; ".join(f"{wire.addr_text(a)}: {e}" for a, e in errors.items())
+        detail = "; ".join(f"{a!r}: {e}" for a, e in errors.items())
         raise ConnectionError(f"no address answered: {detail}", errors)
+    endpoint._adopt(winner)
     return winner

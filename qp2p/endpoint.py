@@ -32,6 +32,7 @@ from .errors import (
 from .identity import Identity, PeerId, Trust
 from .pool import Pool
 from .retry import retry_dial
+from .signal import Signal
 
 __all__ = ["Endpoint"]
 
@@ -89,7 +90,7 @@ class Endpoint:
         self._handshaking: set[Connection] = set()
         self._live: set[Connection] = set()  # every connection the engine still drives
         self._accept_queue: collections.deque[Connection] = collections.deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
+        self._accept_signal = Signal(self._loop)
         self._dirty: dict[Connection, None] = {}
         self._flush_scheduled = False
         self._backlog: list[tuple[bytes, Address]] = []
@@ -171,6 +172,7 @@ class Endpoint:
 
     def connections(self) -> list[Connection]:
         """The pool: every open connection, dialled or accepted."""
+        self._check_open()
         return self._pool.all_open()
 
     async def connect_to(self, addr: Address, expect_peer_id: PeerId | None = None) -> Connection:
@@ -208,14 +210,11 @@ class Endpoint:
 
     async def accept(self) -> Connection:
         """The next incoming connection (after its handshake and authentication)."""
-        while not self._accept_queue:
+        while True:
             self._check_open()
-            waiter = self._accept_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._accept_waiter = None
-        return self._accept_queue.popleft()
+            if self._accept_queue:
+                return self._accept_queue.popleft()
+            await self._accept_signal.wait()
 
     async def incoming(self) -> AsyncIterator[Connection]:
         """Incoming connections as they arrive; ends when the endpoint closes."""
@@ -258,13 +257,22 @@ class Endpoint:
     # ------------------------------------------------------------------ dialling
 
     async def _resolve(self, addr: Address) -> Address:
-        host, port = addr[0], int(addr[1])
+        """``addr`` in the socket's own address form; ``ConnectionError`` if it has none."""
+        try:
+            host, port = str(addr[0]), int(addr[1])
+        except (TypeError, ValueError, IndexError):
+            raise ConnectionError(f"not a (host, port) address: {addr!r}") from None
+        if not 0 < port < 65536:
+            raise ConnectionError(f"port {port} of {host} is out of range")
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            infos = await self._loop.getaddrinfo(
-                host, port, family=self._sock.family, type=socket.SOCK_DGRAM
-            )
+            try:
+                infos = await self._loop.getaddrinfo(
+                    host, port, family=self._sock.family, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                raise ConnectionError(f"cannot resolve {host!r}: {exc}") from exc
             if not infos:
                 raise ConnectionError(f"cannot resolve {host!r}") from None
             resolved: Address = tuple(infos[0][4])
@@ -279,18 +287,27 @@ class Endpoint:
         return (str(ip), port)
 
     async def _dial(
-        self, addr: Address, expect_peer_id: PeerId | None, timeout: float, punch: bool = False
+        self,
+        addr: Address,
+        expect_peer_id: PeerId | None,
+        timeout: float,
+        punch: bool = False,
+        private: bool = False,
     ) -> Connection:
         """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth.
 
         ``punch``: resend the first flight every few tens of ms until the peer answers
-        (hole punching: the far NAT drops it until the peer's probes open a mapping)."""
+        (hole punching: the far NAT drops it until the peer's probes open a mapping).
+        ``private``: a fresh connection kept out of the pool until :meth:`_adopt` (for
+        probes and races, which may close it again)."""
         self._check_open()
-        existing = self._pool.get(addr, expect_peer_id)
-        if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
-            return existing
+        if not private:
+            existing = self._pool.get(addr, expect_peer_id)
+            if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
+                return existing
         quic = engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
         conn = Connection(self, quic, addr, is_client=True)
+        conn._pooled = not private
         conn._ready = self._loop.create_future()
         self._live.add(conn)
         now = _now()
@@ -325,6 +342,12 @@ class Endpoint:
         self._loop.call_later(
             holepunch.PUNCH_RESEND_INTERVAL, self._resend_first_flight, conn, datagrams
         )
+
+    def _adopt(self, conn: Connection) -> None:
+        """Pool a privately dialled connection (the winner of a race)."""
+        if not conn._pooled and conn._closed is None:
+            conn._pooled = True
+            self._pool.add(conn)
 
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
@@ -468,16 +491,15 @@ class Endpoint:
             return
         conn._on_established(peer_id)
         self._handshaking.discard(conn)
-        self._pool.add(conn)
+        if conn._pooled:
+            self._pool.add(conn)
         ready = conn._ready
         if ready is not None:
             if not ready.done():
                 ready.set_result(None)
         else:
             self._accept_queue.append(conn)
-            waiter = self._accept_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._accept_signal.notify_all()
         logger.debug("connection %s with %s established", conn.remote_addr, peer_id)
 
     def _check_engine_closed(self, conn: Connection) -> None:
@@ -518,6 +540,8 @@ class Endpoint:
         conn._set_closed(ConnectionClosed(reason or "connection lost", code))
 
     def _on_connection_closed(self, conn: Connection) -> None:
+        if not conn._inbox and conn in self._accept_queue:  # nothing left to hand over
+            self._accept_queue.remove(conn)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
 
@@ -586,9 +610,9 @@ class Endpoint:
         out = self._backlog
         try:
             pos, errors = self._fp.send_batch(self._sock, out, self._backlog_pos)
-        except OSError as exc:  # the socket itself is unusable
-            logger.error("send failed: %r", exc)
-            pos, errors = len(out), len(out) - self._backlog_pos
+        except Exception as exc:  # one bad datagram must not wedge the socket
+            logger.error("batched send failed (%r): sending one by one", exc)
+            pos, errors = self._send_one_by_one(out, self._backlog_pos)
         self.stats_counters["datagrams_sent"] += pos - self._backlog_pos - errors
         self.stats_counters["send_errors"] += errors
         if pos >= len(out):
@@ -602,6 +626,19 @@ class Endpoint:
             if not self._writer_armed:
                 self._writer_armed = True
                 self._loop.add_writer(self._fd, self._send_backlog)
+
+    def _send_one_by_one(self, out: list[tuple[bytes, Address]], start: int) -> tuple[int, int]:
+        """Fallback for a batch that raised: skip (and count) each datagram that fails."""
+        errors = 0
+        for pos in range(start, len(out)):
+            data, addr = out[pos]
+            try:
+                self._sock.sendto(data, addr)
+            except BlockingIOError:
+                return pos, errors
+            except Exception:  # counted in stats_counters["send_errors"]
+                errors += 1
+        return len(out), errors
 
     def _send_raw(self, data: bytes, addr: Address) -> None:
         self._backlog.append((data, addr))
@@ -665,16 +702,17 @@ class Endpoint:
 
     async def _close(self) -> None:
         self._closed = True
+        self._accept_signal.notify_all()  # waiting accept() calls raise EndpointClosed
         for conn in list(self._live):
+            if conn._ready is not None and not conn._ready.done():  # a dial in flight
+                conn._ready.set_exception(EndpointClosed("endpoint closed during the dial"))
+                conn._ready.exception()
             if conn._closed is None:
                 self._close_connection(conn, "endpoint closed", "endpoint closed")
         self._flush()
         deadline = self._loop.time() + CLOSE_FLUSH_TIMEOUT
         while self._backlog and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
-        waiter = self._accept_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         for conn in list(self._live):
             conn._terminated = True
             self._forget(conn)

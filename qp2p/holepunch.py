@@ -91,7 +91,13 @@ def _answer(endpoint: Endpoint, conn: Connection, stream_id: int, status: bytes,
 
 
 def on_introduction(endpoint: Endpoint, conn: Connection, payload: bytes) -> None:
-    """Target side: a rendezvous says a peer is about to dial us; open our NAT toward it."""
+    """Target side: a rendezvous says a peer is about to dial us; open our NAT toward it.
+
+    Only a peer we dialled ourselves (our rendezvous) may ask: otherwise any peer could
+    make us send probes to an address of its choosing."""
+    if not conn._is_client:
+        logger.info("ignoring introduction from %s, a peer we did not dial", conn.remote_addr)
+        return
     try:
         addr = parse_addr(payload)
     except ProtocolError as exc:

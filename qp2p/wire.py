@@ -53,8 +53,11 @@ def as_bytes(name: str, value: object) -> bytes:
     """``value`` as ``bytes``; ``TypeError`` for anything not bytes-like."""
     if isinstance(value, bytes):
         return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
+    if not isinstance(value, str):
+        try:
+            return memoryview(value).tobytes()  # type: ignore[arg-type]  # any buffer
+        except TypeError:
+            pass
     raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
 
 

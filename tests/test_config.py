@@ -1,0 +1,35 @@
+"""Config and RetryConfig validation (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+import qp2p
+
+
+def test_defaults_match_the_api_contract() -> None:
+    cfg = qp2p.Config()
+    assert (cfg.idle_timeout, cfg.keep_alive_interval, cfg.max_message_size) == (
+        10.0, None, 16 * 2**20)
+    assert (cfg.max_concurrent_bidi_streams, cfg.max_concurrent_uni_streams) == (100, 100)
+    assert cfg.handshake_timeout == 10.0 and cfg.max_datagram_size == 1200
+    assert cfg.require_address_validation is False
+    retry = qp2p.RetryConfig()
+    assert (retry.initial_interval, retry.multiplier, retry.max_interval,
+            retry.randomization_factor, retry.max_elapsed_time) == (0.5, 1.5, 15.0, 0.3, 30.0)
+    with pytest.raises(AttributeError):
+        cfg.idle_timeout = 1.0  # type: ignore[misc]
+
+
+def test_config_bounds() -> None:
+    for bad in (
+        {"max_concurrent_uni_streams": 2**61},
+        {"max_concurrent_bidi_streams": 10**20},
+        {"max_buffered_bytes": 2**63},
+        {"max_message_size": 2**32},
+        {"retry": qp2p.RetryConfig()} | {"idle_timeout": -1},
+    ):
+        with pytest.raises(ValueError):
+            qp2p.Config(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        qp2p.RetryConfig(initial_interval=20, max_interval=10)
