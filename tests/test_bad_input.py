@@ -215,3 +215,32 @@ async def test_junk_initial_flood_keeps_no_state(impl: str) -> None:
             conn = await peer.connect_to(server.local_addr)
             await conn.send(b"real")
             assert (await asyncio.wait_for((await server.accept()).recv(), 5)).payload == b"real"
+
+
+async def test_control_frame_reply_to_user_request_is_a_protocol_error(impl: str) -> None:
+    """A (misbehaving) peer answering a request with a qp2p control frame: ProtocolError,
+    never a control frame handed to the user."""
+    from aioquic.asyncio import serve
+    from aioquic.quic.events import StreamDataReceived
+
+    ident = qp2p.Identity.generate()
+
+    class Server(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, StreamDataReceived) and event.end_stream:
+                self._quic.send_stream_data(event.stream_id, frame(b"", b"", b"1.2.3.4:5", kind=2),
+                                            end_stream=True)
+                self.transmit()
+
+    config = QuicConfiguration(is_client=False, alpn_protocols=None,
+                               certificate=ident.certificate, private_key=ident.private_key)
+    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=Server)
+    port = server._transport.get_extra_info("sockname")[1]
+    try:
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
+            conn = await ep.connect_to(("127.0.0.1", port))
+            with pytest.raises(qp2p.ProtocolError):
+                await conn.request(b"hello", timeout=5)
+            assert not conn.is_closed
+    finally:
+        server.close()
