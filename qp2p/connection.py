@@ -27,6 +27,11 @@ logger = logging.getLogger("qp2p.connection")
 Address = tuple[Any, ...]
 Frame = tuple[int, bytes, bytes, bytes]
 
+#: Frames larger than this are started one at a time (the next once the previous has less
+#: than this left to send): aioquic serves open streams round-robin per packet, so large
+#: messages in parallel fill each packet with several small stream frames, which costs
+#: per-frame work on both ends without delivering anything sooner.
+LARGE_FRAME = 64 * 1024
 #: Received unreliable datagrams kept for ``recv_datagram`` before the oldest are dropped.
 DATAGRAM_QUEUE_LIMIT = 4096
 
@@ -138,6 +143,7 @@ class Connection:
         self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
         self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
         self._unacked_bytes = 0
+        self._last_large = -1  # stream id of the newest large frame written
         self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
         # timer
         self._timer: asyncio.Handle | None = None
@@ -362,10 +368,19 @@ class Connection:
             while queue and credit > 0:
                 if self._unacked_bytes >= self._max_pending and self._unacked:
                     break
+                head = queue[0]
+                if (
+                    head.size > LARGE_FRAME
+                    and self._last_large >= 0
+                    and engine.unsent_bytes(quic, self._last_large) > LARGE_FRAME
+                ):
+                    break  # one large message at a time: see LARGE_FRAME
                 pending = queue.popleft()
                 if pending.future.done():  # cancelled while queued
                     continue
                 stream_id = quic.get_next_available_stream_id(is_unidirectional=uni)
+                if pending.size > LARGE_FRAME:
+                    self._last_large = stream_id
                 quic.send_stream_data(stream_id, pending.frame, end_stream=True)
                 pending.stream_id = stream_id
                 credit -= 1

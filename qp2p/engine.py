@@ -102,6 +102,18 @@ def send_finished(quic: QuicConnection, stream_id: int) -> bool:
     return bool(stream.sender.is_finished)
 
 
+def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to ``stream_id`` that have not been put in a packet yet."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    if sender._reset_error_code is not None:  # reset: nothing more will be sent
+        return 0
+    end = sender._buffer_fin if sender._buffer_fin is not None else sender._buffer_stop
+    return max(0, int(end) - int(sender.highest_offset))
+
+
 class _StopBeforeDiscardReceiver(QuicStreamReceiver):
     """A receiver that counts as finished only once its STOP_SENDING has been written.
 
