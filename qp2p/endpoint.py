@@ -379,14 +379,17 @@ class Endpoint:
                     self._on_unknown(data, addr, now)
                     continue
                 quic = conn._quic
-                quic.receive_datagram(data, addr, now)
                 stats = conn._stats
                 stats["packets_received"] += 1
                 stats["bytes_received"] += len(data)
-                event = quic.next_event()
-                while event is not None:
-                    self._on_event(conn, event)
+                try:
+                    quic.receive_datagram(data, addr, now)
                     event = quic.next_event()
+                    while event is not None:
+                        self._on_event(conn, event)
+                        event = quic.next_event()
+                except Exception:  # a bug for one connection must not stop the endpoint
+                    logger.exception("error handling a datagram from %s", addr)
                 dirty[conn] = None
             received += len(batch)
             if len(batch) < RECV_BATCH:
