@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import os
 import ssl
 import time
@@ -30,10 +29,6 @@ from typing import Any
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from scenarios import (
     DATAGRAM_SIZE,
     HOST,
@@ -49,21 +44,12 @@ ALPN = ["qp2p-bench"]
 
 
 def _certificate() -> tuple[Any, Any]:
-    """A self-signed ECDSA P-256 certificate (the key type qp2p uses by default)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    """A self-signed ECDSA P-256 certificate (the key type qp2p uses by default); only the
+    certificate comes from qp2p, the QUIC side below is plain aioquic."""
+    from qp2p import Identity
+
+    identity = Identity.generate()
+    return identity.certificate, identity.private_key
 
 
 def _configs() -> tuple[QuicConfiguration, QuicConfiguration]:
