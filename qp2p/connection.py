@@ -410,15 +410,17 @@ class Connection:
     def _check_acks(self) -> None:
         """Complete sends whose streams the peer fully acknowledged, then send more."""
         if self._unacked:
-            quic = self._quic
-            done = [sid for sid in self._unacked if engine.send_finished(quic, sid)]
-            for sid in done:
-                pending = self._unacked.pop(sid)
-                self._unacked_bytes -= pending.size
-                if not pending.future.done():
-                    pending.future.set_result(None)
+            self._complete_acked()
         if self._queue_uni or self._queue_bidi:
             self._pump()
+
+    def _complete_acked(self) -> None:
+        quic = self._quic
+        for sid in [sid for sid in self._unacked if engine.send_finished(quic, sid)]:
+            pending = self._unacked.pop(sid)
+            self._unacked_bytes -= pending.size
+            if not pending.future.done():
+                pending.future.set_result(None)
 
     # ------------------------------------------------------------------ events
 
@@ -547,7 +549,7 @@ class Connection:
         """Fail everything waiting on this connection; keep already received messages."""
         if self._closed is not None:
             return
-        self._check_acks_final()
+        self._complete_acked()  # acknowledged before the close: those sends succeeded
         self._closed = exc
         if self._keepalive is not None:
             self._keepalive.cancel()
@@ -567,13 +569,6 @@ class Connection:
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
         self._endpoint._on_connection_closed(self)
-
-    def _check_acks_final(self) -> None:
-        quic = self._quic
-        for sid in [s for s in self._unacked if engine.send_finished(quic, s)]:
-            pending = self._unacked.pop(sid)
-            if not pending.future.done():
-                pending.future.set_result(None)
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
