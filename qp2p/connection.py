@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from . import engine, wire
-from .errors import ConnectionClosed, MessageRejected, ProtocolError
+from .errors import ConnectionClosed, MessageRejected, MessageTooLarge, ProtocolError
 from .identity import PeerId
 from .signal import Signal
 
@@ -82,12 +82,11 @@ class Message:
 class _PendingSend:
     """A frame waiting for stream credit or for its acknowledgement."""
 
-    __slots__ = ("frame", "future", "kind_bidi", "size", "stream_id")
+    __slots__ = ("frame", "future", "size", "stream_id")
 
-    def __init__(self, frame: bytes, future: asyncio.Future[Any], bidi: bool) -> None:
+    def __init__(self, frame: bytes, future: asyncio.Future[Any]) -> None:
         self.frame = frame
         self.future = future
-        self.kind_bidi = bidi
         self.size = len(frame)
         self.stream_id = -1
 
@@ -188,7 +187,7 @@ class Connection:
         """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         future: asyncio.Future[None] = self._loop.create_future()
-        pending = _PendingSend(frame, future, bidi=False)
+        pending = _PendingSend(frame, future)
         self._queue_uni.append(pending)
         self._pump()
         try:
@@ -248,8 +247,6 @@ class Connection:
         self._raise_if_closed()
         limit = self.max_datagram_payload
         if len(data) > limit:
-            from .errors import MessageTooLarge
-
             raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
         self._quic.send_datagram_frame(data)
         self._stats["datagrams_sent"] += 1
@@ -310,7 +307,7 @@ class Connection:
         self, frame: bytes, timeout: float | None
     ) -> Message | _ControlReply:
         future: asyncio.Future[Message | _ControlReply] = self._loop.create_future()
-        pending = _PendingSend(frame, future, bidi=True)
+        pending = _PendingSend(frame, future)
         self._queue_bidi.append(pending)
         self._pump()
         try:
@@ -324,7 +321,7 @@ class Connection:
     async def _reply_frame(self, stream_id: int, frame: bytes) -> None:
         self._raise_if_closed()
         future: asyncio.Future[None] = self._loop.create_future()
-        pending = _PendingSend(frame, future, bidi=True)
+        pending = _PendingSend(frame, future)
         pending.stream_id = stream_id
         try:
             self._quic.send_stream_data(stream_id, frame, end_stream=True)
@@ -341,7 +338,7 @@ class Connection:
             return
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
-        self._queue_uni.append(_PendingSend(frame, future, bidi=False))
+        self._queue_uni.append(_PendingSend(frame, future))
         self._pump()
 
     def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
