@@ -53,6 +53,15 @@ _now = time.monotonic
 CLOSE_FLUSH_TIMEOUT = 1.0
 
 
+def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
+    """A ``PeerId`` from a ``PeerId`` or its text form (as ``qp2p identity show`` prints)."""
+    if value is None or isinstance(value, PeerId):
+        return value
+    if isinstance(value, str):
+        return PeerId.from_str(value)
+    raise TypeError(f"expected a PeerId or its text form, not {type(value).__name__}")
+
+
 class Endpoint:
     """One node: a UDP socket that accepts and dials QUIC connections.
 
@@ -110,7 +119,7 @@ class Endpoint:
     @classmethod
     async def bind(
         cls,
-        addr: tuple[str, int] = ("127.0.0.1", 0),
+        addr: tuple[str, int] | str = ("127.0.0.1", 0),
         config: Config | None = None,
         identity: Identity | None = None,
         trust: Trust | None = None,
@@ -124,7 +133,7 @@ class Endpoint:
         dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions.
         """
         config = config or Config()
-        host, port = addr[0], addr[1]
+        host, port = wire.to_address(addr)
         family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -175,10 +184,13 @@ class Endpoint:
         self._check_open()
         return self._pool.all_open()
 
-    async def connect_to(self, addr: Address, expect_peer_id: PeerId | None = None) -> Connection:
+    async def connect_to(
+        self, addr: Address | str, expect_peer_id: PeerId | str | None = None
+    ) -> Connection:
         """An open connection to ``addr``: the pooled one if any (whoever dialled it),
         else a new dial shared by concurrent callers, retried per ``config.retry``."""
         self._check_open()
+        expect_peer_id = _as_peer_id(expect_peer_id)
         target = await self._resolve(addr)
         conn = self._pool.get(target, expect_peer_id)
         if conn is not None:
@@ -195,8 +207,16 @@ class Endpoint:
                 )
             )
             self._pool.pending[key] = pending
-            pending.add_done_callback(lambda _f: self._pool.pending.pop(key, None))
-        return await asyncio.shield(pending)
+            pending.add_done_callback(lambda f: self._pool.dial_done(key, f))
+        waiting = self._pool.waiting
+        waiting[key] = waiting.get(key, 0) + 1
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if not pending.done():
+                waiting[key] -= 1
+                if waiting[key] == 0:
+                    pending.cancel()  # nobody waits for this dial any more: stop dialling
 
     async def connect_to_any(self, addrs: Iterable[Address]) -> Connection:
         """Dial all of ``addrs`` at once; keep the first connection that completes and
@@ -238,11 +258,15 @@ class Endpoint:
         self._check_open()
         return await discovery.is_reachable(self, addr, timeout)
 
-    async def connect_via(self, rendezvous_addr: Address, peer_id: PeerId) -> Connection:
+    async def connect_via(
+        self, rendezvous_addr: Address | str, peer_id: PeerId | str
+    ) -> Connection:
         """A direct connection to ``peer_id`` through both NATs, introduced by the
         rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
         self._check_open()
-        return await holepunch.connect_via(self, rendezvous_addr, peer_id)
+        peer = _as_peer_id(peer_id)
+        assert peer is not None
+        return await holepunch.connect_via(self, rendezvous_addr, peer)
 
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
@@ -256,12 +280,12 @@ class Endpoint:
 
     # ------------------------------------------------------------------ dialling
 
-    async def _resolve(self, addr: Address) -> Address:
+    async def _resolve(self, addr: Address | str) -> Address:
         """``addr`` in the socket's own address form; ``ConnectionError`` if it has none."""
         try:
-            host, port = str(addr[0]), int(addr[1])
-        except (TypeError, ValueError, IndexError):
-            raise ConnectionError(f"not a (host, port) address: {addr!r}") from None
+            host, port = wire.to_address(addr)
+        except ValueError as exc:
+            raise ConnectionError(str(exc)) from None
         if not 0 < port < 65536:
             raise ConnectionError(f"port {port} of {host} is out of range")
         try:

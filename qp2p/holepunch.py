@@ -122,7 +122,9 @@ def on_introduction(endpoint: Endpoint, conn: Connection, payload: bytes) -> Non
     probe()
 
 
-async def connect_via(endpoint: Endpoint, rendezvous_addr: Address, peer_id: PeerId) -> Connection:
+async def connect_via(
+    endpoint: Endpoint, rendezvous_addr: Address | str, peer_id: PeerId
+) -> Connection:
     """Dialler side: ask the rendezvous for ``peer_id`` and punch a direct connection."""
     loop = endpoint._loop
     budget = endpoint.config.hole_punch_timeout

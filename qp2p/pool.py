@@ -25,6 +25,15 @@ class Pool:
     def __init__(self) -> None:
         self._by_addr: dict[Address, list[Connection]] = {}
         self.pending: dict[tuple[Address, PeerId | None], asyncio.Future[Connection]] = {}
+        self.waiting: dict[tuple[Address, PeerId | None], int] = {}  # callers per pending dial
+
+    def dial_done(self, key: tuple[Address, PeerId | None], dial: asyncio.Future[Any]) -> None:
+        """A shared dial ended: forget it, and retrieve its outcome so a failure that no
+        caller awaited any more is not reported as "never retrieved"."""
+        self.pending.pop(key, None)
+        self.waiting.pop(key, None)
+        if not dial.cancelled():
+            dial.exception()
 
     def add(self, conn: Connection) -> None:
         """Pool an established connection."""

@@ -29,6 +29,7 @@ __all__ = [
     "check_message",
     "format_addr",
     "parse_addr",
+    "to_address",
 ]
 
 FRAME_HEADER_LEN: Final = 16
@@ -75,6 +76,24 @@ def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: i
             f"{max_message_size}"
         )
     return FRAME_HEADER_LEN + size
+
+
+def to_address(addr: object) -> tuple[str, int]:
+    """``(host, port)`` from a tuple/list or a ``"host:port"`` / ``"[v6]:port"`` string;
+    ``ValueError`` (or ``TypeError`` for other types) otherwise."""
+    if isinstance(addr, str):
+        host, sep, port_text = addr.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"not a host:port address: {addr!r}")
+        return host, int(port_text)
+    if isinstance(addr, (tuple, list)) and len(addr) >= 2:
+        try:
+            return str(addr[0]), int(addr[1])
+        except (TypeError, ValueError):
+            raise ValueError(f"not a (host, port) address: {addr!r}") from None
+    raise TypeError(f"an address is a (host, port) tuple or 'host:port', not {addr!r}")
 
 
 def addr_text(addr: Address) -> str:

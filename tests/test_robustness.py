@@ -156,3 +156,50 @@ async def test_any_buffer_is_a_payload(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]
     assert (msg.payload, msg.header, msg.dst) == (b"abc", b"h", b"d")
     with pytest.raises(TypeError):
         await conn.send("text")  # type: ignore[arg-type]
+
+
+async def test_string_addresses_and_text_peer_ids(impl: str) -> None:
+    a = await qp2p.Endpoint.bind("127.0.0.1:0", config=FAST)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    try:
+        host, port = b.local_addr
+        conn = await a.connect_to(f"{host}:{port}", expect_peer_id=str(b.peer_id))
+        assert conn.peer_id == b.peer_id
+        assert await a.connect_to(b.local_addr) is conn
+        with pytest.raises(qp2p.PeerAuthenticationError):
+            await a.connect_to(b.local_addr, expect_peer_id=str(qp2p.Identity.generate().peer_id))
+        with pytest.raises(ValueError):
+            await a.connect_to(b.local_addr, expect_peer_id="not a peer id")
+        with pytest.raises(qp2p.ConnectionError):
+            await a.connect_to("no-port-here")
+        with pytest.raises(TypeError):
+            await qp2p.Endpoint.bind(5000)  # type: ignore[arg-type]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_abandoned_dial_stops_and_logs_nothing(
+    impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.setblocking(False)
+    ep = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ep.connect_to(silent.getsockname()), 0.3)
+        await asyncio.sleep(0.1)
+        assert not ep._pool.pending  # the shared dial was cancelled with its last caller
+        while True:  # drain what was sent before the cancel
+            try:
+                silent.recv(2048)
+            except BlockingIOError:
+                break
+        await asyncio.sleep(1.0)
+        with pytest.raises(BlockingIOError):
+            silent.recv(2048)  # no more handshake packets
+    finally:
+        await ep.close()
+        silent.close()
+    assert "never retrieved" not in caplog.text
