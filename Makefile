@@ -12,7 +12,7 @@ all: build
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip "setuptools>=68" wheel "Cython>=3,<4"
+	$(BIN)/pip install -q -U pip "setuptools>=77" wheel "Cython>=3,<4"
 	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev]'
 	touch $(STAMP)
 

@@ -2,7 +2,7 @@
 
 One :class:`Endpoint` per node owns a single UDP socket that both dials and accepts
 encrypted QUIC connections; :class:`Connection` carries discrete messages, requests with
-replies, and unreliable datagrams. See README.md and the API contract.
+replies, and unreliable datagrams. See README.md.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _speedups, discovery, engine, holepunch, wire
+from ._tls import AUTH_REASON_PREFIX
 from .config import Config
 from .connection import Connection
 from .errors import (
@@ -550,9 +551,10 @@ class Endpoint:
                 ready.set_exception(auth_error)
             elif code is not None and engine.is_tls_failure(code):
                 # the acceptor refused us in the TLS handshake: retrying can't help
+                detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
                 ready.set_exception(PeerAuthenticationError(
-                    f"peer at {wire.addr_text(conn.remote_addr)} refused the "
-                    f"handshake: {reason or hex(code)}"
+                    f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
+                    f"authentication failed ({detail})"
                 ))
             else:
                 ready.set_exception(
