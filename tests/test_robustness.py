@@ -203,3 +203,41 @@ async def test_abandoned_dial_stops_and_logs_nothing(
         await ep.close()
         silent.close()
     assert "never retrieved" not in caplog.text
+
+
+async def test_introductions_only_from_a_peer_we_dialled(
+    pair: tuple[qp2p.Endpoint, qp2p.Endpoint],
+) -> None:
+    """An INTRODUCTION makes the receiver probe an address; only the rendezvous it dialled
+    may ask, or any peer could aim its probes anywhere."""
+    from qp2p import wire
+
+    a, b = pair
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    target = wire.format_addr(sink.getsockname())
+    try:
+        # b dialled a: a must ignore b's introduction
+        from_b, _ = await connected(b, a)
+        from_b._send_nowait(b._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+        await asyncio.sleep(0.5)
+        with pytest.raises(BlockingIOError):
+            sink.recv(2048)
+        # a dials c (its rendezvous): c's introduction is honoured
+        c = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+        try:
+            _, from_a = await connected(a, c)
+            from_a._send_nowait(c._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+            for _ in range(100):
+                try:
+                    assert sink.recv(2048)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            else:
+                pytest.fail("no probe arrived")
+        finally:
+            await c.close()
+    finally:
+        sink.close()
