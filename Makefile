@@ -1,12 +1,16 @@
 # qp2p: `make demo` and `make test` set everything up from scratch (a .venv, the
-# compiled fast path, test tools) and run. Other targets: lint, bench, bench-check, wheel.
+# compiled fast path, test tools) and run. Other targets: lint, bench, bench-check, wheel,
+# fuzz (atheris, FUZZ_SECONDS), soak (SOAK_MINUTES), scale (1,000 connections).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXT    := qp2p/_fastpath$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all demo test test-fast lint bench bench-check wheel sysdeps clean
+.PHONY: all demo test test-fast lint bench bench-check wheel sysdeps clean fuzz soak scale
+
+FUZZ_SECONDS ?= 600
+SOAK_MINUTES ?= 10
 
 all: build
 
@@ -43,6 +47,15 @@ bench: build
 
 bench-check: build
 	$(BIN)/python bench/compare.py --check
+
+fuzz: build
+	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+soak: build sysdeps
+	$(BIN)/python -m tests.soak --minutes $(SOAK_MINUTES)
+
+scale: build
+	$(BIN)/python bench/scale.py
 
 wheel: $(STAMP)
 	rm -rf dist
