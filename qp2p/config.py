@@ -68,15 +68,25 @@ class Config:
       every path).
     - ``max_pending_send_bytes``: per connection, ``send()`` waits while more than this many
       bytes are queued and unacknowledged (backpressure).
-    - ``max_buffered_bytes``: per connection, how far (in bytes) the peer may send beyond
-      what the application has read with ``recv()``; QUIC flow control then stops it and its
-      ``send()`` calls wait. Messages still arriving on open streams are not counted, so
-      the memory held is about this plus what those streams carry.
+    - ``max_buffered_bytes``: per connection, the most stream bytes the peer can make us
+      hold: messages waiting for ``recv()``, messages still arriving, out-of-order data.
+      QUIC flow control stops the peer there (its ``send()`` calls wait); if half-sent
+      messages alone fill it while nothing waits for ``recv()``, the newest is reset
+      (the sender gets ``MessageRejected``). Must leave room for one largest message:
+      at least ``max_message_size + 16``.
+    - ``max_endpoint_buffered_bytes``: the same bound summed over all the endpoint's
+      connections; when it is reached, peers wait until the application reads.
     - ``max_connections``: the most connections one endpoint holds; further incoming
-      handshakes are refused.
+      handshakes are refused with CONNECTION_REFUSED (the dialler gets ``ConnectionError``).
+    - ``max_connections_per_ip``: the most incoming connections from one IP address
+      (refused the same way beyond it).
+    - ``address_validation_threshold``: with this many incoming handshakes in progress,
+      new ones must first prove their address with a QUIC Retry (spoofed floods then
+      cost no state).
     - ``hole_punch_timeout``: the longest ``connect_via`` takes before ``HolePunchFailed``.
-    - ``require_address_validation``: answer new incoming handshakes with a QUIC Retry first
-      (costs one round trip, protects against spoofed-source floods).
+    - ``require_address_validation``: answer every new incoming handshake with a QUIC Retry
+      first (costs one round trip, protects against spoofed-source floods).
+    - Incoming handshakes that do not finish within ``handshake_timeout`` are dropped.
     """
 
     idle_timeout: float | None = 10.0
@@ -88,8 +98,11 @@ class Config:
     handshake_timeout: float = 10.0
     max_datagram_size: int = 1200
     max_pending_send_bytes: int = 4 * 2**20
-    max_buffered_bytes: int = 16 * 2**20
+    max_buffered_bytes: int = 20 * 2**20
+    max_endpoint_buffered_bytes: int = 512 * 2**20
     max_connections: int = 10_000
+    max_connections_per_ip: int = 256
+    address_validation_threshold: int = 64
     hole_punch_timeout: float = 5.0
     require_address_validation: bool = False
 
@@ -104,7 +117,10 @@ class Config:
             "max_concurrent_uni_streams",
             "max_pending_send_bytes",
             "max_buffered_bytes",
+            "max_endpoint_buffered_bytes",
             "max_connections",
+            "max_connections_per_ip",
+            "address_validation_threshold",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -112,11 +128,19 @@ class Config:
         for name in ("max_concurrent_bidi_streams", "max_concurrent_uni_streams"):
             if getattr(self, name) > 2**60:  # QUIC's limit (RFC 9000 §4.6)
                 raise ValueError(f"{name} must be at most 2**60")
-        for name in ("max_buffered_bytes", "max_pending_send_bytes"):
+        for name in ("max_buffered_bytes", "max_endpoint_buffered_bytes", "max_pending_send_bytes"):
             if getattr(self, name) > 2**62 - 1:  # QUIC variable-length integers
                 raise ValueError(f"{name} must be below 2**62")
         if self.max_message_size > 2**32 - 17:
             raise ValueError("max_message_size must be below 4 GiB (32-bit length fields)")
+        # a message larger than the receive buffer could never complete
+        if self.max_buffered_bytes < self.max_message_size + 16:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
+                f"max_message_size + 16 ({self.max_message_size + 16})"
+            )
+        if self.max_endpoint_buffered_bytes < self.max_buffered_bytes:
+            raise ValueError("max_endpoint_buffered_bytes must be at least max_buffered_bytes")
         if isinstance(self.max_datagram_size, bool) or not isinstance(self.max_datagram_size, int):
             raise ValueError(f"max_datagram_size must be an int, got {self.max_datagram_size!r}")
         if not 1200 <= self.max_datagram_size <= 65527:

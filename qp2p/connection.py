@@ -121,20 +121,26 @@ class Connection:
         self._established = False
         self._handshake_done = False  # TLS done; dialler still waits for confirmation
         self._ready: asyncio.Future[None] | None = None  # set for dialled connections
+        self._handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
         self._pooled = True  # False for private probes until adopted
         self._keepalive: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
         self._terminated = False
         # receive side
         self._assemblers: dict[int, Any] = {}
-        # streams we rejected whose FIN/reset hasn't arrived yet: their data is ignored
-        # (bounded by the peer's stream credit, which these streams keep using)
-        self._rejected: set[int] = set()
+        # streams we rejected whose FIN/reset hasn't arrived yet -> bytes seen on them: their
+        # data is dropped, but counts as held until the stream ends (flow control)
+        self._rejected: dict[int, int] = {}
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_signal = Signal(self._loop)
-        # flow control: bytes read since the window was last re-announced
-        self._released = 0
-        self._window_step = max(endpoint.config.max_buffered_bytes // 4, 1)
+        # flow control (see engine.FlowControlledQuicConnection): bytes released since the
+        # window was last re-announced; _budgeted while the endpoint budget counts us
+        self._window = endpoint.config.max_buffered_bytes
+        self._unannounced = 0
+        self._window_step = max(self._window // 4, 1)
+        self._budgeted = False
+        quic.budget = endpoint._budget
+        quic.owner = self
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_signal = Signal(self._loop)
         # send side
@@ -207,13 +213,7 @@ class Connection:
             self._raise_if_closed()
             await self._inbox_signal.wait()
         msg = self._inbox.popleft()
-        size = len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN
-        quic = self._quic
-        quic.held -= size
-        self._released += size
-        if self._released >= self._window_step:  # tell the peer it may send more
-            self._released = 0
-            self._endpoint._mark_dirty(self)
+        self._release(len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN)
         return msg
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -436,9 +436,12 @@ class Connection:
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
         assembler = self._assemblers.get(sid)
         if assembler is None and self._rejected and sid in self._rejected:
-            if fin:
-                self._rejected.discard(sid)
+            if fin:  # the stream is over: nothing of it is held any more
+                self._release(self._rejected.pop(sid) + len(data))
+            else:
+                self._rejected[sid] += len(data)
             return
+        size = len(data)  # bytes of this stream so far
         try:
             if assembler is None:
                 if fin:  # the whole frame in one piece: the common case for small messages
@@ -449,29 +452,54 @@ class Connection:
                     )
                     frame = assembler.feed(data, fin)
             else:
+                size += assembler.buffered
                 frame = assembler.feed(data, fin)
                 if frame is not None or fin:
                     del self._assemblers[sid]
         except ProtocolError as exc:
             self._assemblers.pop(sid, None)
-            if not fin:
-                self._rejected.add(sid)
+            if fin:
+                self._release(size)
+            else:
+                self._rejected[sid] = size
             self._reject(sid, exc)
             return
         if frame is not None:
-            self._on_frame(sid, frame)
+            self._on_frame(sid, frame, size)
+        elif not self._inbox and len(self._assemblers) > 1 and self._quic.held >= self._window:
+            self._shed_newest_partial()
 
-    def _reject(self, sid: int, exc: ProtocolError) -> None:
+    def _shed_newest_partial(self) -> None:
+        """Half-sent messages alone fill the receive window and nothing waits for
+        ``recv()``: no read can free credit, so reset the newest stream (its bytes are
+        released when the peer answers with RESET_STREAM). A qp2p sender never gets here:
+        it starts large messages one at a time and the window fits the largest."""
+        sid = max(self._assemblers)
+        self._rejected[sid] = self._assemblers.pop(sid).buffered
+        self._reject(
+            sid,
+            ProtocolError(f"receive buffer full ({self._quic.held} bytes of unfinished messages)"),
+            wire.ERR_BUFFER_FULL,
+        )
+
+    def _reject(self, sid: int, exc: ProtocolError, code: int = wire.ERR_FRAME_REJECTED) -> None:
         self._stats["streams_rejected"] += 1
         logger.warning("rejecting stream %d from %s: %s", sid, self.remote_addr, exc)
-        engine.reject_stream(self._quic, sid, wire.ERR_FRAME_REJECTED)
+        engine.reject_stream(self._quic, sid, code)
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
             future.set_exception(ProtocolError(f"malformed reply: {exc}"))
         self._endpoint._mark_dirty(self)
 
-    def _on_frame(self, sid: int, frame: Frame) -> None:
+    def _on_frame(self, sid: int, frame: Frame, size: int) -> None:
+        """A complete frame of ``size`` bytes (its whole stream) arrived on ``sid``."""
         kind, header, dst, payload = frame
+        if kind == wire.KIND_USER and (sid & 1) != (0 if self._is_client else 1):
+            self._stats["messages_received"] += 1
+            self._inbox.append(Message(self, header, dst, payload, None if sid & 2 else sid))
+            self._inbox_signal.notify_all()
+            return  # held until recv() hands it over
+        self._release(size)  # anything else is handled (or dropped) right here
         local = (sid & 1) == (0 if self._is_client else 1)
         if local:  # a reply on one of our own bidirectional streams
             future = self._requests.pop(sid, None)
@@ -482,16 +510,19 @@ class Connection:
             else:
                 future.set_result(_ControlReply(self, kind, header, dst, payload))
             return
-        bidi = not (sid & 2)
-        if kind != wire.KIND_USER:
-            self._endpoint._on_control(self, kind, header, dst, payload, sid if bidi else None)
+        self._endpoint._on_control(self, kind, header, dst, payload, None if sid & 2 else sid)
+
+    def _release(self, nbytes: int) -> None:
+        """``nbytes`` of stream data are no longer held: the peer may send that much more."""
+        if nbytes <= 0:
             return
-        self._stats["messages_received"] += 1
-        self._inbox.append(Message(self, header, dst, payload, sid if bidi else None))
-        self._quic.held += (
-            len(header) + len(dst) + len(payload) + wire.FRAME_HEADER_LEN
-        )
-        self._inbox_signal.notify_all()
+        self._quic.released += nbytes
+        if self._budgeted:
+            self._endpoint._release_budget(nbytes)
+        self._unannounced += nbytes
+        if self._unannounced >= self._window_step:  # tell the peer it may send more
+            self._unannounced = 0
+            self._endpoint._mark_dirty(self)
 
     def _on_datagram(self, data: bytes) -> None:
         self._stats["datagrams_received"] += 1
@@ -516,8 +547,13 @@ class Connection:
             )
 
     def _on_stream_reset(self, sid: int, code: int) -> None:
-        self._assemblers.pop(sid, None)
-        self._rejected.discard(sid)
+        # everything the stream counted against flow control is gone: what we were
+        # assembling, what we were dropping, and what never arrived below its final size
+        nbytes = engine.undelivered_bytes(self._quic, sid) + self._rejected.pop(sid, 0)
+        assembler = self._assemblers.pop(sid, None)
+        if assembler is not None:
+            nbytes += assembler.buffered
+        self._release(nbytes)
         self._on_peer_rejected(sid, code, "reset")
 
     # ------------------------------------------------------------------ lifecycle

@@ -91,9 +91,10 @@ class Endpoint:
         self._client_config = engine.make_configuration(identity, config, is_client=True)
         self._server_config = engine.make_configuration(identity, config, is_client=False)
         self._versions = set(engine.supported_versions())
-        self._validator = (
-            engine.AddressValidator() if config.require_address_validation else None
-        )
+        self._validator = engine.AddressValidator()
+        self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
+        self._half_open: set[Connection] = set()  # incoming handshakes in progress
+        self._incoming_per_ip: collections.Counter[str] = collections.Counter()
         self.local_addr: Address = sock.getsockname()[:2]
         self.public_addr: Address | None = None
         self._pool = Pool()
@@ -110,7 +111,8 @@ class Endpoint:
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
             ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
-             "version_negotiations", "handshakes_refused", "retries_sent"),
+             "version_negotiations", "handshakes_refused", "retries_sent",
+             "handshakes_timed_out"),
             0,
         )
         self._loop.add_reader(self._fd, self._on_readable)
@@ -334,7 +336,7 @@ class Endpoint:
         conn = Connection(self, quic, addr, is_client=True)
         conn._pooled = not private
         conn._ready = self._loop.create_future()
-        self._live.add(conn)
+        self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
         self._register(conn, quic.host_cid)
@@ -464,23 +466,40 @@ class Endpoint:
         if not self._accept_incoming or self._closed:
             self.stats_counters["handshakes_refused"] += 1
             return
-        if len(self._live) >= self.config.max_connections:
-            self.stats_counters["handshakes_refused"] += 1
-            logger.warning("refusing handshake from %s: max_connections reached", addr)
-            return
-        retry_scid = None
-        if self._validator is not None:
-            if not header.token:
-                self.stats_counters["retries_sent"] += 1
-                self._send_raw(self._validator.retry_packet(header, addr, now), addr)
-                return
-            odcid = self._validator.validate(header, addr, now)
+        validator = self._validator
+        original_dcid, retry_scid = dcid, None
+        if header.token:
+            odcid = validator.validate(header, addr, now)
             if odcid is None:
                 self.stats_counters["handshakes_refused"] += 1
                 logger.info("dropping Initial from %s: invalid address validation token", addr)
                 return
-            dcid, retry_scid = odcid, header.dcid
-        quic = engine.new_server(self._server_config, self.config, self.trust, dcid, retry_scid)
+            original_dcid, retry_scid = odcid, header.dcid
+        elif (
+            self.config.require_address_validation
+            or len(self._half_open) >= self.config.address_validation_threshold
+        ):  # prove the address first: until then a client costs us no state
+            self.stats_counters["retries_sent"] += 1
+            self._send_raw(validator.retry_packet(header, addr, now), addr)
+            return
+        host = str(addr[0])
+        refusal = None
+        if len(self._live) >= self.config.max_connections:
+            refusal = "endpoint at max_connections"
+        elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
+            refusal = "too many connections from this address"
+        if refusal is not None:
+            self.stats_counters["handshakes_refused"] += 1
+            logger.warning("refusing handshake from %s: %s", wire.addr_text(addr), refusal)
+            for datagram, to in engine.refusal(
+                self._server_config, self.config, self.trust, header, original_dcid,
+                retry_scid, data, addr, now, refusal,
+            ):
+                self._send_raw(datagram, to)
+            return
+        quic = engine.new_server(
+            self._server_config, self.config, self.trust, original_dcid, retry_scid
+        )
         conn = Connection(self, quic, addr, is_client=False)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
@@ -492,7 +511,12 @@ class Endpoint:
             self._table.remove(quic.host_cid)
             return
         self._handshaking.add(conn)
-        self._live.add(conn)
+        self._half_open.add(conn)
+        self._incoming_per_ip[host] += 1
+        self._track(conn)
+        conn._handshake_deadline = self._loop.call_later(
+            self.config.handshake_timeout, self._handshake_expired, conn
+        )
         conn._stats["packets_received"] += 1
         conn._stats["bytes_received"] += len(data)
         event = quic.next_event()
@@ -500,6 +524,31 @@ class Endpoint:
             self._on_event(conn, event)
             event = quic.next_event()
         self._dirty[conn] = None
+
+    def _handshake_expired(self, conn: Connection) -> None:
+        """An incoming handshake that did not finish in time: drop it (a half-open flood
+        must not hold state for long)."""
+        conn._handshake_deadline = None
+        if conn in self._half_open and conn._closed is None:
+            self.stats_counters["handshakes_timed_out"] += 1
+            logger.info("incoming handshake from %s timed out", wire.addr_text(conn.remote_addr))
+            self._abandon(conn, "handshake timed out")
+
+    def _track(self, conn: Connection) -> None:
+        """``conn`` is now driven by this endpoint: count it and its receive credit."""
+        self._live.add(conn)
+        conn._budgeted = True
+        self._budget.reserved += conn._quic.reservation()
+
+    def _release_budget(self, nbytes: int) -> None:
+        budget = self._budget
+        budget.release(nbytes)
+        if budget.starved:  # connections waiting for credit may get some now
+            starved = list(budget.starved)
+            budget.starved.clear()
+            for conn in starved:
+                if conn._budgeted:
+                    self._mark_dirty(conn)
 
     def _on_handshake(self, conn: Connection) -> None:
         conn._handshake_done = True
@@ -519,6 +568,7 @@ class Endpoint:
             return
         conn._on_established(peer_id)
         self._handshaking.discard(conn)
+        self._end_half_open(conn)
         if conn._pooled:
             self._pool.add(conn)
         ready = conn._ready
@@ -578,7 +628,24 @@ class Endpoint:
         conn._cids.add(cid)
         self._table.add(cid, conn)
 
+    def _end_half_open(self, conn: Connection) -> None:
+        if conn in self._half_open:
+            self._half_open.discard(conn)
+            if conn._handshake_deadline is not None:
+                conn._handshake_deadline.cancel()
+                conn._handshake_deadline = None
+
     def _forget(self, conn: Connection) -> None:
+        self._end_half_open(conn)
+        if conn._budgeted:
+            conn._budgeted = False
+            self._budget.release(conn._quic.reservation())
+            self._budget.starved.pop(conn, None)
+        if not conn._is_client and conn in self._live:
+            host = str(conn.remote_addr[0])
+            self._incoming_per_ip[host] -= 1
+            if self._incoming_per_ip[host] <= 0:
+                del self._incoming_per_ip[host]
         for cid in conn._cids:
             self._table.remove(cid)
         conn._cids.clear()

@@ -16,7 +16,10 @@ changing this module alone. The private aioquic attributes used are:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import struct
 from typing import Any, NamedTuple
 
 from aioquic import tls
@@ -25,12 +28,12 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import (
+    QuicErrorCode,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStreamReceiver
 
 from ._tls import AuthenticatingQuicConnection, quic_configuration
@@ -55,6 +58,11 @@ __all__ = [
 
 #: Length of the connection IDs our endpoints issue (short headers carry no length).
 CID_LENGTH = 8
+#: Connection-level credit a peer starts with (the transport parameter); raised to
+#: ``Config.max_buffered_bytes`` with the first 1-RTT packet, budget permitting.
+INITIAL_MAX_DATA = 256 * 2**10
+#: How long a Retry token stays valid (seconds): one round trip is all it needs.
+RETRY_TOKEN_LIFETIME = 10.0
 #: Smallest UDP payload that may carry a client's first Initial (RFC 9000 §14.1).
 MIN_INITIAL_SIZE = 1200
 
@@ -70,9 +78,10 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         max_datagram_frame_size=65536,
         max_datagram_size=config.max_datagram_size,
         connection_id_length=CID_LENGTH,
-        # the connection window is managed by FlowControlledQuicConnection; per stream,
-        # one message must fit
-        max_data=config.max_buffered_bytes,
+        # the connection window is managed by FlowControlledQuicConnection, which raises
+        # it after the handshake as far as the endpoint's budget allows; per stream, one
+        # message must fit
+        max_data=min(INITIAL_MAX_DATA, config.max_buffered_bytes),
         max_stream_data=max(min(config.max_message_size + 16, config.max_buffered_bytes), 65536),
     )
 
@@ -205,39 +214,63 @@ def parse_long_header(datagram: bytes) -> LongHeader | None:
 
 
 class AddressValidator:
-    """QUIC Retry (RFC 9000 §8.1.2): a new client must echo a token bound to its address
-    before we keep any state for it, which defeats floods from spoofed sources."""
+    """Stateless QUIC Retry (RFC 9000 §8.1.2): a new client must echo a token bound to its
+    address before we keep any state for it, which defeats floods from spoofed sources.
 
-    def __init__(self) -> None:
-        self._tokens = QuicRetryTokenHandler()
+    A token is ``time | len | original DCID | retry SCID | MAC``, the MAC an HMAC-SHA256
+    under a per-endpoint random secret over the client's address and the rest. Checking
+    one costs a hash, no state and no public-key operation, and it expires after
+    ``lifetime`` seconds.
+    """
+
+    _MAC_LEN = 16
+    _TIME = struct.Struct("!d")
+
+    def __init__(self, lifetime: float = RETRY_TOKEN_LIFETIME) -> None:
+        self._secret = os.urandom(32)
+        self.lifetime = lifetime
+
+    def _mac(self, addr: Any, body: bytes) -> bytes:
+        host, port = addr[0], addr[1]
+        message = b"%s|%d|" % (str(host).encode(), port) + body
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[: self._MAC_LEN]
+
+    def make_token(self, addr: Any, odcid: bytes, retry_scid: bytes, now: float) -> bytes:
+        """A token for ``addr`` whose retried Initial will carry ``retry_scid`` as DCID."""
+        body = self._TIME.pack(now) + bytes([len(odcid)]) + odcid + retry_scid
+        return body + self._mac(addr, body)
 
     def retry_packet(self, header: LongHeader, addr: Any, now: float) -> bytes:
         """A Retry packet carrying a fresh token for ``addr``."""
         assert header.version is not None
         source_cid = os.urandom(CID_LENGTH)
-        token = self._tokens.create_token(
-            address=addr,
-            original_destination_connection_id=header.dcid,
-            retry_source_connection_id=source_cid,
-            now=now,
-        )
         return encode_quic_retry(
             version=header.version,
             source_cid=source_cid,
             destination_cid=header.scid,
             original_destination_cid=header.dcid,
-            retry_token=token,
+            retry_token=self.make_token(addr, header.dcid, source_cid, now),
         )
 
     def validate(self, header: LongHeader, addr: Any, now: float) -> bytes | None:
-        """The original destination CID if the token is valid for ``addr``, else None."""
-        try:
-            odcid: bytes = self._tokens.validate_token(
-                address=addr, destination_cid=header.dcid, token=header.token, now=now
-            )
-        except ValueError:
+        """The original destination CID if the token is ours, for ``addr``, unexpired and
+        answered to the Retry's source CID; else None."""
+        token = header.token
+        size = self._TIME.size
+        if len(token) < size + 1 + CID_LENGTH + self._MAC_LEN:
             return None
-        return odcid
+        body, mac = token[: -self._MAC_LEN], token[-self._MAC_LEN :]
+        odcid_len = body[size]
+        if len(body) != size + 1 + odcid_len + CID_LENGTH:
+            return None
+        if not hmac.compare_digest(mac, self._mac(addr, body)):
+            return None
+        (issued,) = self._TIME.unpack_from(body)
+        if not issued - 1.0 <= now <= issued + self.lifetime:
+            return None
+        if body[size + 1 + odcid_len :] != header.dcid:
+            return None
+        return bytes(body[size + 1 : size + 1 + odcid_len])
 
 
 def supported_versions() -> list[int]:
@@ -280,29 +313,84 @@ def close_event(quic: QuicConnection) -> events.ConnectionTerminated | None:
     return event if isinstance(event, events.ConnectionTerminated) else None
 
 
+class ReceiveBudget:
+    """The endpoint-wide cap on receive memory.
+
+    Each connection's *reservation* is what its peer may make us hold: the MAX_DATA we
+    granted minus the bytes we released. Grants come out of ``limit`` and go back as bytes
+    are released (or the connection ends), so the sum over all connections never exceeds
+    it (plus the small initial credit each new connection starts with). A connection whose
+    grant was cut short is remembered as *starved* and woken once memory is released.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reserved = 0
+        self.starved: dict[Any, None] = {}
+
+    def grant(self, owner: Any, want: int) -> int:
+        """Take up to ``want`` bytes of credit for ``owner``; returns what was granted."""
+        granted = min(want, max(self.limit - self.reserved, 0))
+        self.reserved += granted
+        if granted < want:
+            self.starved[owner] = None
+        return granted
+
+    def release(self, nbytes: int) -> None:
+        """Give ``nbytes`` of reservation back."""
+        self.reserved -= nbytes
+
+
 class FlowControlledQuicConnection(AuthenticatingQuicConnection):
-    """Connection-level flow control that follows what the application has read.
+    """Connection-level flow control that counts every byte we still hold.
 
     aioquic treats data as consumed the moment it hands it over and doubles MAX_DATA on
-    its own, so a peer could fill our memory while the application isn't reading. Here the
-    peer may send at most ``receive_window`` bytes beyond what the application has taken
-    (``held`` = bytes of complete messages waiting in the inbox).
+    its own, so a peer could fill our memory with half-sent messages or out-of-order
+    gaps. Here MAX_DATA is ``released + receive_window``: ``released`` counts the stream
+    bytes whose memory we gave back (messages the application read, control frames
+    handled, rejected or reset streams), so everything received and not yet released
+    (``held``) stays within ``receive_window``, and the endpoint's ``budget`` caps the sum.
     """
 
     receive_window: int = 16 * 2**20
-    held: int = 0
+    released: int = 0
+    budget: ReceiveBudget | None = None
+    owner: Any = None
+
+    @property
+    def held(self) -> int:
+        """Stream bytes received (gaps included) and not released yet."""
+        used: int = self._local_max_data.used
+        return used - self.released
+
+    def reservation(self) -> int:
+        """What the peer may still make us hold: granted credit minus released bytes."""
+        value: int = self._local_max_data.value
+        return value - self.released
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        target = max_data.used - self.held + self.receive_window
-        if target > max_data.value:
-            max_data.value = target
+        want = self.released + self.receive_window - max_data.value
+        if want > 0:
+            if self.budget is not None:
+                want = self.budget.grant(self.owner, want)
+            max_data.value += want
         used = max_data.used
         max_data.used = 0  # keeps aioquic from doubling the window behind our back
         try:
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = used
+
+
+def undelivered_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """For a stream the peer reset: bytes below its final size never handed to us (they
+    count against flow control all the same)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    receiver = stream.receiver
+    return max(0, int(receiver.highest_offset) - int(receiver.starting_offset()))
 
 
 def new_client(
@@ -338,6 +426,29 @@ def new_server(
     quic.receive_window = config.max_buffered_bytes
     set_stream_limits(quic, config)
     return quic
+
+
+def refusal(
+    configuration: QuicConfiguration,
+    config: Config,
+    trust: Trust,
+    header: LongHeader,
+    original_dcid: bytes,
+    retry_scid: bytes | None,
+    datagram: bytes,
+    addr: Any,
+    now: float,
+    reason: str,
+) -> list[tuple[bytes, Any]]:
+    """The datagrams that answer a client's first Initial with CONNECTION_CLOSE
+    (CONNECTION_REFUSED), so its dial fails at once instead of timing out. The engine
+    made for this is dropped right after: a refused client costs no state."""
+    quic = new_server(configuration, config, trust, original_dcid, retry_scid)
+    quic.receive_datagram(datagram, addr, now)
+    if not accepted_any_packet(quic):
+        return []
+    quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=reason)
+    return quic.datagrams_to_send(now)
 
 
 def authenticated_peer(quic: QuicConnection) -> PeerId | None:

@@ -15,6 +15,7 @@ from .errors import MessageTooLarge, ProtocolError
 Address = tuple[Any, ...]
 
 __all__ = [
+    "ERR_BUFFER_FULL",
     "ERR_CANCELLED",
     "ERR_FRAME_REJECTED",
     "FRAME_HEADER_LEN",
@@ -45,6 +46,7 @@ KIND_INTRODUCTION: Final = 5  # rendezvous -> target: "a peer wants to punch to 
 # Application error codes on streams (RESET_STREAM / STOP_SENDING).
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
 ERR_CANCELLED: Final = 0x71_70_02  # the sender gave up on the message
+ERR_BUFFER_FULL: Final = 0x71_70_03  # unfinished messages filled the receiver's buffer
 
 # Connection close codes (application CONNECTION_CLOSE).
 CLOSE_NORMAL: Final = 0
