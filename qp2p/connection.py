@@ -466,19 +466,27 @@ class Connection:
             return
         if frame is not None:
             self._on_frame(sid, frame, size)
-        elif not self._inbox and len(self._assemblers) > 1 and self._quic.held >= self._window:
-            self._shed_newest_partial()
 
-    def _shed_newest_partial(self) -> None:
-        """Half-sent messages alone fill the receive window and nothing waits for
-        ``recv()``: no read can free credit, so reset the newest stream (its bytes are
-        released when the peer answers with RESET_STREAM). A qp2p sender never gets here:
-        it starts large messages one at a time and the window fits the largest."""
-        sid = max(self._assemblers)
-        self._rejected[sid] = self._assemblers.pop(sid).buffered
+    def _relieve_buffer(self) -> None:
+        """Called when the receive window is full. If nothing waits for ``recv()``, no
+        read can free credit: only unfinished streams (half-sent messages, out-of-order
+        data) hold it. Reset the newest of them, keeping the oldest so it can complete;
+        its bytes are released when the peer answers with RESET_STREAM. A qp2p sender
+        never gets here: it starts large messages one at a time and the window fits the
+        largest."""
+        if self._inbox or self._closed is not None:
+            return
+        candidates = [
+            sid for sid in engine.receiving_streams(self._quic) if sid not in self._rejected
+        ]
+        if len(candidates) < 2:
+            return
+        sid = max(candidates)
+        assembler = self._assemblers.pop(sid, None)
+        self._rejected[sid] = assembler.buffered if assembler is not None else 0
         self._reject(
             sid,
-            ProtocolError(f"receive buffer full ({self._quic.held} bytes of unfinished messages)"),
+            ProtocolError(f"receive buffer full ({self._quic.held} bytes of unfinished streams)"),
             wire.ERR_BUFFER_FULL,
         )
 

@@ -426,6 +426,8 @@ class Endpoint:
             if not conn._terminated:
                 if not conn._established and conn._handshake_done:
                     self._maybe_established(conn)
+                if conn._quic.held >= conn._window:
+                    conn._relieve_buffer()
                 conn._check_acks()
                 self._check_engine_closed(conn)
         self._flush()

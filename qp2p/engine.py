@@ -29,6 +29,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import (
     QuicErrorCode,
+    QuicFrameType,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
@@ -319,7 +320,8 @@ class ReceiveBudget:
     Each connection's *reservation* is what its peer may make us hold: the MAX_DATA we
     granted minus the bytes we released. Grants come out of ``limit`` and go back as bytes
     are released (or the connection ends), so the sum over all connections never exceeds
-    it (plus the small initial credit each new connection starts with). A connection whose
+    it, except that every connection may keep ``INITIAL_MAX_DATA`` (so the bound is
+    ``limit + connections * INITIAL_MAX_DATA``). A connection whose
     grant was cut short is remembered as *starved* and woken once memory is released.
     """
 
@@ -328,9 +330,13 @@ class ReceiveBudget:
         self.reserved = 0
         self.starved: dict[Any, None] = {}
 
-    def grant(self, owner: Any, want: int) -> int:
-        """Take up to ``want`` bytes of credit for ``owner``; returns what was granted."""
-        granted = min(want, max(self.limit - self.reserved, 0))
+    def grant(self, owner: Any, want: int, reservation: int) -> int:
+        """Take up to ``want`` bytes of credit for ``owner``, whose reservation is now
+        ``reservation``; returns what was granted. Up to ``INITIAL_MAX_DATA`` of
+        reservation is granted even over the limit, so peers that fill the budget
+        cannot starve the others."""
+        floor = min(want, max(INITIAL_MAX_DATA - reservation, 0))
+        granted = floor + min(want - floor, max(self.limit - self.reserved - floor, 0))
         self.reserved += granted
         if granted < want:
             self.starved[owner] = None
@@ -373,7 +379,7 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         want = self.released + self.receive_window - max_data.value
         if want > 0:
             if self.budget is not None:
-                want = self.budget.grant(self.owner, want)
+                want = self.budget.grant(self.owner, want, max_data.value - self.released)
             max_data.value += want
         used = max_data.used
         max_data.used = 0  # keeps aioquic from doubling the window behind our back
@@ -381,6 +387,15 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = used
+
+
+def receiving_streams(quic: QuicConnection) -> list[int]:
+    """Streams the peer is still sending us that already hold data (delivered or not)."""
+    return [
+        sid
+        for sid, stream in quic._streams.items()
+        if not stream.receiver.is_finished and stream.receiver.highest_offset > 0
+    ]
 
 
 def undelivered_bytes(quic: QuicConnection, stream_id: int) -> int:
@@ -447,7 +462,13 @@ def refusal(
     quic.receive_datagram(datagram, addr, now)
     if not accepted_any_packet(quic):
         return []
-    quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=reason)
+    # a transport close (frame type given): aioquic would blank an application close's
+    # reason in the Initial space
+    quic.close(
+        error_code=QuicErrorCode.CONNECTION_REFUSED,
+        frame_type=QuicFrameType.PADDING,
+        reason_phrase=reason,
+    )
     return quic.datagrams_to_send(now)
 
 

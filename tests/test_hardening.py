@@ -1,0 +1,384 @@
+"""Hostile peers against one endpoint: floods of streams and headers, of connections, of
+half-open and spoofed-source handshakes. The attackers are raw aioquic clients or raw UDP
+(no qp2p code on the attacking side); each test checks the bound held and that the
+endpoint kept serving an honest qp2p peer meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import QuicEvent, StopSendingReceived
+from cryptography.hazmat.primitives import serialization
+
+import qp2p
+from qp2p import engine, wire
+from tests.conftest import FAST
+from tests.netlab import Lab, two_hosts
+
+pytestmark = pytest.mark.asyncio
+
+KiB, MiB = 2**10, 2**20
+
+
+def frame_header(payload_len: int) -> bytes:
+    """A valid 16-byte frame header announcing a user message of ``payload_len`` bytes."""
+    return struct.pack(">HIIIBB", 2, 0, 0, payload_len, 0, 0)
+
+
+class Attacker(QuicConnectionProtocol):
+    """A raw aioquic client that records the streams the endpoint stopped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped: dict[int, int] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StopSendingReceived):
+            self.stopped[event.stream_id] = event.error_code
+
+
+def raw_client_config() -> QuicConfiguration:
+    return QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+
+
+@contextlib.asynccontextmanager
+async def attacker(server: qp2p.Endpoint) -> AsyncIterator[Attacker]:
+    host, port = server.local_addr
+    async with connect(host, port, configuration=raw_client_config(),
+                       create_protocol=Attacker, wait_connected=True) as client:
+        assert isinstance(client, Attacker)
+        yield client
+
+
+def open_flood(client: Attacker, streams: int, claim: int, body: int, gap: int) -> None:
+    """Open ``streams`` unidirectional streams, none finished: even ones carry a header
+    claiming a ``claim``-byte message and ``body`` bytes of it; odd ones carry ``body``
+    bytes starting at offset ``gap``, leaving a hole the receiver must buffer around."""
+    quic = client._quic
+    for i in range(streams):
+        sid = quic.get_next_available_stream_id(is_unidirectional=True)
+        if i % 2:
+            sender = quic._get_or_create_stream_for_send(sid).sender
+            sender._buffer_start = sender._buffer_stop = gap  # the bytes before never come
+            quic.send_stream_data(sid, b"g" * body)
+        else:
+            quic.send_stream_data(sid, frame_header(claim) + b"h" * body)
+    client.transmit()
+
+
+async def sample_peak(server: qp2p.Endpoint, seconds: float) -> tuple[int, int]:
+    """Largest bytes held by one connection, and by all, sampled every few ms."""
+    peak_one = peak_sum = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        held = [c._quic.held for c in list(server._live)]
+        peak_one = max(peak_one, *held, 0)
+        peak_sum = max(peak_sum, sum(held))
+        await asyncio.sleep(0.003)
+    return peak_one, peak_sum
+
+
+async def honest_exchange(server: qp2p.Endpoint, rounds: int = 10) -> None:
+    """An honest qp2p peer connects and exchanges messages and requests with ``server``."""
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
+        conn = await asyncio.wait_for(peer.connect_to(server.local_addr), 10)
+        accepted = None
+        while accepted is None:
+            candidate = await asyncio.wait_for(server.accept(), 10)
+            if candidate.peer_id == peer.peer_id:
+                accepted = candidate
+
+        async def echo() -> None:
+            async for msg in accepted:
+                if msg.is_request:
+                    await msg.reply(msg.payload)
+
+        echoing = asyncio.ensure_future(echo())
+        try:
+            for i in range(rounds):
+                body = b"honest %d " % i * 100
+                assert (await asyncio.wait_for(conn.request(body), 10)).payload == body
+                await asyncio.wait_for(conn.send(body), 10)
+        finally:
+            echoing.cancel()
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+async def test_stream_and_header_flood_held_within_max_buffered_bytes(impl: str) -> None:
+    """One peer opens every stream it may, each announcing a large message or leaving an
+    out-of-order hole, and never finishes any: we hold at most max_buffered_bytes for it,
+    reset its newest unfinished streams, and keep serving an honest peer."""
+    bound = 1 * MiB
+    cfg = qp2p.Config(max_message_size=256 * KiB, max_buffered_bytes=bound,
+                      max_concurrent_uni_streams=60, handshake_timeout=3.0)
+    server = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg)
+    async with server, attacker(server) as client:
+        victim = await asyncio.wait_for(server.accept(), 5)
+        # 60 streams x 200 KiB offered: 12 MiB against a 1 MiB bound
+        open_flood(client, 60, claim=256 * KiB - 16, body=200 * KiB, gap=100 * KiB)
+        peak_one, _ = await sample_peak(server, 1.5)
+        print(f"\n[{impl}] one attacker: peak held {peak_one} bytes (bound {bound}), "
+              f"streams reset {victim.stats()['streams_rejected']}")
+        assert peak_one <= bound
+        assert peak_one >= bound // 2  # the attack did press against the bound
+        assert wire.ERR_BUFFER_FULL in set(client.stopped.values())
+        assert victim.stats()["streams_rejected"] >= 1
+        assert not victim.is_closed
+        await honest_exchange(server)
+
+
+async def test_flooding_peers_capped_endpoint_wide(impl: str) -> None:
+    """Three flooding peers together hold no more than max_endpoint_buffered_bytes (plus
+    the initial credit every connection keeps), and an honest peer still gets through."""
+    per_conn, endpoint_cap = 2 * MiB, 3 * MiB
+    cfg = qp2p.Config(max_message_size=512 * KiB, max_buffered_bytes=per_conn,
+                      max_endpoint_buffered_bytes=endpoint_cap,
+                      max_concurrent_uni_streams=40, handshake_timeout=3.0)
+    server = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg)
+    async with server, contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(attacker(server)) for _ in range(3)]
+        for client in clients:
+            open_flood(client, 40, claim=512 * KiB - 16, body=400 * KiB, gap=100 * KiB)
+        sampler = asyncio.ensure_future(sample_peak(server, 2.0))
+        await asyncio.sleep(0.5)
+        await honest_exchange(server)  # while the flood presses
+        peak_one, peak_sum = await sampler
+        slack = 4 * engine.INITIAL_MAX_DATA  # 3 attackers + the honest peer
+        print(f"\n[{impl}] three attackers: peak held {peak_sum} bytes in all, "
+              f"{peak_one} in one (caps {endpoint_cap} + {slack}, {per_conn})")
+        assert peak_one <= per_conn
+        assert peak_sum <= endpoint_cap + slack
+        assert peak_sum >= endpoint_cap // 2
+        assert server._budget.reserved <= endpoint_cap + slack
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+async def test_max_connections_refusal_is_a_clear_connection_error(impl: str) -> None:
+    cfg = qp2p.Config(max_connections=2, handshake_timeout=3.0)
+    quick = qp2p.Config(handshake_timeout=2.0, retry=qp2p.RetryConfig(
+        initial_interval=0.05, max_interval=0.1, max_elapsed_time=0.3))
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        peers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=quick) for _ in range(3)]
+        try:
+            for peer in peers[:2]:
+                await peer.connect_to(server.local_addr)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(qp2p.ConnectionError) as info:
+                await peers[2].connect_to(server.local_addr)
+            elapsed = loop.time() - started
+            text = f"{info.value} <- {info.value.__cause__}"
+            assert "max_connections" in text, text
+            assert elapsed < quick.handshake_timeout  # refused, not left to time out
+            assert server.stats_counters["handshakes_refused"] >= 1
+            assert len(server._live) == 2
+        finally:
+            for peer in peers:
+                await peer.close()
+
+
+async def test_per_address_limit_refuses_raw_clients(impl: str) -> None:
+    """A raw aioquic client opening connection after connection from one address gets
+    CONNECTION_REFUSED beyond max_connections_per_ip; others are still served."""
+    cfg = qp2p.Config(max_connections_per_ip=3, handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        host, port = server.local_addr
+        async with contextlib.AsyncExitStack() as stack:
+            outcomes: list[str] = []
+            for _ in range(5):
+                try:
+                    await asyncio.wait_for(stack.enter_async_context(
+                        connect(host, port, configuration=raw_client_config())), 3)
+                    outcomes.append("connected")
+                except ConnectionError:
+                    outcomes.append("refused")
+            assert outcomes == ["connected"] * 3 + ["refused"] * 2
+            assert server.stats_counters["handshakes_refused"] == 2
+            # a peer from another address still gets in
+            async with await qp2p.Endpoint.bind(("127.0.0.2", 0), config=FAST) as other:
+                conn = await other.connect_to(server.local_addr)
+                await conn.send(b"from elsewhere")
+
+
+def client_initials(count: int, server_addr: tuple[str, int]) -> list[bytes]:
+    """``count`` genuine first Initials from fresh aioquic clients (distinct DCIDs)."""
+    out = []
+    for _ in range(count):
+        quic = QuicConnection(configuration=raw_client_config())
+        quic.connect(server_addr, now=0.0)
+        (datagram, _), *_ = quic.datagrams_to_send(now=0.0)
+        out.append(datagram)
+    return out
+
+
+async def test_half_open_handshakes_time_out(impl: str) -> None:
+    cfg = qp2p.Config(handshake_timeout=0.5)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for datagram in client_initials(5, server.local_addr):
+                sock.sendto(datagram, server.local_addr)  # ... and never answer
+            for _ in range(100):
+                if len(server._half_open) == 5:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server._half_open) == 5
+            await asyncio.sleep(0.8)
+            assert not server._half_open and not server._live
+            assert server.stats_counters["handshakes_timed_out"] == 5
+        finally:
+            sock.close()
+        await honest_exchange(server, rounds=2)
+
+
+# ---------------------------------------------------------------------------- amplification
+
+
+def big_identity() -> qp2p.Identity:
+    """A P-256 identity whose certificate carries enough names that the server's first
+    flight is many times the client's Initial."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "amplification")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(f"name-{i:04d}.amplification.test") for i in range(300)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return qp2p.Identity.from_pem(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+async def test_anti_amplification_before_address_validation(impl: str) -> None:
+    """To an address that sent one Initial and nothing more, the endpoint sends at most
+    three times what it received (RFC 9000 §8.1), even though its flight is larger."""
+    identity = big_identity()
+    cert_size = len(identity.chain[0].public_bytes(serialization.Encoding.DER))
+    cfg = qp2p.Config(handshake_timeout=2.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg,
+                                        identity=identity) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            (initial,) = client_initials(1, server.local_addr)
+            sock.sendto(initial, server.local_addr)
+            received = 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5  # long enough for the server's retransmissions too
+            while loop.time() < end:
+                try:
+                    received += len(sock.recv(65536))
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            print(f"\n[{impl}] sent {len(initial)} bytes, got {received} back "
+                  f"(certificate {cert_size} bytes)")
+            assert cert_size > 3 * len(initial)  # the flight cannot fit in the allowance
+            assert 0 < received <= 3 * len(initial)
+        finally:
+            sock.close()
+        # a real client still completes the handshake (the limit lifts once it answers)
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
+            conn = await peer.connect_to(server.local_addr)
+            assert conn.peer_id == identity.peer_id
+
+
+# ---------------------------------------------------------------------------- spoofing
+
+
+def spoofed_udp(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    """An IPv4/UDP packet from an address we do not own (the kernel fills the checksum)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP,
+                     0, socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + udp
+
+
+@pytest.mark.netns
+@pytest.mark.one_loop
+@pytest.mark.parametrize("mode", ["required", "under_load"])
+async def test_spoofed_initial_flood_costs_no_state(lab: Lab, impl: str, mode: str) -> None:
+    """10,000 genuine-looking Initials from spoofed sources (raw packets from another
+    namespace, 198.19.128.0/17): with address validation required every one is answered
+    with a stateless Retry and no connection state is kept; without it, Retry takes over
+    once ``address_validation_threshold`` handshakes are open, and those time out."""
+    net = two_hosts(lab)
+    net.b.route("198.19.128.0/17", via=net.a)  # answers to the spoofed sources go to A
+    threshold = 16
+    cfg = qp2p.Config(require_address_validation=(mode == "required"),
+                      address_validation_threshold=threshold, handshake_timeout=1.0)
+    with net.b.entered():
+        server = await qp2p.Endpoint.bind((net.b.addr, 0), config=cfg)
+    raw = net.a.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        dst, dport = server.local_addr
+        initials = client_initials(200, (dst, dport))
+        count, peak_half_open = 10_000, 0
+        for i in range(count):
+            src = f"198.19.{128 + i // 250}.{i % 250 + 1}"
+            raw.sendto(spoofed_udp(src, 1024 + i, dst, dport, initials[i % len(initials)]),
+                       (dst, 0))
+            if i % 50 == 49:  # let the endpoint drain its socket
+                await asyncio.sleep(0.001)
+                peak_half_open = max(peak_half_open, len(server._half_open))
+        for _ in range(200):  # until the last datagrams are handled
+            before = server.stats_counters["datagrams_received"]
+            await asyncio.sleep(0.02)
+            if server.stats_counters["datagrams_received"] == before:
+                break
+        stats = dict(server.stats_counters)
+        print(f"\n[{impl}/{mode}] {count} spoofed Initials: received "
+              f"{stats['datagrams_received']}, Retry sent {stats['retries_sent']}, "
+              f"peak half-open {peak_half_open}, live now {len(server._live)}")
+        assert stats["datagrams_received"] >= count // 2  # the flood did arrive
+        if mode == "required":
+            assert stats["retries_sent"] == stats["datagrams_received"]
+            assert peak_half_open == 0 and not server._live and not server._half_open
+        else:
+            assert 0 < peak_half_open <= threshold
+            # the rest got a Retry, except replays of the open handshakes' own Initials
+            replays = threshold * (count // len(initials))
+            assert stats["retries_sent"] >= stats["datagrams_received"] - replays
+            await asyncio.sleep(cfg.handshake_timeout + 0.3)
+            assert not server._live and not server._half_open  # the half-open timed out
+        # an honest peer with a real address still gets in
+        with net.a.entered():
+            peer = await qp2p.Endpoint.bind((net.a.addr, 0), config=FAST)
+        try:
+            conn = await asyncio.wait_for(peer.connect_to(server.local_addr), 10)
+            await conn.send(b"hello after the flood")
+            got = await asyncio.wait_for(server.accept(), 5)
+            assert (await asyncio.wait_for(got.recv(), 5)).payload == b"hello after the flood"
+        finally:
+            await peer.close()
+    finally:
+        raw.close()
+        await server.close()
