@@ -33,3 +33,21 @@ def test_config_bounds() -> None:
             qp2p.Config(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         qp2p.RetryConfig(initial_interval=20, max_interval=10)
+
+
+def test_hardening_limits_validated() -> None:
+    cfg = qp2p.Config()
+    assert cfg.max_buffered_bytes >= cfg.max_message_size + 16
+    assert cfg.max_endpoint_buffered_bytes >= cfg.max_buffered_bytes
+    for bad in (
+        {"max_buffered_bytes": 2**20},  # smaller than one largest message
+        {"max_endpoint_buffered_bytes": 2**20},
+        {"max_connections_per_ip": 0},
+        {"address_validation_threshold": -1},
+        {"max_connections_per_ip": True},
+    ):
+        with pytest.raises(ValueError):
+            qp2p.Config(**bad)
+    small = qp2p.Config(max_message_size=1000, max_buffered_bytes=1016,
+                        max_endpoint_buffered_bytes=1016)
+    assert small.max_buffered_bytes == 1016

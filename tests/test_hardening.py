@@ -382,3 +382,4 @@ async def test_spoofed_initial_flood_costs_no_state(lab: Lab, impl: str, mode: s
     finally:
         raw.close()
         await server.close()
+
