@@ -283,7 +283,7 @@ class FrameAssembler:
             if state == _COMPLETE:
                 raise self._fail(f"{avail} bytes after the end of the frame")
             need = self._total - self._received
-            if avail > need + 1:
+            if avail > need:
                 raise self._fail(f"{avail - need} bytes after the end of the frame")
             parts = self._parts
             if pos == 0 and self._seg_left >= n:
