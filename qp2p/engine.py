@@ -352,13 +352,17 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     aioquic treats data as consumed the moment it hands it over and doubles MAX_DATA on
     its own, so a peer could fill our memory with half-sent messages or out-of-order
-    gaps. Here MAX_DATA is ``released + receive_window``: ``released`` counts the stream
+    gaps. Here MAX_DATA is ``released + window`` (``window`` growing to
+    ``receive_window``): ``released`` counts the stream
     bytes whose memory we gave back (messages the application read, control frames
     handled, rejected or reset streams), so everything received and not yet released
     (``held``) stays within ``receive_window``, and the endpoint's ``budget`` caps the sum.
     """
 
     receive_window: int = 16 * 2**20
+    #: the window in force: starts small and doubles while the peer keeps using most of
+    #: it, up to ``receive_window``, so idle connections reserve little of the budget
+    window: int = INITIAL_MAX_DATA
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
@@ -376,7 +380,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        want = self.released + self.receive_window - max_data.value
+        window = self.window
+        if window < self.receive_window and max_data.value - max_data.used < window // 2:
+            window = self.window = min(2 * window, self.receive_window)
+        want = self.released + window - max_data.value
         if want > 0:
             if self.budget is not None:
                 want = self.budget.grant(self.owner, want, max_data.value - self.released)
@@ -419,6 +426,7 @@ def new_client(
         configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
     )
     quic.receive_window = config.max_buffered_bytes
+    quic.window = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     set_stream_limits(quic, config)
     return quic
 
@@ -439,6 +447,7 @@ def new_server(
         retry_source_connection_id=retry_scid,
     )
     quic.receive_window = config.max_buffered_bytes
+    quic.window = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     set_stream_limits(quic, config)
     return quic
 

@@ -383,3 +383,30 @@ async def test_spoofed_initial_flood_costs_no_state(lab: Lab, impl: str, mode: s
         raw.close()
         await server.close()
 
+
+
+async def test_idle_connections_reserve_little_of_the_budget(impl: str) -> None:
+    """The receive window starts at 256 KiB and grows only while the peer uses it, so
+    idle connections hold little of the endpoint's budget and a busy one still speeds up."""
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        peers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(8)]
+        try:
+            conns = [await p.connect_to(server.local_addr) for p in peers]
+            for conn in conns:
+                await conn.send(b"hello")
+            accepted = [await asyncio.wait_for(server.accept(), 5) for _ in conns]
+            for conn in accepted:
+                await asyncio.wait_for(conn.recv(), 5)
+            assert server._budget.reserved <= len(conns) * engine.INITIAL_MAX_DATA
+            busy = conns[0]
+            receiver = next(c for c in accepted if c.peer_id == peers[0].peer_id)
+            sizes = [1 * MiB] * 8
+            sending = asyncio.ensure_future(asyncio.gather(*(busy.send(b"b" * n) for n in sizes)))
+            got = [await asyncio.wait_for(receiver.recv(), 20) for _ in sizes]
+            await asyncio.wait_for(sending, 20)
+            assert [len(m.payload) for m in got] == sizes
+            assert receiver._quic.window > engine.INITIAL_MAX_DATA  # it grew with use
+            assert receiver._quic.window <= FAST.max_buffered_bytes
+        finally:
+            for p in peers:
+                await p.close()
