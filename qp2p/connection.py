@@ -34,6 +34,8 @@ Frame = tuple[int, bytes, bytes, bytes]
 LARGE_FRAME = 64 * 1024
 #: Received unreliable datagrams kept for ``recv_datagram`` before the oldest are dropped.
 DATAGRAM_QUEUE_LIMIT = 4096
+#: Credit below which a connection the endpoint's budget starves counts as stalled.
+STALL_CREDIT = 4096
 
 
 class Message:
@@ -131,6 +133,7 @@ class Connection:
         # streams we rejected whose FIN/reset hasn't arrived yet -> bytes seen on them: their
         # data is dropped, but counts as held until the stream ends (flow control)
         self._rejected: dict[int, int] = {}
+        self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_signal = Signal(self._loop)
         # flow control (see engine.FlowControlledQuicConnection): bytes released since the
@@ -366,12 +369,14 @@ class Connection:
                 if self._unacked_bytes >= self._max_pending and self._unacked:
                     break
                 head = queue[0]
-                if (
-                    head.size > LARGE_FRAME
-                    and self._last_large >= 0
-                    and engine.unsent_bytes(quic, self._last_large) > LARGE_FRAME
-                ):
-                    break  # one large message at a time: see LARGE_FRAME
+                if head.size > LARGE_FRAME:
+                    if (
+                        self._last_large >= 0
+                        and engine.unsent_bytes(quic, self._last_large) > LARGE_FRAME
+                    ):
+                        break  # one large message at a time: see LARGE_FRAME
+                elif not self._credit_covers(head.size):
+                    break
                 pending = queue.popleft()
                 if pending.future.done():  # cancelled while queued
                     continue
@@ -389,6 +394,22 @@ class Connection:
                     self._requests[stream_id] = pending.future
         if wrote:
             self._endpoint._mark_dirty(self)
+
+    def _credit_covers(self, size: int) -> bool:
+        """Whether the peer's flow-control credit covers a small message of ``size`` bytes
+        on top of what the open small streams still have to send. Starting more than
+        that would leave several messages half-sent, each waiting for credit the
+        receiver only returns once one completes (it then resets the newest). The one
+        large message in flight is not counted: it streams as credit comes."""
+        quic = self._quic
+        left = engine.send_credit(quic)
+        if left >= size + self._unacked_bytes and not self._requests:
+            return True  # the common case, without looking at each stream
+        unsent = 0
+        for sid in (*self._unacked, *self._requests):
+            if sid != self._last_large:
+                unsent += engine.unsent_bytes(quic, sid)
+        return unsent == 0 or left >= unsent + size
 
     def _cancel_send(self, pending: _PendingSend) -> None:
         """The user gave up on a message: drop it, or reset its stream if already started."""
@@ -438,6 +459,8 @@ class Connection:
         if assembler is None and self._rejected and sid in self._rejected:
             if fin:  # the stream is over: nothing of it is held any more
                 self._release(self._rejected.pop(sid) + len(data))
+                if sid == self._shed_pending:
+                    self._shed_pending = None
             else:
                 self._rejected[sid] += len(data)
             return
@@ -467,14 +490,18 @@ class Connection:
         if frame is not None:
             self._on_frame(sid, frame, size)
 
-    def _relieve_buffer(self) -> None:
-        """Called when the receive window is full. If nothing waits for ``recv()``, no
-        read can free credit: only unfinished streams (half-sent messages, out-of-order
-        data) hold it. Reset the newest of them, keeping the oldest so it can complete;
-        its bytes are released when the peer answers with RESET_STREAM. A qp2p sender
-        never gets here: it starts large messages one at a time and the window fits the
-        largest."""
-        if self._inbox or self._closed is not None:
+    def _check_receive_stall(self) -> None:
+        """Called by the endpoint after a burst of packets. When the peer cannot send
+        more (the bound is reached, or the endpoint's budget has nothing left for us) and
+        nothing waits for ``recv()``, no read can free credit: only unfinished streams
+        (half-sent messages, out-of-order data) hold it. Reset the newest of them, keeping
+        the oldest so it can complete; its bytes are released when the peer answers with
+        RESET_STREAM. Between qp2p peers this happens only under memory pressure: a sender
+        starts large messages one at a time and the bound fits the largest."""
+        quic = self._quic
+        if self._inbox or self._closed is not None or self._shed_pending:
+            return  # (one at a time: the last one's bytes may be all the others need)
+        if quic.held < self._window and not (quic.credit_left() < STALL_CREDIT and quic.starved()):
             return
         candidates = [
             sid for sid in engine.receiving_streams(self._quic) if sid not in self._rejected
@@ -482,6 +509,7 @@ class Connection:
         if len(candidates) < 2:
             return
         sid = max(candidates)
+        self._shed_pending = sid
         assembler = self._assemblers.pop(sid, None)
         self._rejected[sid] = assembler.buffered if assembler is not None else 0
         self._reject(
@@ -528,7 +556,9 @@ class Connection:
         if self._budgeted:
             self._endpoint._release_budget(nbytes)
         self._unannounced += nbytes
-        if self._unannounced >= self._window_step:  # tell the peer it may send more
+        # tell the peer it may send more: in batches, but at once when it is nearly blocked
+        # (a blocked peer sends nothing we would answer with a packet)
+        if self._unannounced >= self._window_step or self._quic.credit_low():
             self._unannounced = 0
             self._endpoint._mark_dirty(self)
 
@@ -558,6 +588,8 @@ class Connection:
         # everything the stream counted against flow control is gone: what we were
         # assembling, what we were dropping, and what never arrived below its final size
         nbytes = engine.undelivered_bytes(self._quic, sid) + self._rejected.pop(sid, 0)
+        if sid == self._shed_pending:
+            self._shed_pending = None
         assembler = self._assemblers.pop(sid, None)
         if assembler is not None:
             nbytes += assembler.buffered

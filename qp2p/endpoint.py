@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import itertools
 import logging
 import socket
 import time
@@ -50,6 +51,10 @@ TIMER_GRANULARITY = 0.001
 #: The engine's clock. Not ``loop.time()``: uvloop caches it in whole milliseconds, which
 #: turns aioquic's microsecond pacing into millisecond stalls.
 _now = time.monotonic
+#: A connection starved by the endpoint's receive budget is woken once this much is free,
+#: a few at a time.
+WAKE_STARVED_BYTES = 64 * 2**10
+WAKE_STARVED_AT_ONCE = 8
 #: How long ``close()`` waits for the CONNECTION_CLOSE frames to leave the socket.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -426,8 +431,7 @@ class Endpoint:
             if not conn._terminated:
                 if not conn._established and conn._handshake_done:
                     self._maybe_established(conn)
-                if conn._quic.held >= conn._window:
-                    conn._relieve_buffer()
+                conn._check_receive_stall()
                 conn._check_acks()
                 self._check_engine_closed(conn)
         self._flush()
@@ -545,10 +549,12 @@ class Endpoint:
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
         budget.release(nbytes)
-        if budget.starved:  # connections waiting for credit may get some now
-            starved = list(budget.starved)
-            budget.starved.clear()
-            for conn in starved:
+        # connections waiting for credit may get some now: wake a few, oldest first, once
+        # there is enough to be worth a packet (not the whole herd on every read)
+        starved = budget.starved
+        if starved and budget.limit - budget.reserved >= WAKE_STARVED_BYTES:
+            for conn in list(itertools.islice(starved, WAKE_STARVED_AT_ONCE)):
+                del starved[conn]
                 if conn._budgeted:
                     self._mark_dirty(conn)
 

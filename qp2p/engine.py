@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import struct
+import time
 from typing import Any, NamedTuple
 
 from aioquic import tls
@@ -64,6 +65,9 @@ CID_LENGTH = 8
 INITIAL_MAX_DATA = 256 * 2**10
 #: How long a Retry token stays valid (seconds): one round trip is all it needs.
 RETRY_TOKEN_LIFETIME = 10.0
+#: The most credit a peer gets ahead of what it sent (a bandwidth-delay product: 4 MiB
+#: per round trip is 400 MiB/s at 10 ms); what it may make us hold is a separate bound.
+MAX_CREDIT = 4 * 2**20
 #: Smallest UDP payload that may carry a client's first Initial (RFC 9000 §14.1).
 MIN_INITIAL_SIZE = 1200
 
@@ -110,6 +114,12 @@ def send_finished(quic: QuicConnection, stream_id: int) -> bool:
     if stream is None:
         return True
     return bool(stream.sender.is_finished)
+
+
+def send_credit(quic: QuicConnection) -> int:
+    """Bytes the peer's connection-level flow control lets us send now."""
+    left: int = quic._remote_max_data - quic._remote_max_data_used
+    return left
 
 
 def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
@@ -352,17 +362,20 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     aioquic treats data as consumed the moment it hands it over and doubles MAX_DATA on
     its own, so a peer could fill our memory with half-sent messages or out-of-order
-    gaps. Here MAX_DATA is ``released + window`` (``window`` growing to
-    ``receive_window``): ``released`` counts the stream
-    bytes whose memory we gave back (messages the application read, control frames
-    handled, rejected or reset streams), so everything received and not yet released
-    (``held``) stays within ``receive_window``, and the endpoint's ``budget`` caps the sum.
+    gaps. Here MAX_DATA never goes past ``released + receive_window``: ``released`` counts
+    the stream bytes whose memory we gave back (messages the application read, control
+    frames handled, rejected or reset streams), so everything received and not yet
+    released (``held``) stays within ``receive_window``. Within that, the peer gets
+    ``credit`` bytes ahead of what it sent: it starts small and doubles when the peer
+    uses half of it within a round trip, up to ``MAX_CREDIT``, so an idle connection reserves little
+    of the endpoint's ``budget`` (which caps the sum of what all peers may make us hold).
     """
 
     receive_window: int = 16 * 2**20
-    #: the window in force: starts small and doubles while the peer keeps using most of
-    #: it, up to ``receive_window``, so idle connections reserve little of the budget
-    window: int = INITIAL_MAX_DATA
+    credit: int = INITIAL_MAX_DATA
+    max_credit: int = MAX_CREDIT
+    _credit_mark = 0  # bytes received when the credit's use was last measured, and when
+    _credit_mark_time = 0.0
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
@@ -373,6 +386,20 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         used: int = self._local_max_data.used
         return used - self.released
 
+    def credit_left(self) -> int:
+        """How many more bytes the peer may send now."""
+        max_data = self._local_max_data
+        left: int = max_data.value - max_data.used
+        return left
+
+    def credit_low(self) -> bool:
+        """The peer has less than half its credit left: worth announcing more."""
+        return self.credit_left() < self.credit // 2
+
+    def starved(self) -> bool:
+        """The endpoint's budget could not give us the credit we wanted."""
+        return self.budget is not None and self.owner in self.budget.starved
+
     def reservation(self) -> int:
         """What the peer may still make us hold: granted credit minus released bytes."""
         value: int = self._local_max_data.value
@@ -380,10 +407,17 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        window = self.window
-        if window < self.receive_window and max_data.value - max_data.used < window // 2:
-            window = self.window = min(2 * window, self.receive_window)
-        want = self.released + window - max_data.value
+        credit = self.credit
+        if credit < self.max_credit and max_data.used - self._credit_mark >= credit // 2:
+            # the peer used half its credit: if that took less than a round trip, the
+            # credit (not the network) is what limits it, so double it
+            now = time.monotonic()
+            loss = self._loss
+            if loss._rtt_initialized and now - self._credit_mark_time < loss._rtt_smoothed:
+                credit = self.credit = min(2 * credit, self.max_credit)
+            self._credit_mark, self._credit_mark_time = max_data.used, now
+        target = min(self.released + self.receive_window, max_data.used + credit)
+        want = target - max_data.value
         if want > 0:
             if self.budget is not None:
                 want = self.budget.grant(self.owner, want, max_data.value - self.released)
@@ -426,7 +460,8 @@ def new_client(
         configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
     )
     quic.receive_window = config.max_buffered_bytes
-    quic.window = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
+    quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
+    quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
     set_stream_limits(quic, config)
     return quic
 
@@ -447,7 +482,8 @@ def new_server(
         retry_source_connection_id=retry_scid,
     )
     quic.receive_window = config.max_buffered_bytes
-    quic.window = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
+    quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
+    quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
     set_stream_limits(quic, config)
     return quic
 

@@ -25,6 +25,7 @@ import qp2p
 from qp2p import engine, wire
 from tests.conftest import FAST
 from tests.netlab import Lab, two_hosts
+from tests.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 
@@ -386,27 +387,83 @@ async def test_spoofed_initial_flood_costs_no_state(lab: Lab, impl: str, mode: s
 
 
 async def test_idle_connections_reserve_little_of_the_budget(impl: str) -> None:
-    """The receive window starts at 256 KiB and grows only while the peer uses it, so
-    idle connections hold little of the endpoint's budget and a busy one still speeds up."""
+    """A peer's credit starts at 256 KiB and grows only while the peer runs out of it, so
+    idle connections hold little of the endpoint's budget and a busy one on a long path
+    still speeds up."""
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        relay = UdpRelay(("127.0.0.1", 0), server.local_addr, delay_ms=50)
+        await relay.start()
         peers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(8)]
         try:
-            conns = [await p.connect_to(server.local_addr) for p in peers]
+            conns = [await p.connect_to(server.local_addr) for p in peers[1:]]
+            busy = await peers[0].connect_to(relay.address)  # 100 ms round trips
             for conn in conns:
                 await conn.send(b"hello")
-            accepted = [await asyncio.wait_for(server.accept(), 5) for _ in conns]
+            accepted = [await asyncio.wait_for(server.accept(), 5) for _ in range(len(peers))]
             for conn in accepted:
-                await asyncio.wait_for(conn.recv(), 5)
-            assert server._budget.reserved <= len(conns) * engine.INITIAL_MAX_DATA
-            busy = conns[0]
+                if conn.peer_id != peers[0].peer_id:
+                    await asyncio.wait_for(conn.recv(), 5)
+            assert server._budget.reserved <= len(peers) * engine.INITIAL_MAX_DATA
             receiver = next(c for c in accepted if c.peer_id == peers[0].peer_id)
-            sizes = [1 * MiB] * 8
+            sizes = [1 * MiB] * 6
             sending = asyncio.ensure_future(asyncio.gather(*(busy.send(b"b" * n) for n in sizes)))
-            got = [await asyncio.wait_for(receiver.recv(), 20) for _ in sizes]
-            await asyncio.wait_for(sending, 20)
+            got = [await asyncio.wait_for(receiver.recv(), 30) for _ in sizes]
+            await asyncio.wait_for(sending, 30)
             assert [len(m.payload) for m in got] == sizes
-            assert receiver._quic.window > engine.INITIAL_MAX_DATA  # it grew with use
-            assert receiver._quic.window <= FAST.max_buffered_bytes
+            assert receiver._quic.credit > engine.INITIAL_MAX_DATA  # it grew when needed
+            assert receiver._quic.credit <= engine.MAX_CREDIT
+        finally:
+            for p in peers:
+                await p.close()
+            relay.close()
+
+
+async def test_peers_starved_by_the_endpoint_budget_still_finish(impl: str) -> None:
+    """With an endpoint budget far below what the peers offer and a slow reader, credit
+    comes back as the application reads: nothing hangs, and every send either returns
+    and its message arrives exactly once, or raises MessageRejected (its stream reset when
+    unfinished messages alone filled a starved connection)."""
+    cfg = qp2p.Config(max_message_size=64 * KiB, max_buffered_bytes=512 * KiB,
+                      max_endpoint_buffered_bytes=512 * KiB, handshake_timeout=3.0)
+    count, size = 40, 60 * KiB
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        peers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(4)]
+        try:
+            conns = [await p.connect_to(server.local_addr) for p in peers]
+            returned: set[bytes] = set()
+            rejected: set[bytes] = set()
+
+            async def send(conn: qp2p.Connection, tag: bytes) -> None:
+                try:
+                    await conn.send(tag * (size // 2))
+                    returned.add(tag)
+                except qp2p.MessageRejected:
+                    rejected.add(tag)
+
+            sending = asyncio.ensure_future(asyncio.gather(
+                *(send(c, bytes([i, k])) for i, c in enumerate(conns) for k in range(count))))
+            accepted = [await asyncio.wait_for(server.accept(), 5) for _ in conns]
+            arrived: list[bytes] = []
+
+            async def slow_reader(conn: qp2p.Connection) -> None:
+                while True:
+                    arrived.append((await conn.recv()).payload[:2])
+                    await asyncio.sleep(0.002)
+
+            readers = [asyncio.ensure_future(slow_reader(c)) for c in accepted]
+            await asyncio.wait_for(sending, 30)
+            for _ in range(200):
+                if len(arrived) >= len(returned):
+                    break
+                await asyncio.sleep(0.01)
+            for reader in readers:
+                reader.cancel()
+            print(f"\n[{impl}] starved peers: {len(returned)} sent, {len(rejected)} rejected, "
+                  f"{len(arrived)} arrived")
+            assert len(returned) + len(rejected) == count * len(conns)
+            assert sorted(arrived) == sorted(returned)  # exactly once, nothing else
+            assert server._budget.reserved <= (cfg.max_endpoint_buffered_bytes
+                                               + len(conns) * engine.INITIAL_MAX_DATA)
         finally:
             for p in peers:
                 await p.close()
