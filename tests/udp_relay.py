@@ -208,8 +208,9 @@ class UdpRelay:
         c = self._clients.get(addr)
         if c is None:
             assert self._loop is not None
+            # unconnected: a connected UDP socket gets ICMP errors while the target is down,
+            # and uvloop stops polling a socket after its first error
             s = self._new_socket(self._family)
-            s.connect(self.target)
             c = _Client(addr, s)
             self._clients[addr] = c
             self._loop.add_reader(s.fileno(), self._on_upstream_readable, c)
@@ -237,18 +238,20 @@ class UdpRelay:
             except OSError:  # e.g. ICMP port unreachable from a gone client
                 continue
             c = self._client_for(addr[:2])
-            self._impair(data, self.up_impairment, self.upstream, c.sock.send, None)
+            self._impair(data, self.up_impairment, self.upstream, c.sock.sendto, self.target)
 
     def _on_upstream_readable(self, c: _Client) -> None:
         assert self._sock is not None
         sendto = self._sock.sendto
         for _ in range(_BATCH):
             try:
-                data = c.sock.recv(_MAX_DATAGRAM)
+                data, source = c.sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # ECONNREFUSED: the target is not listening (yet)
+            except OSError:
                 continue
+            if source[:2] != self.target[:2]:
+                continue  # only the target's answers go back to the client
             c.last_seen = time.monotonic()
             self._impair(data, self.down_impairment, self.downstream, sendto, c.addr)
 
