@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml setup.py
 
 $(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd
 	$(BIN)/python setup.py -q build_ext --inplace
+	@touch $@
 
 build: $(EXT)
 

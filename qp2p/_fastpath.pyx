@@ -467,10 +467,11 @@ cdef class FrameAssembler:
         cdef Py_ssize_t want = self._lens[seg]
         if need <= cap:
             return 0
-        # Grow geometrically (amortised linear copying), never past the segment.
+        # Grow geometrically (amortised linear copying), never past the segment; start
+        # small, so a flood of streams that each send a few bytes costs a few bytes each.
         cap = cap * 2
-        if cap < 65536:
-            cap = 65536
+        if cap < 1024:
+            cap = 1024
         if cap < need:
             cap = need
         if cap > want:

@@ -408,7 +408,10 @@ class Endpoint:
             for data, addr in batch:
                 conn = table.lookup(data)
                 if conn is None:
-                    self._on_unknown(data, addr, now)
+                    try:
+                        self._on_unknown(data, addr, now)
+                    except Exception:  # a bug for one datagram must not stop the endpoint
+                        logger.exception("error handling a new datagram from %s", addr)
                     continue
                 quic = conn._quic
                 stats = conn._stats
@@ -462,7 +465,9 @@ class Endpoint:
         version, is_initial, dcid, scid = header.version, header.is_initial, header.dcid, \
             header.scid
         if version not in self._versions:
-            if version != 0:
+            # RFC 9000 §5.2.2: no Version Negotiation for datagrams too small to be a
+            # first Initial (and so no reflection amplifier)
+            if version != 0 and len(data) >= engine.MIN_INITIAL_SIZE:
                 self.stats_counters["version_negotiations"] += 1
                 self._send_raw(engine.version_negotiation(dcid, scid), addr)
             return
@@ -509,8 +514,13 @@ class Endpoint:
         conn = Connection(self, quic, addr, is_client=False)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
-        quic.receive_datagram(data, addr, now)
-        if not engine.accepted_any_packet(quic):
+        try:
+            quic.receive_datagram(data, addr, now)
+            accepted = engine.accepted_any_packet(quic)
+        except Exception:
+            accepted = False
+            logger.exception("error handling a first Initial from %s", addr)
+        if not accepted:
             # not a real Initial (it did not decrypt): keep no state for it
             self.stats_counters["dropped_unknown"] += 1
             self._table.remove(header.dcid)

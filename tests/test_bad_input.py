@@ -109,8 +109,11 @@ async def test_unknown_quic_version_gets_version_negotiation(impl: str) -> None:
             data = await asyncio.wait_for(recv(sock), 2)
             assert data[1:5] == b"\x00\x00\x00\x00"  # version 0: Version Negotiation
             assert data[6:14] == scid and data[15:23] == dcid
-            # junk and short-header packets for unknown connections are dropped silently
-            for junk in (b"\x40" + b"\x00" * 30, b"", b"\xff", packet[:20]):
+            # junk and short-header packets for unknown connections are dropped silently,
+            # and so is an unknown version in a datagram too small to be an Initial
+            # (RFC 9000 §5.2.2: no reflection amplifier)
+            for junk in (b"\x40" + b"\x00" * 30, b"", b"\xff", packet[:20], packet[:1199],
+                         bytes([0xC0]) + struct.pack(">I", 0x1A2A3A4A) + b"\x00\x00\x00\x00"):
                 sock.sendto(junk, server.local_addr)
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(recv(sock), 0.3)

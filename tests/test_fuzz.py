@@ -415,8 +415,26 @@ def test_fuzzed_claims_memory_follows_arrival(claim: tuple[int, ...], sizes: lis
 
         peak = traced_peak(feed_all)
         assert asm.buffered == 16 + fed
-        # at most one 64 KiB starting buffer per segment plus geometric slack
-        assert peak < 3 * fed + 3 * 64 * KIB + 32 * KIB, (mod.__name__, peak, fed)
+        # at most a 1 KiB starting buffer per segment plus geometric slack
+        assert peak < 3 * fed + 3 * KIB + 32 * KIB, (mod.__name__, peak, fed)
+
+
+@pytest.mark.parametrize("mod", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_many_streams_of_a_few_bytes_cost_a_few_bytes_each(mod: ModuleType) -> None:
+    """A peer opening hundreds of streams that each send a header claiming a large
+    message and one byte of it makes us allocate about that, not a buffer per claim."""
+    head = frame_header(0, 0, 16 * 2**20)
+    assemblers: list[Any] = []
+
+    def open_streams() -> None:
+        for _ in range(300):
+            asm = mod.FrameAssembler(1 << 40)
+            assert asm.feed(head, False) is None
+            assert asm.feed(b"x", False) is None
+            assemblers.append(asm)
+
+    peak = traced_peak(open_streams)
+    assert peak < 300 * 2 * KIB, (mod.__name__, peak)
 
 
 # ----------------------------------------------------------------------------- datagrams
