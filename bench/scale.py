@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import ctypes
 import gc
 import json
@@ -147,6 +148,7 @@ async def server_main(args: argparse.Namespace) -> None:
             task.add_done_callback(tasks.discard)
 
     acceptor = asyncio.ensure_future(accept_all())
+    profiler: cProfile.Profile | None = None
     emit("ready", port=ep.local_addr[1], pid=os.getpid(), impl=qp2p.implementation)
     try:
         while True:
@@ -162,6 +164,15 @@ async def server_main(args: argparse.Namespace) -> None:
                     gc.collect()
                     status["traced"] = tracemalloc.get_traced_memory()[0]
                 emit("status", **status)
+            elif cmd["cmd"] == "profile":  # --profile: cProfile the server per load phase
+                if cmd["path"] is None:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                elif profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(cmd["path"])
+                    profiler = None
+                emit("profile")
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -445,6 +456,8 @@ async def load_phase(
     """Every client connection sends ``size``-byte messages for ``seconds``; meanwhile
     sample the server (messages, RSS) every second and probe its accept loop."""
     before = await server.ask("status", 10, cmd="status")
+    if args.profile:
+        await server.ask("profile", 10, cmd="profile", path=None)
     for c in clients:
         await c.send(cmd="load", size=size)
     for c in clients:
@@ -480,6 +493,8 @@ async def load_phase(
                 samples.append(st)
         cpu_s = cpu_server.stop()
         cpu_c = cpu_clients.stop()
+        if args.profile:
+            await server.ask("profile", 60, cmd="profile", path=f"{args.profile}.{size}")
         rss_load = rss_kib(server_pid)
         await asyncio.wait_for(probing, 60)  # the last probe in flight
     finally:
@@ -498,6 +513,8 @@ async def load_phase(
         if received >= sent or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
+    dgrams_in = after["endpoint"]["datagrams_received"] - before["endpoint"]["datagrams_received"]
+    dgrams_out = after["endpoint"]["datagrams_sent"] - before["endpoint"]["datagrams_sent"]
     rate = mib = None
     if len(samples) >= 2:
         first, last = samples[0], samples[-1]
@@ -525,6 +542,8 @@ async def load_phase(
         "server_cpu_wait_pct": cpu_server.wait_pct,
         "clients_cpu_pct": cpu_c,
         "clients_cpu_wait_pct": cpu_clients.wait_pct,
+        "server_datagrams_in_per_msg": dgrams_in / received if received else None,
+        "server_datagrams_out_per_msg": dgrams_out / received if received else None,
         "server_udp_queue_kib_max": queue_max / 1024,
         "server_udp_drops": udp_socket_state(addr[1])[1] - drops0,
         "server_rss_kib_end": rss_load,
@@ -709,7 +728,8 @@ def table(r: dict[str, Any]) -> str:
     if idle:
         add(("server RSS, N idle", f"{idle['server_rss_kib'] / 1024:.1f} MiB, {idle['open']} open; "
                                    f"CPU {idle['server_cpu_pct']:.1f}%"))
-        add(("memory per connection (RSS)", f"{idle['rss_kib_per_conn']:.1f} KiB"))
+        add(("memory per connection (RSS)", f"{idle['rss_kib_per_conn']:.1f} KiB"
+             + (" (inflated by tracemalloc's own records)" if "heap_kib_per_conn" in idle else "")))
         if "heap_kib_per_conn" in idle:
             add(("  Python heap per conn (tracemalloc)", f"{idle['heap_kib_per_conn']:.1f} KiB"))
     for ph in r.get("load", []):
@@ -724,6 +744,9 @@ def table(r: dict[str, Any]) -> str:
              f"server {ph['server_cpu_pct']:.0f}% (+{ph['server_cpu_wait_pct']:.0f}% waiting "
              f"for a CPU), clients {ph['clients_cpu_pct']:.0f}% "
              f"(+{ph['clients_cpu_wait_pct']:.0f}% waiting)"))
+        if ph["server_datagrams_in_per_msg"] is not None:
+            add(("  server datagrams per message", f"{ph['server_datagrams_in_per_msg']:.2f} in, "
+                                                   f"{ph['server_datagrams_out_per_msg']:.2f} out"))
         add(("  server UDP receive queue", f"{ph['server_udp_queue_kib_max']:.0f} KiB at most "
                                            f"(1 s samples), {ph['server_udp_drops']} dropped"))
         add(("  server RSS under load", f"{ph['server_rss_kib_max'] / 1024:.1f} MiB max = "
@@ -761,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a sender may take to finish its last send after the load")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace the server's Python heap (slows the server down)")
+    ap.add_argument("--profile", metavar="PATH",
+                    help="cProfile the server during each load phase into PATH.<size> "
+                         "(read with pstats; slows the server down)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="first wait (up to SECONDS) for the 1-minute load average < 1")
     ap.add_argument("--timeout", type=float, default=900.0, help="bound on the whole run")
