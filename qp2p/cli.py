@@ -744,11 +744,16 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
         count = 10_000
     window: int = args.window
     payload = os.urandom(size)
+    defaults = Config()
+    max_message = max(defaults.max_message_size, size + 64 + len(BENCH_HEADER))
+    buffered = max(defaults.max_buffered_bytes, max_message + 4 * 2**20)
     config = Config(
         idle_timeout=30.0,
         handshake_timeout=3.0,
         retry=RetryConfig(initial_interval=0.1, max_interval=1.0, max_elapsed_time=5.0),
-        max_message_size=max(Config().max_message_size, size + 64 + len(BENCH_HEADER)),
+        max_message_size=max_message,
+        max_buffered_bytes=buffered,
+        max_endpoint_buffered_bytes=max(defaults.max_endpoint_buffered_bytes, buffered),
     )
     endpoints: list[Endpoint] = []
     server: Server | None = None

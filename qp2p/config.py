@@ -72,10 +72,11 @@ class Config:
       hold: messages waiting for ``recv()``, messages still arriving, out-of-order data.
       QUIC flow control stops the peer there (its ``send()`` calls wait); if half-sent
       messages alone fill it while nothing waits for ``recv()``, the newest is reset
-      (the sender gets ``MessageRejected``). Must leave room for one largest message:
-      at least ``max_message_size + 16``.
+      (the sender gets ``MessageRejected``). Must leave room for one largest message and
+      the tail of the one before: at least ``max_message_size + 16 + 128 KiB``.
     - ``max_endpoint_buffered_bytes``: the same bound summed over all the endpoint's
-      connections; when it is reached, peers wait until the application reads.
+      connections (plus 256 KiB of credit each connection always keeps); when it is
+      reached, peers wait until the application reads.
     - ``max_connections``: the most connections one endpoint holds; further incoming
       handshakes are refused with CONNECTION_REFUSED (the dialler gets ``ConnectionError``).
     - ``max_connections_per_ip``: the most incoming connections from one IP address
@@ -133,11 +134,13 @@ class Config:
                 raise ValueError(f"{name} must be below 2**62")
         if self.max_message_size > 2**32 - 17:
             raise ValueError("max_message_size must be below 4 GiB (32-bit length fields)")
-        # a message larger than the receive buffer could never complete
-        if self.max_buffered_bytes < self.max_message_size + 16:
+        # room for one largest message and the tail of the previous large one (a sender
+        # starts the next when the last has under 64 KiB to go)
+        least = self.max_message_size + 16 + 128 * 2**10
+        if self.max_buffered_bytes < least:
             raise ValueError(
                 f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
-                f"max_message_size + 16 ({self.max_message_size + 16})"
+                f"max_message_size + 16 + 128 KiB ({least}): raise it with max_message_size"
             )
         if self.max_endpoint_buffered_bytes < self.max_buffered_bytes:
             raise ValueError("max_endpoint_buffered_bytes must be at least max_buffered_bytes")

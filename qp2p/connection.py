@@ -149,6 +149,10 @@ class Connection:
         # send side
         self._queue_uni: collections.deque[_PendingSend] = collections.deque()
         self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
+        self._queue_reply: collections.deque[_PendingSend] = collections.deque()
+        # streams we wrote that may still have bytes to put in packets -> frame size
+        self._sending: dict[int, int] = {}
+        self._sending_bytes = 0
         self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
         self._unacked_bytes = 0
         self._last_large = -1  # stream id of the newest large frame written
@@ -275,7 +279,9 @@ class Connection:
         out.update(engine.path_stats(self._quic))
         out["unacked_bytes"] = self._unacked_bytes
         out["buffered_bytes"] = self._quic.held
-        out["queued_messages"] = len(self._queue_uni) + len(self._queue_bidi)
+        out["queued_messages"] = (
+            len(self._queue_uni) + len(self._queue_bidi) + len(self._queue_reply)
+        )
         return out
 
     async def close(self, reason: str = "") -> None:
@@ -326,13 +332,10 @@ class Connection:
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future)
         pending.stream_id = stream_id
-        try:
-            self._quic.send_stream_data(stream_id, frame, end_stream=True)
-        except ValueError as exc:  # the requester reset or finished the stream
-            raise MessageRejected(f"cannot reply: {exc}") from None
-        self._unacked[stream_id] = pending
-        self._unacked_bytes += pending.size
-        self._endpoint._mark_dirty(self)
+        # replies queue like messages: large ones one at a time, small ones when the
+        # requester's credit covers them
+        self._queue_reply.append(pending)
+        self._pump()
         await future
 
     def _send_nowait(self, frame: bytes) -> None:
@@ -355,45 +358,68 @@ class Connection:
         self._endpoint._mark_dirty(self)
 
     def _pump(self) -> None:
-        """Move queued frames onto fresh streams while the peer grants stream credit and
+        """Move queued frames onto streams while the peer grants stream credit and
         unacknowledged bytes stay under ``max_pending_send_bytes``."""
         if self._closed is not None or not self._established:
             return
         quic = self._quic
         wrote = False
-        for queue, uni in ((self._queue_uni, True), (self._queue_bidi, False)):
+        queue: collections.deque[_PendingSend]
+        for queue, kind in (
+            (self._queue_reply, 0), (self._queue_uni, 1), (self._queue_bidi, 2)
+        ):
             if not queue:
                 continue
-            credit = engine.streams_available(quic, uni)
+            credit = 1 << 62 if kind == 0 else engine.streams_available(quic, kind == 1)
             while queue and credit > 0:
                 if self._unacked_bytes >= self._max_pending and self._unacked:
                     break
                 head = queue[0]
-                if head.size > LARGE_FRAME:
-                    if (
-                        self._last_large >= 0
-                        and engine.unsent_bytes(quic, self._last_large) > LARGE_FRAME
-                    ):
-                        break  # one large message at a time: see LARGE_FRAME
-                elif not self._credit_covers(head.size):
+                if head.future.done():  # cancelled while queued
+                    queue.popleft()
+                    continue
+                if not self._may_start(head.size):
                     break
                 pending = queue.popleft()
-                if pending.future.done():  # cancelled while queued
-                    continue
-                stream_id = quic.get_next_available_stream_id(is_unidirectional=uni)
+                if kind == 0:
+                    stream_id = pending.stream_id
+                    try:
+                        quic.send_stream_data(stream_id, pending.frame, end_stream=True)
+                    except ValueError as exc:  # the requester reset or finished the stream
+                        pending.future.set_exception(MessageRejected(f"cannot reply: {exc}"))
+                        continue
+                else:
+                    stream_id = quic.get_next_available_stream_id(is_unidirectional=kind == 1)
+                    quic.send_stream_data(stream_id, pending.frame, end_stream=True)
+                    pending.stream_id = stream_id
+                    credit -= 1
                 if pending.size > LARGE_FRAME:
                     self._last_large = stream_id
-                quic.send_stream_data(stream_id, pending.frame, end_stream=True)
-                pending.stream_id = stream_id
-                credit -= 1
+                self._sending[stream_id] = pending.size
+                self._sending_bytes += pending.size
                 wrote = True
-                if uni:
+                if kind == 2:
+                    self._requests[stream_id] = pending.future
+                else:
                     self._unacked[stream_id] = pending
                     self._unacked_bytes += pending.size
-                else:
-                    self._requests[stream_id] = pending.future
         if wrote:
             self._endpoint._mark_dirty(self)
+
+    def _may_start(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may go on a stream now: a large one when
+        the previous large one is nearly all sent (see LARGE_FRAME), a small one when
+        the peer's credit covers it (see ``_credit_covers``)."""
+        if size > LARGE_FRAME:
+            last = self._last_large
+            return last < 0 or engine.unsent_bytes(self._quic, last) <= LARGE_FRAME
+        return self._credit_covers(size)
+
+    def _stop_sending_on(self, sid: int) -> None:
+        """``sid`` will send nothing more (reset by us or the peer)."""
+        size = self._sending.pop(sid, None)
+        if size is not None:
+            self._sending_bytes -= size
 
     def _credit_covers(self, size: int) -> bool:
         """Whether the peer's flow-control credit covers a small message of ``size`` bytes
@@ -403,12 +429,16 @@ class Connection:
         large message in flight is not counted: it streams as credit comes."""
         quic = self._quic
         left = engine.send_credit(quic)
-        if left >= size + self._unacked_bytes and not self._requests:
+        if left >= size + self._sending_bytes:
             return True  # the common case, without looking at each stream
         unsent = 0
-        for sid in (*self._unacked, *self._requests):
-            if sid != self._last_large:
-                unsent += engine.unsent_bytes(quic, sid)
+        for sid, frame_size in list(self._sending.items()):
+            rest = engine.unsent_bytes(quic, sid)
+            if rest == 0:  # all in packets: never walked again
+                del self._sending[sid]
+                self._sending_bytes -= frame_size
+            elif sid != self._last_large:
+                unsent += rest
         return unsent == 0 or left >= unsent + size
 
     def _cancel_send(self, pending: _PendingSend) -> None:
@@ -421,6 +451,7 @@ class Connection:
         if self._unacked.pop(sid, None) is not None:
             self._unacked_bytes -= pending.size
         self._requests.pop(sid, None)
+        self._stop_sending_on(sid)
         if not engine.send_finished(self._quic, sid):
             self._quic.reset_stream(sid, wire.ERR_CANCELLED)
             self._endpoint._mark_dirty(self)
@@ -429,7 +460,7 @@ class Connection:
         """Complete sends whose streams the peer fully acknowledged, then send more."""
         if self._unacked:
             self._complete_acked()
-        if self._queue_uni or self._queue_bidi:
+        if self._queue_uni or self._queue_bidi or self._queue_reply:
             self._pump()
 
     def _complete_acked(self) -> None:
@@ -499,8 +530,12 @@ class Connection:
         RESET_STREAM. Between qp2p peers this happens only under memory pressure: a sender
         starts large messages one at a time and the bound fits the largest."""
         quic = self._quic
-        if self._inbox or self._closed is not None or self._shed_pending:
-            return  # (one at a time: the last one's bytes may be all the others need)
+        if self._inbox or self._closed is not None:
+            return
+        if self._shed_pending is not None:  # one at a time: its bytes may be all we need
+            if engine.has_stream(quic, self._shed_pending):
+                return
+            self._shed_pending = None
         if quic.held < self._window and not (quic.credit_left() < STALL_CREDIT and quic.starved()):
             return
         candidates = [
@@ -522,9 +557,13 @@ class Connection:
         self._stats["streams_rejected"] += 1
         logger.warning("rejecting stream %d from %s: %s", sid, self.remote_addr, exc)
         engine.reject_stream(self._quic, sid, code)
+        self._stop_sending_on(sid)
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
-            future.set_exception(ProtocolError(f"malformed reply: {exc}"))
+            if code == wire.ERR_BUFFER_FULL:  # not the peer's fault: our buffer was full
+                future.set_exception(MessageRejected(f"reply dropped: {exc}", code))
+            else:
+                future.set_exception(ProtocolError(f"malformed reply: {exc}"))
         self._endpoint._mark_dirty(self)
 
     def _on_frame(self, sid: int, frame: Frame, size: int) -> None:
@@ -571,6 +610,7 @@ class Connection:
         self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:
+        self._stop_sending_on(sid)
         pending = self._unacked.pop(sid, None)
         if pending is not None:
             self._unacked_bytes -= pending.size
@@ -627,11 +667,16 @@ class Connection:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
-        for pending in (*self._queue_uni, *self._queue_bidi, *self._unacked.values()):
+        for pending in (
+            *self._queue_uni, *self._queue_bidi, *self._queue_reply, *self._unacked.values()
+        ):
             if not pending.future.done():
                 pending.future.set_exception(exc)
         self._queue_uni.clear()
         self._queue_bidi.clear()
+        self._queue_reply.clear()
+        self._sending.clear()
+        self._sending_bytes = 0
         self._unacked.clear()
         self._unacked_bytes = 0
         for future in self._requests.values():

@@ -477,6 +477,12 @@ class Endpoint:
         if not self._accept_incoming or self._closed:
             self.stats_counters["handshakes_refused"] += 1
             return
+        host = str(addr[0])
+        refusal = None
+        if len(self._live) >= self.config.max_connections:
+            refusal = "endpoint at max_connections"
+        elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
+            refusal = "too many connections from this address"
         validator = self._validator
         original_dcid, retry_scid = dcid, None
         if header.token:
@@ -487,18 +493,13 @@ class Endpoint:
                 return
             original_dcid, retry_scid = odcid, header.dcid
         elif (
-            self.config.require_address_validation
+            refusal is not None  # a refusal costs a TLS step: only for a proven address
+            or self.config.require_address_validation
             or len(self._half_open) >= self.config.address_validation_threshold
         ):  # prove the address first: until then a client costs us no state
             self.stats_counters["retries_sent"] += 1
             self._send_raw(validator.retry_packet(header, addr, now), addr)
             return
-        host = str(addr[0])
-        refusal = None
-        if len(self._live) >= self.config.max_connections:
-            refusal = "endpoint at max_connections"
-        elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
-            refusal = "too many connections from this address"
         if refusal is not None:
             self.stats_counters["handshakes_refused"] += 1
             logger.warning("refusing handshake from %s: %s", wire.addr_text(addr), refusal)
@@ -657,8 +658,8 @@ class Endpoint:
         self._end_half_open(conn)
         if conn._budgeted:
             conn._budgeted = False
-            self._budget.release(conn._quic.reservation())
             self._budget.starved.pop(conn, None)
+            self._release_budget(conn._quic.reservation())  # may wake starved ones
         if not conn._is_client and conn in self._live:
             host = str(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1

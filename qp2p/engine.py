@@ -60,8 +60,8 @@ __all__ = [
 
 #: Length of the connection IDs our endpoints issue (short headers carry no length).
 CID_LENGTH = 8
-#: Connection-level credit a peer starts with (the transport parameter); raised to
-#: ``Config.max_buffered_bytes`` with the first 1-RTT packet, budget permitting.
+#: Connection-level credit a peer starts with (the transport parameter); it grows while
+#: the peer uses it (see FlowControlledQuicConnection), budget permitting.
 INITIAL_MAX_DATA = 256 * 2**10
 #: How long a Retry token stays valid (seconds): one round trip is all it needs.
 RETRY_TOKEN_LIFETIME = 10.0
@@ -83,9 +83,8 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         max_datagram_frame_size=65536,
         max_datagram_size=config.max_datagram_size,
         connection_id_length=CID_LENGTH,
-        # the connection window is managed by FlowControlledQuicConnection, which raises
-        # it after the handshake as far as the endpoint's budget allows; per stream, one
-        # message must fit
+        # the connection's credit starts small and is managed by
+        # FlowControlledQuicConnection; per stream, one message must fit
         max_data=min(INITIAL_MAX_DATA, config.max_buffered_bytes),
         max_stream_data=max(min(config.max_message_size + 16, config.max_buffered_bytes), 65536),
     )
@@ -367,8 +366,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     frames handled, rejected or reset streams), so everything received and not yet
     released (``held``) stays within ``receive_window``. Within that, the peer gets
     ``credit`` bytes ahead of what it sent: it starts small and doubles when the peer
-    uses half of it within a round trip, up to ``MAX_CREDIT``, so an idle connection reserves little
-    of the endpoint's ``budget`` (which caps the sum of what all peers may make us hold).
+    uses half of it within two round trips, up to ``MAX_CREDIT``, so an idle connection
+    reserves little of the endpoint's ``budget`` (which caps the sum of what all peers may
+    make us hold). New credit is announced once the peer has used half of it.
     """
 
     receive_window: int = 16 * 2**20
@@ -409,16 +409,18 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         max_data = self._local_max_data
         credit = self.credit
         if credit < self.max_credit and max_data.used - self._credit_mark >= credit // 2:
-            # the peer used half its credit: if that took less than a round trip, the
-            # credit (not the network) is what limits it, so double it
+            # the peer used half its credit: if that took less than two round trips, the
+            # credit (announced in halves, a round trip late) is what limits it: double it
             now = time.monotonic()
             loss = self._loss
-            if loss._rtt_initialized and now - self._credit_mark_time < loss._rtt_smoothed:
+            if loss._rtt_initialized and now - self._credit_mark_time < 2 * loss._rtt_smoothed:
                 credit = self.credit = min(2 * credit, self.max_credit)
             self._credit_mark, self._credit_mark_time = max_data.used, now
         target = min(self.released + self.receive_window, max_data.used + credit)
         want = target - max_data.value
-        if want > 0:
+        # announce only once the peer has used half its credit: a MAX_DATA frame makes
+        # every ACK we send ack-eliciting (twice the packets for small messages)
+        if want > 0 and max_data.value - max_data.used < credit // 2:
             if self.budget is not None:
                 want = self.budget.grant(self.owner, want, max_data.value - self.released)
             max_data.value += want
@@ -435,8 +437,15 @@ def receiving_streams(quic: QuicConnection) -> list[int]:
     return [
         sid
         for sid, stream in quic._streams.items()
-        if not stream.receiver.is_finished and stream.receiver.highest_offset > 0
+        if not stream.receiver.is_finished
+        and stream.receiver.highest_offset > 0
+        and not stream.receiver.stop_pending  # already rejected, STOP_SENDING on its way
     ]
+
+
+def has_stream(quic: QuicConnection, stream_id: int) -> bool:
+    """The engine still keeps state for ``stream_id``."""
+    return stream_id in quic._streams
 
 
 def undelivered_bytes(quic: QuicConnection, stream_id: int) -> int:

@@ -48,6 +48,9 @@ def test_hardening_limits_validated() -> None:
     ):
         with pytest.raises(ValueError):
             qp2p.Config(**bad)
-    small = qp2p.Config(max_message_size=1000, max_buffered_bytes=1016,
-                        max_endpoint_buffered_bytes=1016)
-    assert small.max_buffered_bytes == 1016
+    least = 1000 + 16 + 128 * 2**10
+    small = qp2p.Config(max_message_size=1000, max_buffered_bytes=least,
+                        max_endpoint_buffered_bytes=least)
+    assert small.max_buffered_bytes == least
+    with pytest.raises(ValueError, match="max_message_size"):
+        qp2p.Config(max_message_size=1000, max_buffered_bytes=least - 1)

@@ -467,3 +467,98 @@ async def test_peers_starved_by_the_endpoint_budget_still_finish(impl: str) -> N
         finally:
             for p in peers:
                 await p.close()
+
+
+async def test_small_messages_cost_one_packet_each_way(impl: str) -> None:
+    """Returning credit must not make every ACK ack-eliciting: one packet per small
+    message each way (MAX_DATA goes out only once the peer used half its credit)."""
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as client:
+        conn = await client.connect_to(server.local_addr)
+        accepted = await asyncio.wait_for(server.accept(), 5)
+
+        async def read() -> None:
+            async for _ in accepted:
+                pass
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.2)
+        sent0, acks0 = conn.stats()["packets_sent"], accepted.stats()["packets_sent"]
+        count = 200
+        for _ in range(count):
+            await conn.send(b"x" * 64)
+        await asyncio.sleep(0.2)
+        sent = conn.stats()["packets_sent"] - sent0
+        acks = accepted.stats()["packets_sent"] - acks0
+        reader.cancel()
+        assert sent <= 1.2 * count and acks <= 1.2 * count, (sent, acks)
+
+
+async def test_starved_connection_resumes_when_another_closes(impl: str) -> None:
+    """Peer A fills the endpoint's budget with messages nobody reads; peer B's large
+    message stalls half-way for lack of credit. When A's connection closes, its share
+    goes back to the budget and B's message completes at once."""
+    big = 1 * MiB
+    server_cfg = qp2p.Config(max_message_size=big, max_buffered_bytes=big + big // 2,
+                             max_endpoint_buffered_bytes=2 * big, handshake_timeout=3.0)
+    peer_cfg = qp2p.Config(max_message_size=big, handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=server_cfg) as server, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=peer_cfg) as a, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=peer_cfg) as b:
+        conn_a = await a.connect_to(server.local_addr)
+        await asyncio.wait_for(server.accept(), 5)
+        filling = [asyncio.ensure_future(conn_a.send(b"a" * (big - 100))) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        conn_b = await b.connect_to(server.local_addr)
+        accepted_b = await asyncio.wait_for(server.accept(), 5)
+        sending = asyncio.ensure_future(conn_b.send(b"b" * (big - 100)))
+        await asyncio.sleep(0.5)
+        assert accepted_b._quic.starved() and not sending.done()  # B is held back
+        await conn_a.close()
+        got = await asyncio.wait_for(accepted_b.recv(), 5)
+        assert got.payload == b"b" * (big - 100)
+        await asyncio.wait_for(sending, 5)
+        for task in filling:
+            task.cancel()
+
+
+async def test_concurrent_large_replies_all_arrive(impl: str) -> None:
+    """Many requests answered at once with large replies: the replies queue like
+    messages (one large at a time), so none is reset for lack of room."""
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as client:
+        conn = await client.connect_to(server.local_addr)
+        accepted = await asyncio.wait_for(server.accept(), 5)
+
+        replying: list[asyncio.Future[None]] = []
+
+        async def answer() -> None:
+            async for msg in accepted:
+                replying.append(asyncio.ensure_future(msg.reply(msg.payload * (1 * MiB))))
+
+        answering = asyncio.ensure_future(answer())
+        replies = await asyncio.wait_for(asyncio.gather(
+            *(conn.request(bytes([i])) for i in range(24))), 60)
+        await asyncio.wait_for(asyncio.gather(*replying), 10)
+        answering.cancel()
+        assert [r.payload[:1] for r in replies] == [bytes([i]) for i in range(24)]
+        assert all(len(r.payload) == MiB for r in replies)
+        assert conn.stats()["streams_rejected"] == accepted.stats()["streams_rejected"] == 0
+
+
+async def test_back_to_back_largest_messages_at_the_smallest_buffer(impl: str) -> None:
+    """At the smallest allowed max_buffered_bytes, consecutive largest messages all
+    arrive (the next starts while the last one's tail is still in flight)."""
+    big = 1 * MiB
+    cfg = qp2p.Config(max_message_size=big, max_buffered_bytes=big + 16 + 128 * KiB,
+                      handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server, \
+            await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as client:
+        conn = await client.connect_to(server.local_addr)
+        accepted = await asyncio.wait_for(server.accept(), 5)
+        sending = asyncio.ensure_future(asyncio.gather(
+            *(conn.send(bytes([i]) * big) for i in range(4))))
+        got = [await asyncio.wait_for(accepted.recv(), 20) for _ in range(4)]
+        await asyncio.wait_for(sending, 20)
+        assert sorted(m.payload[0] for m in got) == [0, 1, 2, 3]
+        assert accepted.stats()["streams_rejected"] == 0
