@@ -547,36 +547,11 @@ def _mb(kb: float | None) -> str:
 # --------------------------------------------------------------------------- namespace peers
 
 
-class _TargetSocket:
-    """An unconnected UDP socket that talks only to ``target``, shaped like the connected
-    one UdpRelay uses. Why: a connected UDP socket receives ICMP errors (port unreachable
-    while a namespace peer restarts), and under uvloop the first such error (POLLERR) stops
-    the socket's reader for good, silently (libuv's uv_poll stops on POLLERR): that relay
-    client would never deliver another reply. Unconnected sockets get no ICMP errors."""
-
-    def __init__(self, sock: socket.socket, target: tuple[str, int]) -> None:
-        self._sock = sock
-        self._target = target
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def send(self, data: bytes) -> int:
-        return self._sock.sendto(data, self._target)
-
-    def recv(self, size: int) -> bytes:
-        while True:  # BlockingIOError when nothing is left, as for the connected socket
-            data, addr = self._sock.recvfrom(size)
-            if addr[:2] == self._target:
-                return data
-
-    def close(self) -> None:
-        self._sock.close()
-
-
 class SoakRelay(UdpRelay):
     """UdpRelay listening in this namespace, with its per-client upstream sockets made by
-    ``upstream_factory`` (e.g. ``Host.socket`` of a namespace) and unconnected."""
+    ``upstream_factory`` (e.g. ``Host.socket`` of a namespace); like UdpRelay's own they
+    are unconnected (a connected UDP socket gets ICMP errors while a peer restarts, and
+    uvloop stops polling a socket after its first error)."""
 
     def __init__(self, *args: Any, upstream_factory: Callable[..., socket.socket],
                  **kwargs: Any) -> None:
@@ -590,7 +565,7 @@ class SoakRelay(UdpRelay):
             s = self._upstream_factory(self._family, socket.SOCK_DGRAM)
             s.setblocking(False)
             set_big_buffers(s)
-            c = _Client(addr, _TargetSocket(s, self.target))  # type: ignore[arg-type]
+            c = _Client(addr, s)
             self._clients[addr] = c
             self._loop.add_reader(c.sock.fileno(), self._on_upstream_readable, c)
         c.last_seen = time.monotonic()
