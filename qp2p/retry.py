@@ -49,12 +49,16 @@ async def retry_dial(
         if remaining <= 0:
             break
         tries += 1
+        cut_short = remaining < attempt_timeout
         try:
             return await attempt(min(attempt_timeout, remaining))
         except PeerAuthenticationError:
             raise
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            last = exc
+            # an attempt the budget cut short says less than a real answer before it
+            # (e.g. "refused: endpoint at max_connections"): report that one
+            if not (cut_short and isinstance(exc, asyncio.TimeoutError) and last is not None):
+                last = exc
             logger.debug("dial %s attempt %d failed: %r", what, tries, exc)
         wait = next(delays)
         if loop.time() + wait >= deadline:

@@ -318,3 +318,25 @@ async def test_receiver_memory_bounded_when_not_reading(impl: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_retry_reports_the_real_answer_not_a_cut_short_timeout() -> None:
+    """When the budget cuts the last attempt short, the error reports the last real
+    answer (here a refusal), not that attempt's timeout."""
+    from qp2p.retry import retry_dial
+
+    calls = 0
+
+    async def attempt(timeout: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise qp2p.ConnectionError("refused: endpoint at max_connections")
+        await asyncio.sleep(timeout)
+        raise asyncio.TimeoutError("handshake timed out")
+
+    retry = qp2p.RetryConfig(initial_interval=0.01, max_interval=0.01, max_elapsed_time=0.2)
+    with pytest.raises(qp2p.ConnectionError) as info:
+        await retry_dial(attempt, retry, 5.0, "peer")
+    assert calls >= 2
+    assert "max_connections" in str(info.value.__cause__)
