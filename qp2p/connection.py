@@ -136,11 +136,9 @@ class Connection:
         self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_signal = Signal(self._loop)
-        # flow control (see engine.FlowControlledQuicConnection): bytes released since the
-        # window was last re-announced; _budgeted while the endpoint budget counts us
+        # flow control (see engine.FlowControlledQuicConnection): the bound on what we hold;
+        # _budgeted while the endpoint budget counts us
         self._window = endpoint.config.max_buffered_bytes
-        self._unannounced = 0
-        self._window_step = max(self._window // 4, 1)
         self._budgeted = False
         quic.budget = endpoint._budget
         quic.owner = self
@@ -594,11 +592,9 @@ class Connection:
         self._quic.released += nbytes
         if self._budgeted:
             self._endpoint._release_budget(nbytes)
-        self._unannounced += nbytes
-        # tell the peer it may send more: in batches, but at once when it is nearly blocked
-        # (a blocked peer sends nothing we would answer with a packet)
-        if self._unannounced >= self._window_step or self._quic.credit_low():
-            self._unannounced = 0
+        # MAX_DATA goes out once the peer has used half its credit; a blocked peer sends
+        # nothing we would answer with a packet, so flush for it now
+        if self._quic.credit_low():
             self._endpoint._mark_dirty(self)
 
     def _on_datagram(self, data: bytes) -> None:

@@ -50,6 +50,7 @@ import qp2p
 from qp2p import _fastpath, _purepy, engine
 from qp2p.errors import ProtocolError
 from tests.conftest import FAST
+from tests.test_fastpath import frame_header
 
 IMPLS = (_fastpath, _purepy)
 KIB = 1 << 10
@@ -62,18 +63,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def frame_header(
-    lh: int, ld: int, lp: int, kind: int = 0, version: int = 2, reserved: int = 0
-) -> bytes:
-    return (
-        version.to_bytes(2, "big")
-        + lh.to_bytes(4, "big")
-        + ld.to_bytes(4, "big")
-        + lp.to_bytes(4, "big")
-        + bytes([kind, reserved])
-    )
 
 
 # ----------------------------------------------------------------------------- streams

@@ -25,16 +25,12 @@ import qp2p
 from qp2p import engine, wire
 from tests.conftest import FAST
 from tests.netlab import Lab, two_hosts
+from tests.test_fastpath import frame_header
 from tests.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 
 KiB, MiB = 2**10, 2**20
-
-
-def frame_header(payload_len: int) -> bytes:
-    """A valid 16-byte frame header announcing a user message of ``payload_len`` bytes."""
-    return struct.pack(">HIIIBB", 2, 0, 0, payload_len, 0, 0)
 
 
 class Attacker(QuicConnectionProtocol):
@@ -74,7 +70,7 @@ def open_flood(client: Attacker, streams: int, claim: int, body: int, gap: int) 
             sender._buffer_start = sender._buffer_stop = gap  # the bytes before never come
             quic.send_stream_data(sid, b"g" * body)
         else:
-            quic.send_stream_data(sid, frame_header(claim) + b"h" * body)
+            quic.send_stream_data(sid, frame_header(0, 0, claim) + b"h" * body)
     client.transmit()
 
 
