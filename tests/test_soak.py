@@ -27,17 +27,19 @@ async def test_short_soak(lab: Lab, impl: str) -> None:
     assert report.implementation == impl
     # the run did what it claims: traffic of every kind, churn, impairment
     assert all(report.sent.get(kind, 0) > 0 for kind in ("uni", "request", "reply")), report.sent
-    assert report.restarts - report.ns_restarts > 0 and report.ns_restarts > 0
-    assert report.closes > 0 and report.ns_closes > 0
-    assert report.nft_dropped > 0 and report.relay["reordered"] > 0
+    churn = (report.restarts, report.ns_restarts, report.closes, report.ns_closes)
+    assert report.restarts - report.ns_restarts > 0 and report.ns_restarts > 0, churn
+    assert report.closes > 0 and report.ns_closes > 0, churn
+    assert report.nft_dropped > 0 and report.relay["reordered"] > 0, report.relay
     # the guarantees
     assert report.lost == 0, report.lost_details
     assert report.duplicates == 0, report.duplicate_ids
     assert report.corrupted == 0, report.corrupt_examples
     assert report.hangs == 0 and report.unexpected == 0, report.failures
     assert not report.reader_errors and not report.stuck_tasks
-    assert report.fds_after == report.fds_baseline
-    assert report.conns_alive_after == 0  # nothing keeps a closed connection alive
+    assert report.fds_after == report.fds_baseline, (report.fds_baseline, report.fds_after)
+    # nothing keeps a closed connection alive
+    assert report.conns_alive_after == 0, report.conns_alive_after
     assert report.ok
 
 
