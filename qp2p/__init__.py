@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _speedups
 from .config import Config, RetryConfig
-from .connection import Connection, Message
+from .connection import Connection, ConnectionStats, Message
 from .endpoint import Endpoint
 from .errors import (
     ConnectionClosed,
@@ -25,13 +25,16 @@ from .errors import (
     Qp2pError,
 )
 from .identity import CertificateAuthority, Identity, PeerId, Trust
+from .wire import Address
 
 __all__ = [
+    "Address",
     "CertificateAuthority",
     "Config",
     "Connection",
     "ConnectionClosed",
     "ConnectionError",
+    "ConnectionStats",
     "Endpoint",
     "EndpointClosed",
     "HolePunchFailed",

@@ -40,7 +40,7 @@ __all__ = ["Endpoint"]
 
 logger = logging.getLogger("qp2p.endpoint")
 
-Address = tuple[Any, ...]
+Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Address
 
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
@@ -100,8 +100,8 @@ class Endpoint:
         self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
-        self.local_addr: Address = sock.getsockname()[:2]
-        self.public_addr: Address | None = None
+        self.local_addr: wire.Address = sock.getsockname()[:2]
+        self.public_addr: wire.Address | None = None
         self._pool = Pool()
         self._handshaking: set[Connection] = set()
         self._live: set[Connection] = set()  # every connection the engine still drives
@@ -127,7 +127,7 @@ class Endpoint:
     @classmethod
     async def bind(
         cls,
-        addr: tuple[str, int] | str = ("127.0.0.1", 0),
+        addr: wire.Address | str = ("127.0.0.1", 0),
         config: Config | None = None,
         identity: Identity | None = None,
         trust: Trust | None = None,
@@ -193,7 +193,7 @@ class Endpoint:
         return self._pool.all_open()
 
     async def connect_to(
-        self, addr: Address | str, expect_peer_id: PeerId | str | None = None
+        self, addr: wire.Address | str, expect_peer_id: PeerId | str | None = None
     ) -> Connection:
         """An open connection to ``addr``: the pooled one if any (whoever dialled it),
         else a new dial shared by concurrent callers, retried per ``config.retry``."""
@@ -226,7 +226,7 @@ class Endpoint:
                 if waiting[key] == 0:
                     pending.cancel()  # nobody waits for this dial any more: stop dialling
 
-    async def connect_to_any(self, addrs: Iterable[Address]) -> Connection:
+    async def connect_to_any(self, addrs: Iterable[wire.Address | str]) -> Connection:
         """Dial all of ``addrs`` at once; keep the first connection that completes and
         close the others gracefully. All failing raises ``ConnectionError`` whose
         ``errors`` maps each address to its exception."""
@@ -252,7 +252,7 @@ class Endpoint:
             except EndpointClosed:
                 return
 
-    async def discover_public_addr(self, peer_addr: Address) -> Address:
+    async def discover_public_addr(self, peer_addr: wire.Address | str) -> wire.Address:
         """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
         self._check_open()
         conn = await self.connect_to(peer_addr)
@@ -260,14 +260,14 @@ class Endpoint:
         self.public_addr = observed
         return observed
 
-    async def is_reachable(self, addr: Address, timeout: float | None = None) -> bool:
+    async def is_reachable(self, addr: wire.Address | str, timeout: float | None = None) -> bool:
         """True if a peer at ``addr`` completes a handshake and answers a ping within
         ``timeout`` (default ``config.handshake_timeout``); never raises for a dead peer."""
         self._check_open()
         return await discovery.is_reachable(self, addr, timeout)
 
     async def connect_via(
-        self, rendezvous_addr: Address | str, peer_id: PeerId | str
+        self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str
     ) -> Connection:
         """A direct connection to ``peer_id`` through both NATs, introduced by the
         rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
