@@ -10,6 +10,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from . import engine, wire
@@ -19,6 +20,7 @@ from .errors import (
     MessageTooLarge,
     PeerAuthenticationError,
     ProtocolError,
+    RequestTimeout,
 )
 from .identity import PeerId
 from .signal import Signal
@@ -147,6 +149,8 @@ class Connection:
     """An encrypted QUIC connection to one peer, carrying discrete messages.
 
     Obtain one from :meth:`Endpoint.connect_to` or :meth:`Endpoint.accept`.
+    ``async with conn:`` (e.g. ``async with await ep.connect_to(addr) as conn:``) closes
+    it on exit.
     """
 
     def __init__(
@@ -304,10 +308,23 @@ class Connection:
         dst: bytes = b"",
         timeout: float | None = None,
     ) -> Message:
-        """Send a request on a new bidirectional stream and return the peer's reply."""
+        """Send a request on a new bidirectional stream and return the peer's reply.
+
+        ``timeout`` (seconds) bounds the wait for the reply; ``None`` waits as long as the
+        connection lives. Past it, the request's stream is reset and
+        :class:`~qp2p.RequestTimeout` (a ``TimeoutError``) is raised.
+        """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         self._stats["requests_sent"] += 1
-        reply = await self._request_frame(frame, timeout)
+        try:
+            reply = await self._request_frame(frame, timeout)
+        except asyncio.TimeoutError:
+            assert timeout is not None
+            raise RequestTimeout(
+                f"request to {wire.addr_text(self.remote_addr)} got no reply within "
+                f"{timeout:g}s",
+                timeout,
+            ) from None
         if not isinstance(reply, Message):  # a control frame answering a user request
             raise ProtocolError("peer answered the request with a qp2p control frame")
         return reply
@@ -324,11 +341,22 @@ class Connection:
         self._endpoint._mark_dirty(self)
 
     async def recv_datagram(self) -> bytes:
-        """The next unreliable datagram from this peer."""
+        """The next unreliable datagram from this peer; ``ConnectionClosed`` once the
+        connection is closed and every datagram received before is read."""
         while not self._datagrams:
             self._raise_if_closed()
             await self._datagram_signal.wait()
         return self._datagrams.popleft()
+
+    async def datagrams(self) -> AsyncIterator[bytes]:
+        """``async for data in conn.datagrams()``: each datagram as it arrives; ends when
+        the connection closes (after the ones already received)."""
+        while True:
+            try:
+                data = await self.recv_datagram()
+            except ConnectionClosed:
+                return
+            yield data
 
     @property
     def max_datagram_payload(self) -> int:
@@ -354,6 +382,17 @@ class Connection:
         if self._closed is None:
             self._endpoint._close_connection(self, reason, reason or "closed locally")
             self._endpoint._flush()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

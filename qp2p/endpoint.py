@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec
 
 from . import _speedups, discovery, engine, holepunch, wire
 from ._tls import AUTH_REASON_PREFIX
@@ -36,7 +37,7 @@ from .pool import Pool
 from .retry import retry_dial
 from .signal import Signal
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "EndpointBinding"]
 
 logger = logging.getLogger("qp2p.endpoint")
 
@@ -59,6 +60,54 @@ WAKE_STARVED_AT_ONCE = 8
 CLOSE_FLUSH_TIMEOUT = 1.0
 
 
+class EndpointBinding:
+    """What :meth:`Endpoint.bind` returns: ``await`` it for the :class:`Endpoint`, or use
+    it directly as an async context manager that closes the endpoint on exit::
+
+        async with qp2p.Endpoint.bind(addr) as ep: ...
+        ep = await qp2p.Endpoint.bind(addr)
+
+    (like asyncpg's ``create_pool``). The socket is bound when it is awaited or entered.
+    """
+
+    __slots__ = ("_endpoint", "_open")
+
+    def __init__(self, open_endpoint: Callable[[], Coroutine[Any, Any, Endpoint]]) -> None:
+        self._open = open_endpoint
+        self._endpoint: Endpoint | None = None
+
+    def __await__(self) -> Generator[Any, None, Endpoint]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Endpoint:
+        self._endpoint = await self._open()
+        return self._endpoint
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._endpoint is not None:
+            await self._endpoint.close()
+
+
+_P = ParamSpec("_P")
+
+
+def _binding(
+    bind: Callable[_P, Coroutine[Any, Any, Endpoint]],
+) -> Callable[_P, EndpointBinding]:
+    """Make the ``bind`` coroutine function return an :class:`EndpointBinding`."""
+
+    @functools.wraps(bind)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> EndpointBinding:
+        return EndpointBinding(lambda: bind(*args, **kwargs))
+
+    return wrapper
+
+
 def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
     """A ``PeerId`` from a ``PeerId`` or its text form (as ``qp2p identity show`` prints)."""
     if value is None or isinstance(value, PeerId):
@@ -71,7 +120,8 @@ def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
 class Endpoint:
     """One node: a UDP socket that accepts and dials QUIC connections.
 
-    Create with ``await Endpoint.bind(addr)``; use as an async context manager to close it.
+    Create with ``await Endpoint.bind(addr)``, or ``async with Endpoint.bind(addr) as ep``
+    to close it on exit (an endpoint is itself an async context manager too).
     """
 
     def __init__(
@@ -125,6 +175,7 @@ class Endpoint:
     # ------------------------------------------------------------------ construction
 
     @classmethod
+    @_binding
     async def bind(
         cls,
         addr: wire.Address | str = ("127.0.0.1", 0),
@@ -135,6 +186,10 @@ class Endpoint:
         rendezvous: bool = False,
     ) -> Endpoint:
         """Bind one UDP socket at ``addr`` and serve QUIC on it.
+
+        Returns an :class:`EndpointBinding`: ``await`` it for the endpoint, or write
+        ``async with Endpoint.bind(...) as ep:`` to close the endpoint on exit.
+        ``addr`` is ``(host, port)`` or ``"host:port"``; port 0 picks a free one.
 
         ``identity`` defaults to a fresh self-signed ECDSA P-256 one; ``trust`` to
         ``Trust.any()`` (encrypted, any peer). ``accept_incoming=False`` makes a
@@ -623,7 +678,7 @@ class Endpoint:
                 detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
                 ready.set_exception(PeerAuthenticationError(
                     f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
-                    f"authentication failed ({detail})"
+                    f"authentication failed ({detail})", by_peer=True
                 ))
             else:
                 ready.set_exception(
