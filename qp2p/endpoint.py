@@ -677,7 +677,7 @@ class Endpoint:
                 # the acceptor refused us in the TLS handshake: retrying can't help
                 detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
                 ready.set_exception(PeerAuthenticationError(
-                    f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
+                    f"peer at {wire.addr_text(conn.remote_addr)} refused our certificate: "
                     f"authentication failed ({detail})", by_peer=True
                 ))
             else:
