@@ -13,7 +13,7 @@ from typing import Any
 from . import _speedups
 from .config import Config, RetryConfig
 from .connection import Connection, ConnectionStats, Message
-from .endpoint import Endpoint
+from .endpoint import Endpoint, EndpointBinding
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -38,6 +38,7 @@ __all__ = [
     "ConnectionError",
     "ConnectionStats",
     "Endpoint",
+    "EndpointBinding",
     "EndpointClosed",
     "HolePunchFailed",
     "Identity",

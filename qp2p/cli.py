@@ -4,6 +4,7 @@ Usage (``qp2p --help`` and ``qp2p SUBCOMMAND --help`` say more)::
 
     qp2p node --listen 127.0.0.1:5000            # prints its address and peer id, echoes
     qp2p send 127.0.0.1:5000 hello [--request]   # one message (or a request: prints the reply)
+    qp2p send 127.0.0.1:5000 - | @FILE           # the payload from stdin or a file
     qp2p bench [--size N] [--count N] [--duration S] [--to ADDR]
     qp2p identity new key.pem | identity show key.pem
     qp2p ca new ca.pem | ca issue ca.pem peer.pem | ca cert ca.pem
@@ -1209,7 +1210,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "send",
         help="send one message (or a request, printing the reply)",
-        description="Send MESSAGE (UTF-8) to the peer at ADDR and wait for its "
+        description="Send MESSAGE (UTF-8 text, - for stdin, @FILE for a file) to the peer "
+        "at ADDR and wait for its "
         "acknowledgement; with --request, print the reply. Fails with one line on stderr "
         "and exit code 1 when the peer is unreachable, refuses authentication or times out.",
     )

@@ -67,20 +67,27 @@ class EndpointBinding:
         async with qp2p.Endpoint.bind(addr) as ep: ...
         ep = await qp2p.Endpoint.bind(addr)
 
-    (like asyncpg's ``create_pool``). The socket is bound when it is awaited or entered.
+    (like asyncpg's ``create_pool``). The socket is bound when it is awaited or entered,
+    once: a second use raises ``RuntimeError`` (call ``bind`` again for another endpoint).
     """
 
     __slots__ = ("_endpoint", "_open")
 
     def __init__(self, open_endpoint: Callable[[], Coroutine[Any, Any, Endpoint]]) -> None:
-        self._open = open_endpoint
+        self._open: Callable[[], Coroutine[Any, Any, Endpoint]] | None = open_endpoint
         self._endpoint: Endpoint | None = None
 
+    def _start(self) -> Coroutine[Any, Any, Endpoint]:
+        open_endpoint, self._open = self._open, None
+        if open_endpoint is None:
+            raise RuntimeError("this Endpoint.bind(...) was already awaited or entered")
+        return open_endpoint()
+
     def __await__(self) -> Generator[Any, None, Endpoint]:
-        return self._open().__await__()
+        return self._start().__await__()
 
     async def __aenter__(self) -> Endpoint:
-        self._endpoint = await self._open()
+        self._endpoint = await self._start()
         return self._endpoint
 
     async def __aexit__(

@@ -173,6 +173,14 @@ async def test_bind_still_awaitable_and_async_with_await(impl: str) -> None:
     assert eps[0].local_addr != eps[1].local_addr
     for e in eps:
         await e.close()
+    binding = qp2p.Endpoint.bind(config=FAST)
+    assert isinstance(binding, qp2p.EndpointBinding)
+    once = await binding
+    try:
+        with pytest.raises(RuntimeError, match="already awaited"):
+            await binding  # one binding, one endpoint
+    finally:
+        await once.close()
     # the signature and docstring survive for help() and type checkers
     import inspect
 
