@@ -59,9 +59,7 @@ async def echo(conn: Connection, timeout: float | None = None) -> wire.Address:
     return parse_addr(reply.payload)
 
 
-async def is_reachable(
-    endpoint: Endpoint, addr: Address | str, timeout: float | None
-) -> bool:
+async def is_reachable(endpoint: Endpoint, addr: Address | str, timeout: float | None) -> bool:
     """Dial (or reuse) a connection to ``addr`` and ping it with an echo, in ``timeout``."""
     limit = endpoint.config.handshake_timeout if timeout is None else timeout
     created: Connection | None = None
