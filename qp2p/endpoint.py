@@ -33,12 +33,15 @@ from .errors import (
 )
 from .identity import Identity, PeerId, Trust
 from .pool import Pool
+from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
 
 __all__ = ["Endpoint"]
 
 logger = logging.getLogger("qp2p.endpoint")
+#: Lines a peer can trigger: one per cause per interval, with counts.
+_peer_log = RateLimitedLog(logger)
 
 Address = tuple[Any, ...]
 
@@ -57,6 +60,31 @@ WAKE_STARVED_BYTES = 64 * 2**10
 WAKE_STARVED_AT_ONCE = 8
 #: How long ``close()`` waits for the CONNECTION_CLOSE frames to leave the socket.
 CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+#: IPv6 sources are limited per /64: one subscriber usually holds a whole /64 and can
+#: pick any address in it (RFC 6177), so a per-address limit would not hold it.
+IPV6_LIMIT_PREFIX = 64
+
+
+def ip_key(host: Any) -> str:
+    """The key ``max_connections_per_ip`` counts a source under: the IPv4 address itself
+    (also when written IPv4-mapped, ``::ffff:a.b.c.d``), or the IPv6 address's /64."""
+    text = str(host)
+    if ":" not in text:  # IPv4 (the per-packet common case: no parsing)
+        return text
+    if text.startswith("::ffff:") and "." in text:
+        return text[7:]
+    text = text.split("%", 1)[0]  # a scope id is not part of the address
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_LIMIT_PREFIX), strict=False))
+    return str(ip)
 
 
 def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
@@ -457,57 +485,66 @@ class Endpoint:
             conn._handle_event(event)
 
     def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
-        """A datagram for no known connection: maybe a new handshake, else dropped."""
+        """A datagram for no known connection: maybe a new handshake, else dropped.
+
+        Everything before ``engine.new_server`` is cheap and keeps no state: an unproven
+        source can make us parse a header, check a token, derive Initial keys and decrypt
+        one packet (tens of microseconds), never run TLS."""
         header = engine.parse_long_header(data)
-        if header is None or header[0] is None:
+        if header is None or header.version is None:
             self.stats_counters["dropped_unknown"] += 1
             return
-        version, is_initial, dcid, scid = header.version, header.is_initial, header.dcid, \
-            header.scid
-        if version not in self._versions:
+        if header.version not in self._versions:
             # RFC 9000 §5.2.2: no Version Negotiation for datagrams too small to be a
             # first Initial (and so no reflection amplifier)
-            if version != 0 and len(data) >= engine.MIN_INITIAL_SIZE:
+            if len(data) >= engine.MIN_INITIAL_SIZE:
                 self.stats_counters["version_negotiations"] += 1
-                self._send_raw(engine.version_negotiation(dcid, scid), addr)
+                self._send_raw(engine.version_negotiation(header.dcid, header.scid), addr)
             return
-        if not is_initial or len(data) < engine.MIN_INITIAL_SIZE:
+        if not header.is_initial or len(data) < engine.MIN_INITIAL_SIZE:
             self.stats_counters["dropped_unknown"] += 1
             return
         if not self._accept_incoming or self._closed:
             self.stats_counters["handshakes_refused"] += 1
             return
-        host = str(addr[0])
+        host = ip_key(addr[0])
         refusal = None
         if len(self._live) >= self.config.max_connections:
             refusal = "endpoint at max_connections"
         elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
             refusal = "too many connections from this address"
         validator = self._validator
-        original_dcid, retry_scid = dcid, None
+        original_dcid, retry_scid = header.dcid, None
         if header.token:
             odcid = validator.validate(header, addr, now)
             if odcid is None:
                 self.stats_counters["handshakes_refused"] += 1
-                logger.info("dropping Initial from %s: invalid address validation token", addr)
+                _peer_log.info("bad-token", "dropping Initial from %s: invalid address "
+                               "validation token", wire.addr_text(addr))
                 return
             original_dcid, retry_scid = odcid, header.dcid
-        elif (
-            refusal is not None  # a refusal costs a TLS step: only for a proven address
-            or self.config.require_address_validation
+        elif refusal is None and (
+            self.config.require_address_validation
             or len(self._half_open) >= self.config.address_validation_threshold
         ):  # prove the address first: until then a client costs us no state
             self.stats_counters["retries_sent"] += 1
             self._send_raw(validator.retry_packet(header, addr, now), addr)
             return
         if refusal is not None:
+            # a refusal costs no TLS (the Initial keys suffice) and is smaller than the
+            # Initial it answers: no Retry needed first
+            answer = engine.refusal(header, data, refusal)
+            if answer is None:
+                self.stats_counters["dropped_unknown"] += 1
+                return
             self.stats_counters["handshakes_refused"] += 1
-            logger.warning("refusing handshake from %s: %s", wire.addr_text(addr), refusal)
-            for datagram, to in engine.refusal(
-                self._server_config, self.config, self.trust, header, original_dcid,
-                retry_scid, data, addr, now, refusal,
-            ):
-                self._send_raw(datagram, to)
+            _peer_log.warning(refusal, "refusing handshake from %s: %s",
+                              wire.addr_text(addr), refusal)
+            self._send_raw(answer, addr)
+            return
+        if not engine.initial_opens(header, data):
+            # shaped like an Initial but does not decrypt: junk, dropped before any engine
+            self.stats_counters["dropped_unknown"] += 1
             return
         quic = engine.new_server(
             self._server_config, self.config, self.trust, original_dcid, retry_scid
@@ -522,7 +559,7 @@ class Endpoint:
             accepted = False
             logger.exception("error handling a first Initial from %s", addr)
         if not accepted:
-            # not a real Initial (it did not decrypt): keep no state for it
+            # it decrypted, yet the engine took nothing from it: keep no state for it
             self.stats_counters["dropped_unknown"] += 1
             self._table.remove(header.dcid)
             self._table.remove(quic.host_cid)
@@ -548,7 +585,8 @@ class Endpoint:
         conn._handshake_deadline = None
         if conn in self._half_open and conn._closed is None:
             self.stats_counters["handshakes_timed_out"] += 1
-            logger.info("incoming handshake from %s timed out", wire.addr_text(conn.remote_addr))
+            _peer_log.info("handshake-timeout", "incoming handshake from %s timed out",
+                           wire.addr_text(conn.remote_addr))
             self._abandon(conn, "handshake timed out")
 
     def _track(self, conn: Connection) -> None:
@@ -661,7 +699,7 @@ class Endpoint:
             self._budget.starved.pop(conn, None)
             self._release_budget(conn._quic.reservation())  # may wake starved ones
         if not conn._is_client and conn in self._live:
-            host = str(conn.remote_addr[0])
+            host = ip_key(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1
             if self._incoming_per_ip[host] <= 0:
                 del self._incoming_per_ip[host]
