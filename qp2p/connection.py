@@ -336,14 +336,17 @@ class Connection:
         self._pump()
         await future
 
-    def _send_nowait(self, frame: bytes) -> None:
-        """Queue a control message on a fresh unidirectional stream; don't wait for it."""
+    def _send_nowait(self, frame: bytes) -> asyncio.Future[None] | None:
+        """Queue a control message on a fresh unidirectional stream; don't wait for it.
+        Returns the future that completes once it is acknowledged (or failed), or None
+        when the connection is closed."""
         if self._closed is not None:
-            return
+            return None
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
         self._queue_uni.append(_PendingSend(frame, future))
         self._pump()
+        return future
 
     def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
         """Answer a control request without waiting for the acknowledgement."""

@@ -128,6 +128,7 @@ class Endpoint:
         self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
+        self._punching = holepunch.Punching()
         self.local_addr: Address = sock.getsockname()[:2]
         self.public_addr: Address | None = None
         self._pool = Pool()
@@ -304,6 +305,16 @@ class Endpoint:
         assert peer is not None
         return await holepunch.connect_via(self, rendezvous_addr, peer)
 
+    async def register_with(self, rendezvous_addr: Address | str) -> Connection:
+        """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
+        and honour its introductions: the target side of ``connect_via``. Keep the
+        connection open (``keep_alive_interval``) for as long as peers should reach us
+        through it. Introductions from any other peer are ignored, so no peer can make
+        us probe an address of its choosing."""
+        self._check_open()
+        self._punching.register(await self._resolve(rendezvous_addr))
+        return await self.connect_to(rendezvous_addr)
+
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
         Idempotent; calls on a closed endpoint then raise ``EndpointClosed``."""
@@ -393,14 +404,25 @@ class Endpoint:
         return conn
 
     def _resend_first_flight(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]]
+        self, conn: Connection, datagrams: list[tuple[bytes, Address]], sent: int = 0,
+        interval: float = holepunch.PUNCH_RESEND_INTERVAL, started: float | None = None,
     ) -> None:
+        """Resend a punching dial's first flight until the peer answers: every
+        ``PUNCH_RESEND_INTERVAL`` for ``PUNCH_FAST_PERIOD``, then twice as long each
+        time, ``PUNCH_MAX_RESENDS`` times at most (a wrong address is not flooded)."""
         if conn._closed is not None or conn._stats["packets_received"] or self._closed:
             return
+        now = self._loop.time()
+        started = now if started is None else started
         for data, addr in datagrams:
             self._send_raw(data, addr)
+        sent += 1
+        if sent >= holepunch.PUNCH_MAX_RESENDS:
+            return
+        if now - started >= holepunch.PUNCH_FAST_PERIOD:
+            interval *= 2
         self._loop.call_later(
-            holepunch.PUNCH_RESEND_INTERVAL, self._resend_first_flight, conn, datagrams
+            interval, self._resend_first_flight, conn, datagrams, sent, interval, started
         )
 
     def _adopt(self, conn: Connection) -> None:
@@ -694,6 +716,7 @@ class Endpoint:
 
     def _forget(self, conn: Connection) -> None:
         self._end_half_open(conn)
+        self._punching.forget(conn)
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
