@@ -22,10 +22,10 @@ from aioquic.quic.packet import QuicErrorCode
 import qp2p
 from qp2p import engine
 from qp2p.endpoint import _peer_log as endpoint_log
+from qp2p.endpoint import ip_key
 from tests.conftest import FAST
+from tests.netlab import Lab
 from tests.unvalidated import after_retry, drain, first_initial, junk_initial, unknown_version
-
-pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
@@ -74,6 +74,7 @@ async def flood(sock: socket.socket, datagram: bytes | Callable[[], bytes], coun
     return (time.process_time() - started) / count
 
 
+@pytest.mark.asyncio
 async def test_refusal_at_the_limit_runs_no_tls(
     impl: str, engines_created: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -127,6 +128,7 @@ async def test_refusal_at_the_limit_runs_no_tls(
             sock.close()
 
 
+@pytest.mark.asyncio
 async def test_junk_initials_run_no_tls(impl: str, engines_created: list[int]) -> None:
     """500 datagrams shaped like first Initials that do not decrypt create no engine and
     get no answer; a real peer still connects afterwards."""
@@ -149,6 +151,7 @@ async def test_junk_initials_run_no_tls(impl: str, engines_created: list[int]) -
         assert engines_created[0] == 1  # the real one
 
 
+@pytest.mark.asyncio
 async def test_version_negotiation_follows_the_invariants(impl: str) -> None:
     """RFC 8999: a long header of an unknown version is read by its invariant fields only
     (connection IDs up to 255 bytes, any bits in the first byte's low seven), and a
@@ -179,3 +182,53 @@ async def test_version_negotiation_follows_the_invariants(impl: str) -> None:
             assert server.stats_counters["version_negotiations"] == len(cases)
         finally:
             sock.close()
+
+
+def test_per_ip_key_is_the_v6_slash_64() -> None:
+    """max_connections_per_ip counts IPv4 sources by address (also written IPv4-mapped)
+    and IPv6 sources by their /64, which one subscriber can walk freely."""
+    assert ip_key("198.18.0.7") == "198.18.0.7"
+    assert ip_key("::ffff:198.18.0.7") == "198.18.0.7"
+    assert ip_key("2001:2::1") == ip_key("2001:2::ffff:1:2:3") == "2001:2::/64"
+    assert ip_key("2001:2:0:0:abcd::1%lo") == "2001:2::/64"
+    assert ip_key("2001:2:0:1::1") == "2001:2:0:1::/64" != ip_key("2001:2::1")
+    assert ip_key("::1") == "::/64"
+
+
+@pytest.mark.asyncio
+@pytest.mark.netns
+@pytest.mark.one_loop
+async def test_per_ip_limit_holds_an_ipv6_slash_64(lab: Lab, impl: str) -> None:
+    """In a namespace holding addresses of 2001:2::/48 (RFC 5180's benchmarking range) on
+    its loopback, five raw clients at five addresses of one /64 send a first Initial each: with
+    max_connections_per_ip=3 three get a handshake flight and two a refusal; a client in
+    another /64 still gets a handshake."""
+    host = lab.host("v6")
+    host.sysctl(net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__lo__disable_ipv6=0)
+    sources = [f"2001:2::{i:x}:{i:x}" for i in range(0x10, 0x15)] + ["2001:2:0:1::10"]
+    for addr in ["2001:2::1", *sources]:
+        host.ip("-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+    cfg = qp2p.Config(max_connections_per_ip=3, handshake_timeout=5.0)
+    with host.entered():
+        server = await qp2p.Endpoint.bind(("2001:2::1", 0), config=cfg)
+    socks = [host.socket(socket.AF_INET6) for _ in sources]
+    try:
+        for sock, src in zip(socks, sources, strict=True):
+            sock.bind((src, 0))
+            sock.setblocking(False)
+            _, initial = first_initial(server.local_addr)
+            sock.sendto(initial, server.local_addr)
+            await asyncio.sleep(0.05)  # in order: the first three take the /64's slots
+        answers = [await receive(sock, 1, 2.0) for sock in socks]
+        kinds = []
+        for got in answers:
+            assert got, kinds
+            # a handshake flight is padded to 1,200 bytes; a refusal is one small packet
+            kinds.append("handshake" if max(len(d) for d in got) >= 1200 else "refused")
+        assert kinds == ["handshake"] * 3 + ["refused"] * 2 + ["handshake"], kinds
+        assert server.stats_counters["handshakes_refused"] == 2
+        assert dict(server._incoming_per_ip) == {"2001:2::/64": 3, "2001:2:0:1::/64": 1}
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.close()
