@@ -461,7 +461,8 @@ class Endpoint:
                     try:
                         self._on_unknown(data, addr, now)
                     except Exception:  # a bug for one datagram must not stop the endpoint
-                        logger.exception("error handling a new datagram from %s", addr)
+                        _peer_log.exception("new-datagram-error",
+                                            "error handling a new datagram from %s", addr)
                     continue
                 quic = conn._quic
                 stats = conn._stats
@@ -474,7 +475,8 @@ class Endpoint:
                         self._on_event(conn, event)
                         event = quic.next_event()
                 except Exception:  # a bug for one connection must not stop the endpoint
-                    logger.exception("error handling a datagram from %s", addr)
+                    _peer_log.exception("datagram-error", "error handling a datagram from %s",
+                                        addr)
                 dirty[conn] = None
             received += len(batch)
             if len(batch) < RECV_BATCH:
@@ -579,7 +581,8 @@ class Endpoint:
             accepted = engine.accepted_any_packet(quic)
         except Exception:
             accepted = False
-            logger.exception("error handling a first Initial from %s", addr)
+            _peer_log.exception("initial-error", "error handling a first Initial from %s",
+                                addr)
         if not accepted:
             # it decrypted, yet the engine took nothing from it: keep no state for it
             self.stats_counters["dropped_unknown"] += 1
@@ -679,12 +682,17 @@ class Endpoint:
             if auth_error is not None:
                 ready.set_exception(auth_error)
             elif code is not None and engine.is_tls_failure(code):
-                # the acceptor refused us in the TLS handshake: retrying can't help
+                # the TLS handshake failed, refused by whichever side: retrying can't help
                 detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
-                ready.set_exception(PeerAuthenticationError(
-                    f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
-                    f"authentication failed ({detail})"
-                ))
+                where = wire.addr_text(conn.remote_addr)
+                by_peer = engine.closed_by_peer(conn._quic)
+                if by_peer is None:
+                    text = f"authentication with the peer at {where} failed ({detail})"
+                elif by_peer:
+                    text = f"peer at {where} rejected us: authentication failed ({detail})"
+                else:  # e.g. its signature did not verify
+                    text = f"we rejected the peer at {where}: authentication failed ({detail})"
+                ready.set_exception(PeerAuthenticationError(text))
             else:
                 ready.set_exception(
                     ConnectionError(

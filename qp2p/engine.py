@@ -544,6 +544,7 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     """
 
     receive_window: int = 16 * 2**20
+    closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
     credit: int = INITIAL_MAX_DATA
     max_credit: int = MAX_CREDIT
     _credit_mark = 0  # bytes received when the credit's use was last measured, and when
@@ -576,6 +577,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         """What the peer may still make us hold: granted credit minus released bytes."""
         value: int = self._local_max_data.value
         return value - self.released
+
+    def _close_begin(self, is_initiator: bool, now: float) -> None:
+        self.closed_by_us = is_initiator
+        super()._close_begin(is_initiator, now)
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
@@ -692,6 +697,15 @@ def keep_alive(quic: QuicConnection) -> None:
 def handshake_confirmed(quic: QuicConnection) -> bool:
     """For a dialler: the acceptor finished (and accepted) the handshake (HANDSHAKE_DONE)."""
     return bool(quic._handshake_confirmed)
+
+
+def closed_by_peer(quic: QuicConnection) -> bool | None:
+    """Who closed the connection: True if the peer sent the CONNECTION_CLOSE, False if we
+    did (or are about to), None while it is open."""
+    by_us: bool | None = getattr(quic, "closed_by_us", None)
+    if by_us is None:
+        return False if quic._close_pending else None
+    return not by_us
 
 
 def is_tls_failure(error_code: int) -> bool:

@@ -35,9 +35,10 @@ class RateLimitedLog:
         # cause -> [time of the last line written, occurrences suppressed since]
         self._causes: dict[str, list[float]] = {}
 
-    def log(self, level: int, cause: str, msg: str, *args: object) -> bool:
+    def log(self, level: int, cause: str, msg: str, *args: object,
+            exc_info: bool = False) -> bool:
         """Log ``msg % args`` unless ``cause`` was logged less than ``interval`` ago;
-        returns whether a line was written."""
+        returns whether a line was written (``exc_info``: with the current traceback)."""
         if not self.logger.isEnabledFor(level):
             return False
         now = self._clock()
@@ -49,12 +50,16 @@ class RateLimitedLog:
             msg += " (and %d more like this in the last %.0f s)"
             args = (*args, int(entry[1]), now - entry[0])
         self._causes[cause] = [now, 0]
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def warning(self, cause: str, msg: str, *args: object) -> bool:
         """``log(logging.WARNING, ...)``."""
         return self.log(logging.WARNING, cause, msg, *args)
+
+    def exception(self, cause: str, msg: str, *args: object) -> bool:
+        """``log(logging.ERROR, ..., exc_info=True)``, for use in an ``except`` block."""
+        return self.log(logging.ERROR, cause, msg, *args, exc_info=True)
 
     def info(self, cause: str, msg: str, *args: object) -> bool:
         """``log(logging.INFO, ...)``."""
