@@ -127,6 +127,10 @@ class Endpoint:
         self._validator = engine.AddressValidator()
         self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
+        # when recent tokenless Initials were junk or refused (engine clock), at most
+        # as many as it takes to switch to Retry
+        self._unproven: collections.deque[float] = collections.deque(
+            maxlen=config.address_validation_threshold)
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
         self._punching = holepunch.Punching()
         self.local_addr: Address = sock.getsockname()[:2]
@@ -547,10 +551,12 @@ class Endpoint:
                                "validation token", wire.addr_text(addr))
                 return
             original_dcid, retry_scid = odcid, header.dcid
-        elif refusal is None and (
+        elif (
             self.config.require_address_validation
-            or len(self._half_open) >= self.config.address_validation_threshold
-        ):  # prove the address first: until then a client costs us no state
+            or len(self._half_open) + self._unproven_recently(now)
+            >= self.config.address_validation_threshold
+        ):  # prove the address first: until then a client costs us no state (and a
+            # flood of junk or of refused Initials costs a Retry each, no decryption)
             self.stats_counters["retries_sent"] += 1
             self._send_raw(validator.retry_packet(header, addr, now), addr)
             return
@@ -558,6 +564,8 @@ class Endpoint:
             # a refusal costs no TLS (the Initial keys suffice) and is smaller than the
             # Initial it answers: no Retry needed first
             answer = engine.refusal(header, data, refusal)
+            if not header.token:
+                self._unproven.append(now)
             if answer is None:
                 self.stats_counters["dropped_unknown"] += 1
                 return
@@ -569,6 +577,7 @@ class Endpoint:
         if not engine.initial_opens(header, data):
             # shaped like an Initial but does not decrypt: junk, dropped before any engine
             self.stats_counters["dropped_unknown"] += 1
+            self._unproven.append(now)
             return
         quic = engine.new_server(
             self._server_config, self.config, self.trust, original_dcid, retry_scid
@@ -603,6 +612,15 @@ class Endpoint:
             self._on_event(conn, event)
             event = quic.next_event()
         self._dirty[conn] = None
+
+    def _unproven_recently(self, now: float) -> int:
+        """Tokenless Initials that were junk or refused within ``handshake_timeout``:
+        they count toward ``address_validation_threshold`` like half-open handshakes."""
+        unproven = self._unproven
+        horizon = now - self.config.handshake_timeout
+        while unproven and unproven[0] < horizon:
+            unproven.popleft()
+        return len(unproven)
 
     def _handshake_expired(self, conn: Connection) -> None:
         """An incoming handshake that did not finish in time: drop it (a half-open flood

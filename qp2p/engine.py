@@ -16,6 +16,7 @@ changing this module alone. The private aioquic attributes used are:
 
 from __future__ import annotations
 
+import collections
 import functools
 import hmac
 import os
@@ -356,6 +357,12 @@ def _varint(value: int) -> bytes:
 MAX_REFUSAL_REASON = 128
 
 
+#: Refusals already built, by the Initial they answer: a replayed Initial (a token is
+#: reusable for its lifetime) is answered again without deriving or decrypting anything.
+_REFUSALS: collections.OrderedDict[tuple[bytes, str], bytes] = collections.OrderedDict()
+_REFUSALS_KEPT = 64
+
+
 def refusal(header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
     """An Initial packet carrying CONNECTION_CLOSE(CONNECTION_REFUSED, ``reason``) that
     answers a client's first Initial, so its dial fails at once instead of timing out;
@@ -363,8 +370,21 @@ def refusal(header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
 
     Built from the Initial keys alone (RFC 9001 §5.2): no engine, no TLS, no state. It is
     smaller than the datagram it answers, and not ack-eliciting, so it needs no padding."""
+    key = (bytes(datagram[: header.packet_end]), reason)
+    cached = _REFUSALS.get(key)
+    if cached is not None:
+        _REFUSALS.move_to_end(key)
+        return cached
     if not initial_opens(header, datagram):
         return None
+    answer = _build_refusal(header, reason)
+    _REFUSALS[key] = answer
+    if len(_REFUSALS) > _REFUSALS_KEPT:
+        _REFUSALS.popitem(last=False)
+    return answer
+
+
+def _build_refusal(header: LongHeader, reason: str) -> bytes:
     assert header.version is not None
     phrase = reason.encode("utf-8", "replace")[:MAX_REFUSAL_REASON]
     # a transport close (0x1c) with frame type 0 (PADDING): an application close's reason
