@@ -375,8 +375,9 @@ class Endpoint:
         """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
         and honour its introductions: the target side of ``connect_via``. Keep the
         connection open (``keep_alive_interval``) for as long as peers should reach us
-        through it. Introductions from any other peer are ignored, so no peer can make
-        us probe an address of its choosing."""
+        through it. Once an endpoint registered with a rendezvous, introductions from
+        any other peer are ignored (before that, any peer it dialled may introduce,
+        within the probe bound), so no other peer can make us probe an address."""
         self._check_open()
         self._punching.register(await self._resolve(rendezvous_addr))
         return await self.connect_to(rendezvous_addr)

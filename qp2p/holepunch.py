@@ -100,8 +100,13 @@ class Punching:
         self.registered.add((addr[0], addr[1]))
 
     def is_registered(self, conn: Connection) -> bool:
-        """``conn`` is a connection we dialled to a rendezvous we registered with."""
-        return conn._is_client and (conn.remote_addr[0], conn.remote_addr[1]) in self.registered
+        """``conn`` is a connection we dialled to a rendezvous we registered with. Until
+        the endpoint registers with one, every peer it dialled counts (API.md's target
+        reaches its rendezvous with plain ``connect_to``); what any introducer can make
+        us send stays bounded (``AMPLIFICATION``) either way."""
+        if not conn._is_client:
+            return False
+        return not self.registered or (conn.remote_addr[0], conn.remote_addr[1]) in self.registered
 
     def forget(self, conn: Connection) -> None:
         """``conn`` is gone: drop everything kept for it (running trains then stop)."""

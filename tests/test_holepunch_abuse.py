@@ -104,13 +104,15 @@ def introduce(payloads: list[bytes]) -> Callable[[QuicConnectionProtocol], None]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("how", ["registered", "merely_dialled"])
+@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled"])
 async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
     """A rendezvous sends 200 INTRODUCTION frames naming 20 raw sockets (and a few names
     we must never send to: a host name, the unspecified and a multicast address). Only a
-    rendezvous we registered with is heard at all, and then what reaches the sockets stays
-    within 3x what the rendezvous sent us: one probe train at a time (each introduction
-    replaces the last after its first probe), none for names."""
+    rendezvous we registered with is heard at all ("merely_dialled": the target registered
+    with another one; "dialled": it registered with none, so every peer it dialled may
+    introduce), and then what reaches the sockets stays within 3x what the rendezvous
+    sent us: one probe train at a time (each introduction replaces the last after its
+    first probe), none for names."""
     sinks = [Sink() for _ in range(20)]
     named = Sink()  # reachable only through the name "localhost"
     payloads = [wire.format_addr(sinks[i % len(sinks)].addr) for i in range(200)]
@@ -122,6 +124,10 @@ async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
             if how == "registered":
                 conn = await target.register_with(addr)
             else:
+                if how == "merely_dialled":
+                    other = await qp2p.Endpoint.bind(config=FAST, rendezvous=True)
+                    await target.register_with(other.local_addr)
+                    await other.close()
                 conn = await target.connect_to(addr)
             await watch([*sinks, named], 1.5)  # longer than a probe train
             got = sum(s.bytes for s in sinks)
