@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 $(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd
-	$(BIN)/python setup.py -q build_ext --inplace
+	QP2P_REQUIRE_EXTENSIONS=1 $(BIN)/python setup.py -q build_ext --inplace
 	@touch $@
 
 build: $(EXT)
@@ -60,7 +60,7 @@ scale: build
 
 wheel: $(STAMP)
 	rm -rf dist
-	$(BIN)/python -m build --no-isolation
+	QP2P_REQUIRE_EXTENSIONS=1 $(BIN)/python -m build --no-isolation
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info qp2p/*.so qp2p/_fastpath.c

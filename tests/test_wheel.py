@@ -37,6 +37,7 @@ SOURCES = [
     ROOT / "pyproject.toml",
     ROOT / "MANIFEST.in",
     ROOT / "README.md",
+    ROOT / "docs" / "pypi.md",
 ]
 IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.pyd",
@@ -110,6 +111,14 @@ def test_sdist_carries_c_source_stub_and_types(artifacts: Artifacts) -> None:
     ):
         assert needed in names, f"{needed} missing from the sdist"
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
+    with tarfile.open(artifacts.sdist) as tar:
+        [pkg_info] = [m for m in tar.getmembers() if m.name.count("/") == 1
+                      and m.name.endswith("/PKG-INFO")]  # fmt: skip
+        meta = tar.extractfile(pkg_info).read().decode()  # type: ignore[union-attr]
+    # the long description (PyPI's page) opens with what qp2p is, then how to install it
+    description = meta.split("\n\n", 1)[1]
+    assert description.startswith("# qp2p\n\nqp2p is a peer-to-peer"), description[:300]
+    assert "make demo" not in description and "## Install" in description
 
 
 def test_wheel_contents(artifacts: Artifacts) -> None:
@@ -174,20 +183,8 @@ EXCHANGE = textwrap.dedent(
 
 
 def test_wheel_installs_into_fresh_venv_and_runs(artifacts: Artifacts, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
+    venv, env = _fresh_venv(tmp_path)
     python = venv / "bin" / "python"
-    purelib = Path(
-        _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
-        ).stdout.strip()
-    )
-    # runtime dependencies (aioquic, cryptography, ...) from this venv, appended after the
-    # fresh venv's own site-packages so the installed wheel is what `import qp2p` finds
-    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    (purelib / "_qp2p_test_deps.pth").write_text("\n".join(deps) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QP2P_NO_EXTENSIONS")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     _run(
         [str(python), "-m", "pip", "install", "-q", "--no-index",
          "--find-links", str(artifacts.wheel.parent), str(artifacts.wheel)],
@@ -216,3 +213,60 @@ def test_wheel_installs_into_fresh_venv_and_runs(artifacts: Artifacts, tmp_path:
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert len(json.loads(ident.stdout)["peer_id"]) == 64
+
+
+def _fresh_venv(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A new venv that sees this venv's packages (runtime and build dependencies) behind
+    its own site-packages, so what pip installs into it is what ``import qp2p`` finds."""
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+        ).stdout.strip()
+    )
+    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (purelib / "_qp2p_test_deps.pth").write_text("\n".join(deps) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QP2P_NO_EXTENSIONS")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    # the venv's own (older) setuptools would shadow this venv's setuptools>=77
+    _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], env=env)
+    return venv, env
+
+
+def test_sdist_without_compiler_installs_the_twin(artifacts: Artifacts, tmp_path: Path) -> None:
+    """No C compiler (``CC=/bin/false``) and no Cython: installing the sdist warns and
+    installs the pure-Python twin, which runs a loopback exchange; with
+    ``QP2P_REQUIRE_EXTENSIONS=1`` the same install fails and says why."""
+    venv, env = _fresh_venv(tmp_path)
+    blocker = tmp_path / "no-cython" / "Cython"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('Cython is hidden by this test')\n")
+    env["CC"] = "/bin/false"
+    env["PYTHONPATH"] = str(blocker.parent)  # seen by pip's build of the sdist, too
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-v", "--no-index",
+           "--no-build-isolation", str(artifacts.sdist)]  # fmt: skip
+
+    required = subprocess.run(
+        pip, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        env={**env, "QP2P_REQUIRE_EXTENSIONS": "1"},
+    )  # fmt: skip
+    assert required.returncode != 0, required.stdout[-2000:]
+    assert "QP2P_REQUIRE_EXTENSIONS is set" in required.stdout + required.stderr
+
+    installed = _run(pip, cwd=tmp_path, env=env)
+    assert "could not build the compiled fast path" in installed.stdout + installed.stderr
+    assert "Installing the pure-Python twin instead" in installed.stdout + installed.stderr
+
+    del env["PYTHONPATH"]
+    python = str(venv / "bin" / "python")
+    result = _run([python, "-c", EXCHANGE], cwd=tmp_path, env=env, timeout=60)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["implementation"] == "python"
+    assert report["file"].startswith(str(venv)), report["file"]
+    assert report["message"] == ["hello from the wheel", "h", "d"]
+    assert report["reply"] == "gnip"
+    assert report["peer_ok"] is True
+    package = Path(report["file"]).parent
+    assert not list(package.glob("_fastpath*.so")), list(package.iterdir())
