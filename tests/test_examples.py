@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import CWD, pythonpath
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 README = ROOT / "README.md"
@@ -59,14 +61,14 @@ EXPECTED: dict[str, list[str]] = {
 
 def _env(impl: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath(*filter(None, [env.get("PYTHONPATH")]))
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
     return env
 
 
-def _run_script(path: Path, impl: str, cwd: Path = ROOT) -> tuple[str, float]:
+def _run_script(path: Path, impl: str, cwd: Path = CWD) -> tuple[str, float]:
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(path)],

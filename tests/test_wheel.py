@@ -270,3 +270,36 @@ def test_sdist_without_compiler_installs_the_twin(artifacts: Artifacts, tmp_path
     assert report["peer_ok"] is True
     package = Path(report["file"]).parent
     assert not list(package.glob("_fastpath*.so")), list(package.iterdir())
+
+
+def test_sdist_suite_tests_the_installed_wheel(artifacts: Artifacts, tmp_path: Path) -> None:
+    """A packager's run: unpack the sdist, install the wheel, run ``pytest`` in the unpacked
+    tree. The suite must test the installed, compiled package — in-process and in the
+    subprocesses it starts — not the uncompiled source beside the tests."""
+    venv, env = _fresh_venv(tmp_path)
+    python = str(venv / "bin" / "python")
+    _run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(artifacts.wheel)],
+         env=env)  # fmt: skip
+    with tarfile.open(artifacts.sdist) as tar:
+        tar.extractall(tmp_path / "sdist", filter="data")
+    [src] = (tmp_path / "sdist").iterdir()
+    assert not list((src / "qp2p").glob("*.so"))  # the tree beside the tests is not compiled
+    selection = [
+        "tests/test_endpoint.py::test_message_with_header_and_dst",  # in-process, both impls
+        "tests/test_fastpath.py::test_qp2p_no_extensions_env",  # subprocess `python -c`
+        "tests/test_examples.py::test_example_runs",  # subprocess running a script
+        "tests/test_cli.py::test_help_lists_every_subcommand",  # subprocess `python -m qp2p`
+    ]
+    result = subprocess.run(
+        [python, "-m", "pytest", "-p", "no:cacheprovider", *selection,
+         "-k", "p2p_node or no_extensions or header or help"],
+        cwd=src, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    site_pkgs = Path(_run([python, "-c", "import qp2p; print(qp2p.__file__)"], cwd=tmp_path,
+                          env=env).stdout.strip()).parent  # fmt: skip
+    assert f"qp2p under test: {site_pkgs} (cython fast path)" in out, out[:2000]
+    assert str(site_pkgs).startswith(str(venv))
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" in summary, summary
