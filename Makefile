@@ -61,6 +61,7 @@ scale: build
 wheel: $(STAMP)
 	rm -rf dist
 	QP2P_REQUIRE_EXTENSIONS=1 $(BIN)/python -m build --no-isolation
+	@ls -l dist  # qp2p's sdist and wheel only: build fetches no dependency wheels
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info qp2p/*.so qp2p/_fastpath.c

@@ -133,6 +133,21 @@ def test_wheel_contents(artifacts: Artifacts) -> None:
         assert needed in names
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
     assert "qp2p = qp2p.cli:main" in entry_points
+    # `make wheel` (python -m build) writes qp2p's two files and no dependency wheels
+    assert sorted(p.name for p in artifacts.wheel.parent.iterdir()) == sorted(
+        [artifacts.sdist.name, artifacts.wheel.name]
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="-s is applied on Linux")
+def test_wheel_extension_is_stripped(artifacts: Artifacts) -> None:
+    """The extension is linked with ``-s``: no symbol table, no DWARF (1 MB -> ~165 kB)."""
+    with zipfile.ZipFile(artifacts.wheel) as zf:
+        [so] = [n for n in zf.namelist() if n.startswith("qp2p/_fastpath.") and n.endswith(".so")]
+        data = zf.read(so)
+    assert data[:4] == b"\x7fELF"
+    assert b".debug_info" not in data and b".symtab" not in data, "the extension is not stripped"
+    assert len(data) < 400_000, len(data)  # unstripped it is about 1 MB
 
 
 def test_sdist_builds_without_cython(artifacts: Artifacts, tmp_path: Path) -> None:
