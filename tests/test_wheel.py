@@ -107,6 +107,12 @@ def test_sdist_carries_c_source_stub_and_types(artifacts: Artifacts) -> None:
         "pyproject.toml",
         "README.md",
         "tests/conftest.py",
+        "tests/paths.py",
+        "conftest.py",  # the rootdir conftest: the suite tests the installed qp2p
+        "docs/pypi.md",
+        "docs/api.rst",
+        "CHANGELOG.md",
+        "SECURITY.md",
         "examples/demo.py",
     ):
         assert needed in names, f"{needed} missing from the sdist"
