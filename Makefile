@@ -40,7 +40,7 @@ test-fast: build
 	$(BIN)/python -m pytest -q -x -m "not netns"
 
 lint: $(STAMP)
-	$(BIN)/ruff check qp2p tests bench examples
+	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py
 	$(BIN)/mypy --strict qp2p
 
 # the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too

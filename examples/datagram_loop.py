@@ -21,13 +21,13 @@ POSITION = struct.Struct("!Iff")  # tick number, x, y
 
 async def echo(conn: qp2p.Connection) -> None:
     """The peer: send every datagram straight back, until the connection closes."""
-    with contextlib.suppress(qp2p.ConnectionClosed):
-        while True:
-            conn.send_datagram(await conn.recv_datagram())
+    with contextlib.suppress(qp2p.ConnectionClosed):  # send_datagram on a closing connection
+        async for data in conn.datagrams():  # ends when the connection closes
+            conn.send_datagram(data)
 
 
 async def main() -> None:
-    async with await qp2p.Endpoint.bind() as player, await qp2p.Endpoint.bind() as server:
+    async with qp2p.Endpoint.bind() as player, qp2p.Endpoint.bind() as server:
         conn = await player.connect_to(server.local_addr)
         echoer = asyncio.ensure_future(echo(await server.accept()))
         print(f"datagrams up to {conn.max_datagram_payload} bytes on this path")

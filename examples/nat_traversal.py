@@ -23,9 +23,9 @@ KEEP_ALIVE = qp2p.Config(keep_alive_interval=2.0)
 
 async def main() -> None:
     async with (
-        await qp2p.Endpoint.bind(rendezvous=True) as rendezvous,
-        await qp2p.Endpoint.bind(config=KEEP_ALIVE) as bob,
-        await qp2p.Endpoint.bind() as alice,
+        qp2p.Endpoint.bind(rendezvous=True) as rendezvous,
+        qp2p.Endpoint.bind(config=KEEP_ALIVE) as bob,
+        qp2p.Endpoint.bind() as alice,
     ):
         print(f"rendezvous at {rendezvous.local_addr}")
         await bob.connect_to(rendezvous.local_addr)  # bob is reachable through it now

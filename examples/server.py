@@ -37,7 +37,7 @@ async def serve(listen: str) -> int:
     handlers: set[asyncio.Task[None]] = set()
     served = 0
 
-    async with await qp2p.Endpoint.bind(listen) as ep:
+    async with qp2p.Endpoint.bind(listen) as ep:
         print(f"listening on {ep.local_addr[0]}:{ep.local_addr[1]}, peer id {ep.peer_id}",
               flush=True)
 
