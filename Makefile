@@ -1,5 +1,5 @@
 # qp2p: `make demo` and `make test` set everything up from scratch (a .venv, the
-# compiled fast path, test tools) and run. Other targets: lint, bench, bench-check, wheel,
+# compiled fast path, test tools) and run. Other targets: lint, docs, bench, bench-check, wheel,
 # fuzz (atheris, FUZZ_SECONDS), soak (SOAK_MINUTES), scale (1,000 connections).
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXT    := qp2p/_fastpath$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all demo test test-fast lint bench bench-check wheel sysdeps clean fuzz soak scale
+.PHONY: all demo test test-fast lint docs bench bench-check wheel sysdeps clean fuzz soak scale
 
 FUZZ_SECONDS ?= 600
 SOAK_MINUTES ?= 10
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 $(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd
-	$(BIN)/python setup.py -q build_ext --inplace
+	QP2P_REQUIRE_EXTENSIONS=1 $(BIN)/python setup.py -q build_ext --inplace
 	@touch $@
 
 build: $(EXT)
@@ -40,8 +40,13 @@ test-fast: build
 	$(BIN)/python -m pytest -q -x -m "not netns"
 
 lint: $(STAMP)
-	$(BIN)/ruff check qp2p tests bench examples
+	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py
 	$(BIN)/mypy --strict qp2p
+
+# the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -q -W --keep-going -b html docs docs/_build/html
+	@echo "API reference: docs/_build/html/index.html"
 
 bench: build
 	$(BIN)/python bench/compare.py
@@ -60,7 +65,8 @@ scale: build
 
 wheel: $(STAMP)
 	rm -rf dist
-	$(BIN)/python -m build --no-isolation
+	QP2P_REQUIRE_EXTENSIONS=1 $(BIN)/python -m build --no-isolation
+	@ls -l dist  # qp2p's sdist and wheel only: build fetches no dependency wheels
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info qp2p/*.so qp2p/_fastpath.c
+	rm -rf $(VENV) build dist docs/_build *.egg-info qp2p/*.so qp2p/_fastpath.c

@@ -74,6 +74,7 @@ from typing import Any
 
 import qp2p
 from qp2p import _speedups
+from tests.paths import CWD, pythonpath
 from tests.udp_relay import UdpRelay, _Client, set_big_buffers
 
 __all__ = ["SoakReport", "main", "run_soak"]
@@ -699,8 +700,8 @@ class Soak:
                 "--hang", str(self.hang), "--impl", _speedups.implementation,
                 "--loop", _loop_name()]
         ns.proc = ns.host.popen(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                text=True, cwd=CWD,
+                                env={**os.environ, "PYTHONPATH": pythonpath()})
         loop = asyncio.get_running_loop()
         assert ns.proc.stdout is not None
         line = await asyncio.wait_for(loop.run_in_executor(None, ns.proc.stdout.readline), 60)

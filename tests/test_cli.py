@@ -27,8 +27,8 @@ import pytest
 
 import qp2p
 from qp2p.cli import SHUTDOWN_REASON, parse_addr
+from tests.paths import CWD, pythonpath
 
-ROOT = Path(__file__).resolve().parent.parent
 COMBOS = [
     ("cython", "uvloop"),
     ("cython", "asyncio"),
@@ -40,7 +40,7 @@ COMBOS = [
 def cli_env(impl: str = "cython") -> dict[str, str]:
     """The environment for a ``python -m qp2p`` child running ``impl``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath(*filter(None, [env.get("PYTHONPATH")]))
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
@@ -62,7 +62,7 @@ def run(
     return subprocess.run(
         qp2p_cmd(*args, loop=loop),
         env=cli_env(impl),
-        cwd=ROOT,
+        cwd=CWD,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,7 +81,7 @@ class Node:
         self.proc = subprocess.Popen(
             qp2p_cmd("--json", "node", "--listen", "127.0.0.1:0", *args, loop=loop),
             env=cli_env(impl),
-            cwd=ROOT,
+            cwd=CWD,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -319,7 +319,7 @@ def test_node_human_output(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         qp2p_cmd("node", "--listen", "127.0.0.1:0"),
         env=cli_env(),
-        cwd=ROOT,
+        cwd=CWD,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -475,7 +475,7 @@ def test_plain_text_without_rich(tmp_path: Path) -> None:
     result = subprocess.run(
         qp2p_cmd("bench", "--count", "200"),
         env=env,
-        cwd=ROOT,
+        cwd=CWD,
         capture_output=True,
         text=True,
         timeout=60,
@@ -486,7 +486,7 @@ def test_plain_text_without_rich(tmp_path: Path) -> None:
     result = subprocess.run(
         qp2p_cmd("identity", "new", str(tmp_path / "k.pem")),
         env=env,
-        cwd=ROOT,
+        cwd=CWD,
         capture_output=True,
         text=True,
         timeout=60,

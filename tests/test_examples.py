@@ -4,14 +4,19 @@ verbatim, and its quick-start example runs too."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+import qp2p
+from tests.paths import CWD, pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -50,6 +55,18 @@ EXPECTED: dict[str, list[str]] = {
         r"stranger refused by the server: .*authentication failed",
         r"friend refused the stranger: peer [0-9a-f]{64} is not pinned",
     ],
+    "nat_traversal.py": [
+        r"rendezvous at \('127\.0\.0\.1', \d+\)",
+        r"bob \([0-9a-f]{12}\) is connected to the rendezvous",
+        r"alice reached bob directly at \('127\.0\.0\.1', \d+\): peer id [0-9a-f]{64}",
+        r"bob got b'hello through the hole' from [0-9a-f]{64}",
+        r"direct path \(no relay\): True",
+    ],
+    "datagram_loop.py": [
+        r"datagrams up to 1168 bytes on this path",
+        # loopback loses nothing in practice, but the example must not pretend it cannot
+        r"sent 50 datagrams, (?:[1-9]|[1-4]\d|50) came back; newest: tick \d+ at \(",
+    ],
     "private_ca.py": [
         r"bob asked alice [0-9a-f]{64}: b'yes, my certificate is from my-net too'",
         r"self-signed outsider refused: .*authentication failed",
@@ -59,14 +76,14 @@ EXPECTED: dict[str, list[str]] = {
 
 def _env(impl: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath(*filter(None, [env.get("PYTHONPATH")]))
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
     return env
 
 
-def _run_script(path: Path, impl: str, cwd: Path = ROOT) -> tuple[str, float]:
+def _run_script(path: Path, impl: str, cwd: Path = CWD) -> tuple[str, float]:
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(path)],
@@ -82,8 +99,12 @@ def _run_script(path: Path, impl: str, cwd: Path = ROOT) -> tuple[str, float]:
     return result.stdout, elapsed
 
 
+#: Examples that run until signalled: each has its own test below.
+SERVERS = ["server.py"]
+
+
 def test_every_example_is_covered() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted([*EXPECTED, *SERVERS])
 
 
 @pytest.mark.parametrize("impl", ["cython", "python"])
@@ -128,3 +149,43 @@ def test_readme_quick_example_runs(impl: str, tmp_path: Path) -> None:
     script.write_text(code)
     out, _ = _run_script(script, impl, cwd=tmp_path)
     assert re.search(r"^b'hello bob' from [0-9a-f]{64}\nb'4'$", out.strip()), out
+
+
+# --------------------------------------------------------------------------- server.py
+
+
+async def _talk_to_server(proc: subprocess.Popen[str]) -> str:
+    """Read the server's address, ask it something, signal it, see the graceful close."""
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), BUDGET)
+    match = re.match(r"listening on (127\.0\.0\.1:\d+), peer id ([0-9a-f]{64})$", first.strip())
+    assert match, first
+    async with await qp2p.Endpoint.bind() as client:
+        conn = await client.connect_to(match[1], expect_peer_id=match[2])
+        reply = await conn.request(b"are you there?", timeout=BUDGET)
+        assert reply.payload == b"ARE YOU THERE?"
+        proc.send_signal(signal.SIGTERM)  # the connection is still open: the server closes it
+        with pytest.raises(qp2p.ConnectionClosed) as closed:
+            await asyncio.wait_for(conn.recv(), BUDGET)
+    return str(closed.value.reason)
+
+
+@pytest.mark.parametrize("impl", ["cython", "python"])
+def test_server_example_serves_until_signalled_then_closes_gracefully(impl: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "server.py"), "--listen", "127.0.0.1:0"],
+        env=_env(impl), cwd=CWD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        reason = asyncio.run(_talk_to_server(proc))
+        out, err = proc.communicate(timeout=BUDGET)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "server shutting down" in reason, reason
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "signal received: closing connections" in out
+    assert "stopped after serving 1 connection(s)" in out, out
+    assert re.search(r"server: connection from \('127\.0\.0\.1', \d+\)", err), err

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from qp2p import _purepy, _speedups
 from qp2p.errors import ProtocolError
+from tests.paths import CWD, pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 SOL_UDP = 17
@@ -143,10 +144,10 @@ def test_select_switches_and_rejects_unknown_names() -> None:
     ("value", "expected"), [("1", "python"), ("yes", "python"), ("0", "cython"), ("", "cython")]
 )
 def test_qp2p_no_extensions_env(value: str, expected: str) -> None:
-    env = dict(os.environ, QP2P_NO_EXTENSIONS=value, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, QP2P_NO_EXTENSIONS=value, PYTHONPATH=pythonpath())
     code = "from qp2p import _speedups as s; print(s.implementation, s.impl.__name__)"
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=CWD
     ).stdout.split()
     module = {"python": "qp2p._purepy", "cython": "qp2p._fastpath"}[expected]
     assert out == [expected, module]
@@ -921,7 +922,7 @@ def netns_available() -> bool:
 @pytest.mark.parametrize("gso", ["gso-on", "gso-off"])
 def test_send_batch_eagain_resumes_without_loss(fp: ModuleType, gso: str) -> None:
     name = "cython" if fp.__name__.endswith("_fastpath") else "python"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=pythonpath())
     env.pop("QP2P_NO_EXTENSIONS", None)
     if gso == "gso-off":
         env["QP2P_NO_GSO"] = "1"
@@ -938,7 +939,7 @@ def test_send_batch_eagain_resumes_without_loss(fp: ModuleType, gso: str) -> Non
         capture_output=True,
         text=True,
         timeout=90,
-        cwd=ROOT,
+        cwd=CWD,
     )
     if (
         proc.returncode != 0
@@ -1098,10 +1099,11 @@ def test_qp2p_no_gso_forces_plain_batches(
     assert gso_module.send_batch(tx, [(d, rx.getsockname()) for d in payloads]) == (20, 0)
     assert raw_gro_receive(rx) == [(d, 0) for d in payloads]
     # and at import time, in a fresh interpreter
-    env = dict(os.environ, QP2P_NO_GSO="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, QP2P_NO_GSO="1", PYTHONPATH=pythonpath())
     out = subprocess.run(
         [sys.executable, "-c", "import qp2p._fastpath as f; print(f.features())"],
         env=env,
+        cwd=CWD,
         capture_output=True,
         text=True,
         check=True,
@@ -1129,6 +1131,6 @@ def test_stub_matches_module() -> None:
         [sys.executable, "-m", "mypy.stubtest", "qp2p._fastpath", "--ignore-missing-stub"],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=CWD,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -15,6 +15,7 @@ import pytest
 
 import qp2p
 from tests.netlab import Lab, behind_nat, two_hosts
+from tests.paths import CWD, pythonpath
 from tests.udp_relay import UdpRelay
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.one_loop]  # slow: uvloop only
@@ -120,8 +121,8 @@ async def test_discover_public_addr_through_nat(lab: Lab, impl: str) -> None:
 def start_peer(port: int, idle: float) -> tuple[subprocess.Popen[str], tuple[str, int]]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "peer_proc.py"), "127.0.0.1", str(port), str(idle)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=CWD,
+        env={**os.environ, "PYTHONPATH": pythonpath()},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().split()

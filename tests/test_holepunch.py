@@ -14,6 +14,7 @@ import pytest
 
 import qp2p
 from tests.netlab import Host, Lab, double_nat
+from tests.paths import CWD, pythonpath
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ class Rendezvous:
         if rendezvous:
             argv.append("--rendezvous")
         self.proc = host.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               cwd=CWD, env={**os.environ, "PYTHONPATH": pythonpath()})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         assert line and line[0] == "READY", line

@@ -37,6 +37,7 @@ SOURCES = [
     ROOT / "pyproject.toml",
     ROOT / "MANIFEST.in",
     ROOT / "README.md",
+    ROOT / "docs" / "pypi.md",
 ]
 IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.pyd",
@@ -106,10 +107,24 @@ def test_sdist_carries_c_source_stub_and_types(artifacts: Artifacts) -> None:
         "pyproject.toml",
         "README.md",
         "tests/conftest.py",
+        "tests/paths.py",
+        "conftest.py",  # the rootdir conftest: the suite tests the installed qp2p
+        "docs/pypi.md",
+        "docs/api.rst",
+        "CHANGELOG.md",
+        "SECURITY.md",
         "examples/demo.py",
     ):
         assert needed in names, f"{needed} missing from the sdist"
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
+    with tarfile.open(artifacts.sdist) as tar:
+        [pkg_info] = [m for m in tar.getmembers() if m.name.count("/") == 1
+                      and m.name.endswith("/PKG-INFO")]  # fmt: skip
+        meta = tar.extractfile(pkg_info).read().decode()  # type: ignore[union-attr]
+    # the long description (PyPI's page) opens with what qp2p is, then how to install it
+    description = meta.split("\n\n", 1)[1]
+    assert description.startswith("# qp2p\n\nqp2p is a peer-to-peer"), description[:300]
+    assert "make demo" not in description and "## Install" in description
 
 
 def test_wheel_contents(artifacts: Artifacts) -> None:
@@ -124,6 +139,21 @@ def test_wheel_contents(artifacts: Artifacts) -> None:
         assert needed in names
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
     assert "qp2p = qp2p.cli:main" in entry_points
+    # `make wheel` (python -m build) writes qp2p's two files and no dependency wheels
+    assert sorted(p.name for p in artifacts.wheel.parent.iterdir()) == sorted(
+        [artifacts.sdist.name, artifacts.wheel.name]
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="-s is applied on Linux")
+def test_wheel_extension_is_stripped(artifacts: Artifacts) -> None:
+    """The extension is linked with ``-s``: no symbol table, no DWARF (1 MB -> ~165 kB)."""
+    with zipfile.ZipFile(artifacts.wheel) as zf:
+        [so] = [n for n in zf.namelist() if n.startswith("qp2p/_fastpath.") and n.endswith(".so")]
+        data = zf.read(so)
+    assert data[:4] == b"\x7fELF"
+    assert b".debug_info" not in data and b".symtab" not in data, "the extension is not stripped"
+    assert len(data) < 400_000, len(data)  # unstripped it is about 1 MB
 
 
 def test_sdist_builds_without_cython(artifacts: Artifacts, tmp_path: Path) -> None:
@@ -174,20 +204,8 @@ EXCHANGE = textwrap.dedent(
 
 
 def test_wheel_installs_into_fresh_venv_and_runs(artifacts: Artifacts, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
+    venv, env = _fresh_venv(tmp_path)
     python = venv / "bin" / "python"
-    purelib = Path(
-        _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
-        ).stdout.strip()
-    )
-    # runtime dependencies (aioquic, cryptography, ...) from this venv, appended after the
-    # fresh venv's own site-packages so the installed wheel is what `import qp2p` finds
-    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    (purelib / "_qp2p_test_deps.pth").write_text("\n".join(deps) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QP2P_NO_EXTENSIONS")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     _run(
         [str(python), "-m", "pip", "install", "-q", "--no-index",
          "--find-links", str(artifacts.wheel.parent), str(artifacts.wheel)],
@@ -216,3 +234,93 @@ def test_wheel_installs_into_fresh_venv_and_runs(artifacts: Artifacts, tmp_path:
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert len(json.loads(ident.stdout)["peer_id"]) == 64
+
+
+def _fresh_venv(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A new venv that sees this venv's packages (runtime and build dependencies) behind
+    its own site-packages, so what pip installs into it is what ``import qp2p`` finds."""
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+        ).stdout.strip()
+    )
+    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (purelib / "_qp2p_test_deps.pth").write_text("\n".join(deps) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QP2P_NO_EXTENSIONS")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    # the venv's own (older) setuptools would shadow this venv's setuptools>=77
+    _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], env=env)
+    return venv, env
+
+
+def test_sdist_without_compiler_installs_the_twin(artifacts: Artifacts, tmp_path: Path) -> None:
+    """No C compiler (``CC=/bin/false``) and no Cython: installing the sdist warns and
+    installs the pure-Python twin, which runs a loopback exchange; with
+    ``QP2P_REQUIRE_EXTENSIONS=1`` the same install fails and says why."""
+    venv, env = _fresh_venv(tmp_path)
+    blocker = tmp_path / "no-cython" / "Cython"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('Cython is hidden by this test')\n")
+    env["CC"] = "/bin/false"
+    env["PYTHONPATH"] = str(blocker.parent)  # seen by pip's build of the sdist, too
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-v", "--no-index",
+           "--no-build-isolation", str(artifacts.sdist)]  # fmt: skip
+
+    required = subprocess.run(
+        pip, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        env={**env, "QP2P_REQUIRE_EXTENSIONS": "1"},
+    )  # fmt: skip
+    assert required.returncode != 0, required.stdout[-2000:]
+    assert "QP2P_REQUIRE_EXTENSIONS is set" in required.stdout + required.stderr
+
+    installed = _run(pip, cwd=tmp_path, env=env)
+    assert "could not build the compiled fast path" in installed.stdout + installed.stderr
+    assert "Installing the pure-Python twin instead" in installed.stdout + installed.stderr
+
+    del env["PYTHONPATH"]
+    python = str(venv / "bin" / "python")
+    result = _run([python, "-c", EXCHANGE], cwd=tmp_path, env=env, timeout=60)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["implementation"] == "python"
+    assert report["file"].startswith(str(venv)), report["file"]
+    assert report["message"] == ["hello from the wheel", "h", "d"]
+    assert report["reply"] == "gnip"
+    assert report["peer_ok"] is True
+    package = Path(report["file"]).parent
+    assert not list(package.glob("_fastpath*.so")), list(package.iterdir())
+
+
+def test_sdist_suite_tests_the_installed_wheel(artifacts: Artifacts, tmp_path: Path) -> None:
+    """A packager's run: unpack the sdist, install the wheel, run ``pytest`` in the unpacked
+    tree. The suite must test the installed, compiled package — in-process and in the
+    subprocesses it starts — not the uncompiled source beside the tests."""
+    venv, env = _fresh_venv(tmp_path)
+    python = str(venv / "bin" / "python")
+    _run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(artifacts.wheel)],
+         env=env)  # fmt: skip
+    with tarfile.open(artifacts.sdist) as tar:
+        tar.extractall(tmp_path / "sdist", filter="data")
+    [src] = (tmp_path / "sdist").iterdir()
+    assert not list((src / "qp2p").glob("*.so"))  # the tree beside the tests is not compiled
+    selection = [
+        "tests/test_endpoint.py::test_message_with_header_and_dst",  # in-process, both impls
+        "tests/test_fastpath.py::test_qp2p_no_extensions_env",  # subprocess `python -c`
+        "tests/test_examples.py::test_example_runs",  # subprocess running a script
+        "tests/test_cli.py::test_help_lists_every_subcommand",  # subprocess `python -m qp2p`
+    ]
+    result = subprocess.run(
+        [python, "-m", "pytest", "-p", "no:cacheprovider", *selection,
+         "-k", "p2p_node or no_extensions or header or help"],
+        cwd=src, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    site_pkgs = Path(_run([python, "-c", "import qp2p; print(qp2p.__file__)"], cwd=tmp_path,
+                          env=env).stdout.strip()).parent  # fmt: skip
+    assert f"qp2p under test: {site_pkgs} (cython fast path)" in out, out[:2000]
+    assert str(site_pkgs).startswith(str(venv))
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" in summary, summary

@@ -4,7 +4,9 @@
 #   nft  (Debian package nftables)  -- NAT, random loss, "drop unsolicited inbound"
 #
 # Idempotent and silent when everything is already installed.
-# Installs the missing packages with apt-get only when we are root and apt-get exists.
+# Installs the missing packages with apt-get only when we are root and apt-get exists
+# (`make test` and `make soak` run this: as root they install packages), and never when
+# QP2P_NO_SYSDEPS is set to a non-empty value other than 0.
 # Never fails the build: without root (or apt) it prints a note to stderr and exits 0;
 # the netns tests then skip with a precise reason.
 set -u
@@ -16,6 +18,11 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 note() { echo "ensure-system-deps: $*" >&2; }
+
+if [ -n "${QP2P_NO_SYSDEPS:-}" ] && [ "${QP2P_NO_SYSDEPS}" != 0 ]; then
+    note "missing ${missing[*]}; QP2P_NO_SYSDEPS is set, not installing (netns tests will skip)."
+    exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
     note "missing ${missing[*]} and not root; not installing (netns tests will skip)."
