@@ -13,6 +13,7 @@ from . import _speedups
 from .config import Config, RetryConfig
 from .connection import Connection, Message
 from .endpoint import Endpoint
+from .engine import engines
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -45,6 +46,7 @@ __all__ = [
     "Qp2pError",
     "RetryConfig",
     "Trust",
+    "engines",
     "implementation",
 ]
 

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
-from . import _speedups, discovery, engine, holepunch, wire
-from ._tls import AUTH_REASON_PREFIX
+from . import _speedups, discovery, holepunch, wire
+from . import engine as quic_engine
 from .config import Config
 from .connection import Connection
 from .errors import (
@@ -92,12 +92,13 @@ class Endpoint:
         self._accept_incoming = accept_incoming
         self.rendezvous = rendezvous
         self._fp = _speedups.impl
-        self._table = self._fp.ConnectionTable(engine.CID_LENGTH)
-        self._client_config = engine.make_configuration(identity, config, is_client=True)
-        self._server_config = engine.make_configuration(identity, config, is_client=False)
-        self._versions = set(engine.supported_versions())
-        self._validator = engine.AddressValidator()
-        self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
+        self._table = self._fp.ConnectionTable(quic_engine.CID_LENGTH)
+        self._engine = quic_engine.resolve(config.engine)
+        self._client_config = self._engine.make_configuration(identity, config, is_client=True)
+        self._server_config = self._engine.make_configuration(identity, config, is_client=False)
+        self._versions = set(self._engine.supported_versions())
+        self._validator = quic_engine.AddressValidator(engine=self._engine)
+        self._budget = quic_engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
         self.local_addr: Address = sock.getsockname()[:2]
@@ -181,6 +182,11 @@ class Endpoint:
     def is_closed(self) -> bool:
         """True once ``close()`` was called."""
         return self._closed
+
+    @property
+    def engine(self) -> str:
+        """The QUIC engine this endpoint runs on: ``"aioquic"`` or ``"qh3"``."""
+        return self._engine.NAME
 
     @property
     def implementation(self) -> str:
@@ -337,7 +343,7 @@ class Endpoint:
             existing = self._pool.get(addr, expect_peer_id)
             if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
                 return existing
-        quic = engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
+        quic = self._engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
         conn = Connection(self, quic, addr, is_client=True)
         conn._pooled = not private
         conn._ready = self._loop.create_future()
@@ -384,7 +390,7 @@ class Endpoint:
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
         if not conn._terminated:
-            conn._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+            conn._quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
             conn._set_closed(ConnectionClosed(reason))
@@ -439,26 +445,26 @@ class Endpoint:
                 self._check_engine_closed(conn)
         self._flush()
 
-    def _on_event(self, conn: Connection, event: engine.events.QuicEvent) -> None:
+    def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
-        if kind is engine.events.StreamDataReceived or kind is engine.events.DatagramFrameReceived:
+        if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
             conn._handle_event(event)
-        elif kind is engine.events.ConnectionIdIssued:
+        elif kind is quic_engine.CidIssued:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
-        elif kind is engine.events.ConnectionIdRetired:
+        elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
             conn._cids.discard(cid)
             self._table.remove(cid)
-        elif kind is engine.events.HandshakeCompleted:
+        elif kind is quic_engine.HandshakeDone:
             self._on_handshake(conn)
-        elif kind is engine.events.ConnectionTerminated:
+        elif kind is quic_engine.Terminated:
             self._on_terminated(conn, event)  # type: ignore[arg-type]
         else:
             conn._handle_event(event)
 
     def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped."""
-        header = engine.parse_long_header(data)
+        header = self._engine.parse_long_header(data)
         if header is None or header[0] is None:
             self.stats_counters["dropped_unknown"] += 1
             return
@@ -467,11 +473,11 @@ class Endpoint:
         if version not in self._versions:
             # RFC 9000 §5.2.2: no Version Negotiation for datagrams too small to be a
             # first Initial (and so no reflection amplifier)
-            if version != 0 and len(data) >= engine.MIN_INITIAL_SIZE:
+            if version != 0 and len(data) >= quic_engine.MIN_INITIAL_SIZE:
                 self.stats_counters["version_negotiations"] += 1
-                self._send_raw(engine.version_negotiation(dcid, scid), addr)
+                self._send_raw(self._engine.version_negotiation(dcid, scid), addr)
             return
-        if not is_initial or len(data) < engine.MIN_INITIAL_SIZE:
+        if not is_initial or len(data) < quic_engine.MIN_INITIAL_SIZE:
             self.stats_counters["dropped_unknown"] += 1
             return
         if not self._accept_incoming or self._closed:
@@ -503,13 +509,13 @@ class Endpoint:
         if refusal is not None:
             self.stats_counters["handshakes_refused"] += 1
             logger.warning("refusing handshake from %s: %s", wire.addr_text(addr), refusal)
-            for datagram, to in engine.refusal(
+            for datagram, to in self._engine.refusal(
                 self._server_config, self.config, self.trust, header, original_dcid,
                 retry_scid, data, addr, now, refusal,
             ):
                 self._send_raw(datagram, to)
             return
-        quic = engine.new_server(
+        quic = self._engine.new_server(
             self._server_config, self.config, self.trust, original_dcid, retry_scid
         )
         conn = Connection(self, quic, addr, is_client=False)
@@ -517,7 +523,7 @@ class Endpoint:
         self._register(conn, quic.host_cid)
         try:
             quic.receive_datagram(data, addr, now)
-            accepted = engine.accepted_any_packet(quic)
+            accepted = quic.accepted_any_packet()
         except Exception:
             accepted = False
             logger.exception("error handling a first Initial from %s", addr)
@@ -578,10 +584,10 @@ class Endpoint:
         dialler that means the handshake is *confirmed* (the acceptor checked our
         certificate and sent HANDSHAKE_DONE), so a peer that rejects us never yields
         a connection."""
-        if conn._is_client and not engine.handshake_confirmed(conn._quic):
+        if conn._is_client and not conn._quic.handshake_confirmed():
             return
         try:
-            peer_id = engine.authenticated_peer(conn._quic)
+            peer_id = conn._quic.authenticated_peer()
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
@@ -601,26 +607,27 @@ class Endpoint:
 
     def _check_engine_closed(self, conn: Connection) -> None:
         """Report a close as soon as the engine knows, not after draining ends."""
-        if conn._closed is None and engine.is_closed(conn._quic):
-            event = engine.close_event(conn._quic)
+        if conn._closed is None and conn._quic.is_closed():
+            event = conn._quic.close_event()
             self._fail(conn, event)
 
-    def _on_terminated(self, conn: Connection, event: engine.events.ConnectionTerminated) -> None:
+    def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
         conn._terminated = True
         self._fail(conn, event)
         self._forget(conn)
 
-    def _fail(self, conn: Connection, event: engine.events.ConnectionTerminated | None) -> None:
+    def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
-        auth_error = engine.auth_error(conn._quic)
+        auth_error = conn._quic.rejection()
         ready = conn._ready
         if ready is not None and not ready.done():
             if auth_error is not None:
                 ready.set_exception(auth_error)
-            elif code is not None and engine.is_tls_failure(code):
+            elif code is not None and quic_engine.is_tls_failure(code):
                 # the acceptor refused us in the TLS handshake: retrying can't help
-                detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
+                prefix = quic_engine.AUTH_REASON_PREFIX
+                detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
                 ready.set_exception(PeerAuthenticationError(
                     f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
                     f"authentication failed ({detail})"
@@ -805,9 +812,9 @@ class Endpoint:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
         quic = conn._quic
         now = _now()
-        engine.ack_now(quic, now)
+        quic.ack_now(now)
         self._backlog.extend(quic.datagrams_to_send(now))
-        quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+        quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from . import engine, wire
+from . import wire
 from .errors import (
     ConnectionError,
     HolePunchFailed,
@@ -60,7 +60,7 @@ def on_introduce_request(
     """Rendezvous side: introduce ``conn``'s peer to the peer it asks for."""
     if not endpoint.rendezvous:
         logger.info("refusing introduction request from %s: not a rendezvous", conn.remote_addr)
-        engine.reject_stream(conn._quic, stream_id, wire.ERR_FRAME_REJECTED)
+        conn._quic.reject_stream(stream_id, wire.ERR_FRAME_REJECTED)
         endpoint._mark_dirty(conn)
         return
     if len(payload) != 32:

@@ -54,8 +54,9 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 
-from .errors import PeerAuthenticationError
-from .identity import Identity, PeerId, Trust, _Failure
+from ..errors import PeerAuthenticationError
+from ..identity import Identity, PeerId, Trust, _Failure
+from . import AUTH_REASON_PREFIX
 
 __all__ = [
     "AUTH_ERROR_CODES",
@@ -71,8 +72,6 @@ logger = logging.getLogger("qp2p.tls")
 #: aioquic versions whose TLS internals this module was written against.
 TESTED_AIOQUIC = ((1, 2), (1, 8))
 
-#: Every ``ConnectionTerminated.reason_phrase`` qp2p produces for a rejected peer starts so.
-AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
 
 _ALERTS: dict[_Failure, tuple[tls.AlertDescription, str]] = {
     _Failure.NO_CERTIFICATE: (tls.AlertDescription.certificate_required, "no certificate"),
