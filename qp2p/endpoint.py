@@ -438,12 +438,31 @@ class Endpoint:
         self.stats_counters["datagrams_received"] += received
         for conn in list(dirty):
             if not conn._terminated:
-                if not conn._established and conn._handshake_done:
-                    self._maybe_established(conn)
-                conn._check_receive_stall()
-                conn._check_acks()
-                self._check_engine_closed(conn)
+                self._after_events(conn)
         self._flush()
+
+    def _after_events(self, conn: Connection) -> None:
+        """What a burst of events may have changed: establishment, receive stalls,
+        acknowledged sends, an engine that started closing."""
+        if not conn._established and conn._handshake_done:
+            self._maybe_established(conn)
+        conn._check_receive_stall()
+        conn._check_acks()
+        self._check_engine_closed(conn)
+
+    def _drain_held_events(self, conn: Connection) -> None:
+        """Events the engine held back while receive memory was full (qh3): pull them
+        now that the application released some."""
+        quic = conn._quic
+        try:
+            event = quic.next_event()
+            while event is not None:
+                self._on_event(conn, event)
+                event = quic.next_event()
+        except Exception:  # a bug for one connection must not stop the endpoint
+            logger.exception("error handling events from %s", conn.remote_addr)
+        if not conn._terminated:
+            self._after_events(conn)
 
     def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
@@ -718,6 +737,10 @@ class Endpoint:
             if conn._terminated:
                 continue
             quic = conn._quic
+            if quic.has_pending_events():
+                self._drain_held_events(conn)
+                if conn._terminated:
+                    continue
             datagrams = quic.datagrams_to_send(now)
             if datagrams:
                 out.extend(datagrams)

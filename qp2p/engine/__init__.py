@@ -186,6 +186,10 @@ class EngineConnection(Protocol):
     def next_event(self) -> Event | None:
         """The next event, or None when there are no more for now."""
 
+    def has_pending_events(self) -> bool:
+        """Events the engine held back (receive memory was full) can be pulled now: the
+        runtime drains them when it flushes."""
+
     # -- streams and datagrams
     def open_stream(self, unidirectional: bool) -> int:
         """A new local stream's ID (call only while :meth:`streams_available` > 0)."""
