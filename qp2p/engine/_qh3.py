@@ -23,6 +23,7 @@ behind the stream data too (see README, engine differences).
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from collections import deque
 from typing import Any
@@ -80,6 +81,8 @@ __all__ = [
     "version_negotiation",
 ]
 
+logger = logging.getLogger("qp2p.engine")
+
 #: This engine's name in ``Config.engine``.
 NAME = "qh3"
 #: The qh3 releases whose facade internals this adapter was written against.
@@ -111,6 +114,10 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         idle_timeout=idle,
         max_datagram_frame_size=65536,
         max_datagram_size=config.max_datagram_size,
+        # packets of exactly max_datagram_size, as on aioquic: no path MTU probing (qh3
+        # 2.1's probes fail with "packet builder capacity exhausted" toward a peer that
+        # advertises a max_udp_payload_size of 1200)
+        probe_datagram_size=False,
         connection_id_length=CID_LENGTH,
         max_data=min(CORE_WINDOW, config.max_buffered_bytes),
         max_stream_data=max(min(config.max_message_size + 16, config.max_buffered_bytes), 65536),
@@ -159,11 +166,11 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
-        self._out: deque[Event] = deque()
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
         self._unfinished: set[int] = set()  # streams we wrote whose FIN is not acknowledged
+        self._early: deque[Event] = deque()  # pulled while the handshake ran, not yet asked
         self._pulled = 0
         self._released = 0
         self._budget: ReceiveBudget | None = None
@@ -237,44 +244,56 @@ class Qh3Connection(QuicConnection):
         return not (self._budget is not None and self._owner in self._budget.starved)
 
     def _drain_core(self) -> None:
+        # the facade calls this after every packet, timer and send. While the handshake
+        # runs, TLS must see CRYPTO data at once (before the next coalesced packet);
+        # afterwards events are pulled one at a time as the runtime asks (next_event),
+        # so stream credit goes back only as qp2p takes data, and a stream qp2p rejects
+        # on its first bytes is not yet complete in the core (STOP_SENDING still goes)
+        while not self._handshake_complete:
+            event = self._pull_one()
+            if event is None:
+                return
+            if event is not _NOTHING:
+                self._early.append(event)  # e.g. connection IDs issued during the handshake
+
+    def _pull_one(self) -> Event | None:
+        """Pull one native event (if the gate allows); return the qp2p event it makes."""
         core = self._core
-        assert core is not None
-        out = self._out
-        while self._gate_open():
-            native = core.next_event()
-            if native is None:
-                break
-            kind = native[0]
-            if kind == "stream_data":
-                sid, data, fin = native[1], native[2], native[3]
-                self._on_pulled(sid, len(data), fin)
-                out.append(StreamData(sid, data, fin))
-            elif kind == "stream_finished":
-                self._unfinished.discard(native[1])
-            elif kind == "streams_available":
-                pass  # the core's stream_limits say the same, asked when needed
-            elif kind == "stream_reset":
-                sid = native[1]
-                self._end_peer_stream(sid)
-                out.append(StreamReset(sid, native[2]))
-            elif kind == "stop_sending":
-                self._unfinished.discard(native[1])
-                out.append(StopSending(native[1], native[2]))
-            elif kind == "datagram":
-                out.append(Datagram(native[1]))
-            elif kind == "connection_id_issued":
-                out.append(CidIssued(native[1]))
-            elif kind == "connection_id_retired":
-                out.append(CidRetired(native[1]))
-            elif kind == "crypto_data":
-                self._on_crypto(native)
-            elif kind == "handshake_done":
-                self._handshake_confirmed = True
-                core.handshake_confirmed()
-            elif kind == "new_token":
-                self._peer_token = native[1]
-            elif kind in ("peer_closed", "protocol_error", "connection_terminated"):
-                self._on_closing(native)
+        if core is None or not self._gate_open():
+            return None
+        native = core.next_event()
+        if native is None:
+            return None
+        kind = native[0]
+        if kind == "stream_data":
+            sid, data, fin = native[1], native[2], native[3]
+            self._on_pulled(sid, len(data), fin)
+            return StreamData(sid, data, fin)
+        if kind == "stream_finished":
+            self._unfinished.discard(native[1])
+        elif kind == "stream_reset":
+            self._end_peer_stream(native[1])
+            return StreamReset(native[1], native[2])
+        elif kind == "stop_sending":
+            self._unfinished.discard(native[1])
+            return StopSending(native[1], native[2])
+        elif kind == "datagram":
+            return Datagram(native[1])
+        elif kind == "connection_id_issued":
+            return CidIssued(native[1])
+        elif kind == "connection_id_retired":
+            return CidRetired(native[1])
+        elif kind == "crypto_data":
+            self._on_crypto(native)
+        elif kind == "handshake_done":
+            self._handshake_confirmed = True
+            core.handshake_confirmed()
+        elif kind == "new_token":
+            self._peer_token = native[1]
+        elif kind in ("peer_closed", "protocol_error", "connection_terminated"):
+            return self._on_closing(native)
+        # "streams_available": the core's stream_limits say the same, asked when needed
+        return _NOTHING
 
     def _on_crypto(self, native: tuple[Any, ...]) -> None:
         # as qh3's facade does: TLS must take CRYPTO data in order, errors close
@@ -292,7 +311,7 @@ class Qh3Connection(QuicConnection):
                 exc.error_code, exc.frame_type, exc.reason_phrase
             )
 
-    def _on_closing(self, native: tuple[Any, ...]) -> None:
+    def _on_closing(self, native: tuple[Any, ...]) -> Event:
         kind = native[0]
         if kind == "peer_closed":
             code, frame_type, reason = native[2], native[3], native[4]
@@ -306,9 +325,10 @@ class Qh3Connection(QuicConnection):
             if self._close_event is not None:  # keep the first cause (e.g. our own close)
                 event = self._close_event
             self._close_event = event
-            self._out.append(_terminated(event))
-        elif self._close_event is None:
+            return _terminated(event)
+        if self._close_event is None:
             self._close_event = event
+        return _NOTHING
 
     def _on_pulled(self, sid: int, nbytes: int, fin: bool) -> None:
         self._pulled += nbytes
@@ -341,27 +361,44 @@ class Qh3Connection(QuicConnection):
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         self.receive_many_datagrams(datagrams, addr, now)
 
-    def next_event(self) -> Event | None:  # type: ignore[override]
-        out = self._out
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        core = self._core
+        if core is None:
+            return []
+        out: list[tuple[bytes, Any]] = []
         while True:
-            if out:
-                return out.popleft()
+            try:
+                transmit = core.poll_transmit(now)
+            except RuntimeError as exc:
+                # qh3 2.1: a server limited by anti-amplification (3x what it received)
+                # raises "packet builder capacity exhausted" instead of waiting; the
+                # datagrams already built still go out (the facade would drop them)
+                logger.debug("qh3 core stopped building packets: %s", exc)
+                break
+            if transmit is None:
+                break
+            out.append((transmit[0], transmit[1]))
+        return out
+
+    def next_event(self) -> Event | None:  # type: ignore[override]
+        while True:
             event = super().next_event()  # the facade's own: TLS and negotiation events
-            if event is None:
-                if self._core is not None and self._core.has_events and self._gate_open():
-                    self._drain_core()
-                    if out:
-                        continue
+            if event is not None:
+                kind = type(event)
+                if kind is events.HandshakeCompleted:
+                    return HandshakeDone()
+                if kind is events.ConnectionTerminated:
+                    return _terminated(event)  # type: ignore[arg-type]
+                continue
+            mine = self._early.popleft() if self._early else self._pull_one()
+            if mine is None:
                 return None
-            kind = type(event)
-            if kind is events.HandshakeCompleted:
-                return HandshakeDone()
-            if kind is events.ConnectionTerminated:
-                return _terminated(event)  # type: ignore[arg-type]
+            if mine is not _NOTHING:
+                return mine
 
     def has_pending_events(self) -> bool:
         """Events held back by the gate can be pulled now (after memory was released)."""
-        return bool(self._out) or (
+        return bool(self._early) or (
             self._core is not None and self._core.has_events and self._gate_open()
         )
 
@@ -385,8 +422,10 @@ class Qh3Connection(QuicConnection):
         if stream_id in self._peer_streams and stream_id not in self._rejected:
             self._rejected[stream_id] = self._peer_streams[stream_id]
             self._exempt += self._peer_streams[stream_id]
-        with contextlib.suppress(QuicConnectionError, AssertionError):  # already over
+        try:
             self.stop_stream(stream_id, error_code)
+        except (QuicConnectionError, AssertionError) as exc:
+            logger.debug("cannot stop stream %d: %s", stream_id, exc)
         if stream_id & 2 == 0:  # bidirectional: our side of it is abandoned too
             self.reset_stream(stream_id, error_code)
 
@@ -495,6 +534,10 @@ class Qh3Connection(QuicConnection):
 
     def undelivered_bytes(self, stream_id: int) -> int:
         return 0  # only what was pulled counts as held; the core accounts for the rest
+
+
+#: What ``_pull_one`` returns for a native event that makes no qp2p event.
+_NOTHING = Event()
 
 
 def _terminated(event: events.ConnectionTerminated) -> Terminated:
