@@ -595,6 +595,9 @@ class Connection:
         # nothing we would answer with a packet, so flush for it now
         if self._quic.credit_low():
             self._endpoint._mark_dirty(self)
+        elif not self._inbox and self._quic.starved():
+            # nothing left to read and still no credit: only unfinished streams hold it
+            self._check_receive_stall()
 
     def _on_datagram(self, data: bytes) -> None:
         self._stats["datagrams_received"] += 1

@@ -177,6 +177,7 @@ class Qh3Connection(QuicConnection):
         self._owner: Any = None
         self._announced = False
         self._min_rtt: float | None = None
+        self._refusing = False
         super().__init__(configuration=configuration, **kwargs)
 
     # -- the facade's steps, replaced -------------------------------------------------
@@ -235,13 +236,22 @@ class Qh3Connection(QuicConnection):
         return bridge
 
     def _gate_open(self) -> bool:
-        """Pull more stream data now? Not while qp2p holds its bound, or the endpoint's
-        budget is spent (a closing connection drains: its peer can send no more)."""
-        if self._close_event is not None:
-            return True
-        if self._pulled - self._released - self._exempt >= self._window:
+        """Pull more stream data now? Not while qp2p holds its bound, nor while the
+        endpoint's budget is spent and this connection holds its floor of it (as on
+        aioquic, every connection may keep ``INITIAL_MAX_DATA``). A closing connection
+        drains: its peer can send no more."""
+        if self._close_event is not None or (
+            self._core is not None and self._core.state in _CLOSING_STATES
+        ):
+            return True  # closing: the peer sends no more, its close must get through
+        held = self._pulled - self._released - self._exempt
+        if held >= self._window:
             return False
-        return not (self._budget is not None and self._owner in self._budget.starved)
+        budget = self._budget
+        if budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit:
+            return True
+        budget.starved[self._owner] = None  # woken when memory is released
+        return False
 
     def _drain_core(self) -> None:
         # the facade calls this after every packet, timer and send. While the handshake
@@ -284,7 +294,8 @@ class Qh3Connection(QuicConnection):
         elif kind == "connection_id_retired":
             return CidRetired(native[1])
         elif kind == "crypto_data":
-            self._on_crypto(native)
+            if not self._refusing:  # a refusal answers before TLS: CONNECTION_CLOSE then
+                self._on_crypto(native)  # goes in the Initial space the client can read
         elif kind == "handshake_done":
             self._handshake_confirmed = True
             core.handshake_confirmed()
@@ -332,13 +343,9 @@ class Qh3Connection(QuicConnection):
 
     def _on_pulled(self, sid: int, nbytes: int, fin: bool) -> None:
         self._pulled += nbytes
-        budget = self._budget
-        if budget is not None and nbytes:
-            # charged as pulled (the core has granted it back already): over the limit,
-            # the connection is starved and the gate shuts until memory is released
-            budget.reserved += nbytes
-            if budget.reserved > budget.limit and self.reservation() > INITIAL_MAX_DATA:
-                budget.starved[self._owner] = None
+        if self._budget is not None:
+            # charged as pulled (the core grants the credit back then)
+            self._budget.reserved += nbytes
         local = (sid & 1) == (0 if self._is_client else 1)
         if local:
             return
@@ -513,6 +520,8 @@ class Qh3Connection(QuicConnection):
         self._owner = owner
 
     def credit_left(self) -> int:
+        if not self._gate_open():
+            return 0  # nothing more is pulled: the peer stays blocked where it is
         return max(0, self._window - (self.held - self._exempt))
 
     def credit_low(self) -> bool:
@@ -530,12 +539,16 @@ class Qh3Connection(QuicConnection):
         ]
 
     def has_stream(self, stream_id: int) -> bool:
-        return stream_id in self._peer_streams
+        # a rejected stream's bytes stop counting at once (they are exempt from the gate),
+        # and its RESET_STREAM may wait behind data the gate holds back: don't wait for it
+        return stream_id in self._peer_streams and stream_id not in self._rejected
 
     def undelivered_bytes(self, stream_id: int) -> int:
         return 0  # only what was pulled counts as held; the core accounts for the rest
 
 
+#: Native core states of a closing connection: the gate holds nothing back then.
+_CLOSING_STATES = frozenset(("closing", "draining", "terminated"))
 #: What ``_pull_one`` returns for a native event that makes no qp2p event.
 _NOTHING = Event()
 
@@ -588,6 +601,7 @@ def refusal(
     """Datagrams answering a first Initial with CONNECTION_CLOSE(CONNECTION_REFUSED); the
     engine made for it is dropped right after."""
     quic = new_server(configuration, config, trust, original_dcid, retry_scid)
+    quic._refusing = True
     quic.receive_datagram(datagram, addr, now)
     if not quic.accepted_any_packet():
         return []
