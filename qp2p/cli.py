@@ -333,6 +333,17 @@ def _key_kind(identity: Identity) -> str:
     return type(key).__name__
 
 
+def _version_text() -> str:
+    """``qp2p X (engine E; engines available: ...)``: what ``Config(engine="auto")`` picks."""
+    from .engine import engines, resolve
+
+    try:
+        chosen = resolve("auto").NAME
+    except ValueError as exc:
+        chosen = f"none ({exc})"
+    return f"qp2p {__version__} (engine {chosen}; available: {', '.join(engines()) or 'none'})"
+
+
 def _loop_name() -> str:
     loop = asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
@@ -569,6 +580,7 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         addr=addr,
         peer_id=str(endpoint.peer_id),
         implementation=endpoint.implementation,
+        engine=endpoint.engine,
         loop=_loop_name(),
         rendezvous=args.rendezvous,
     )
@@ -576,7 +588,8 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         out.emit("info", f"peer id {endpoint.peer_id}")
         out.emit(
             "info",
-            f"implementation {endpoint.implementation} · loop {_loop_name()} · "
+            f"engine {endpoint.engine} · implementation {endpoint.implementation} · "
+            f"loop {_loop_name()} · "
             f"trust {trust or Trust.any()!r}"
             f"{' · rendezvous' if args.rendezvous else ''} · Ctrl-C to stop",
             style="dim",
@@ -854,6 +867,7 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
         "quic_rtt_ms": round(quic_rtt * 1000, 3) if quic_rtt is not None else None,
         "window": window,
         "implementation": near.implementation,
+        "engine": near.engine,
         "loop": _loop_name(),
     }
     if out.json:
@@ -873,6 +887,7 @@ def _bench_table(out: Output, r: dict[str, Any]) -> None:
         ("latency p50 (send → ack)", f"{r['latency_p50_ms']:.2f} ms"),
         ("latency p99 (send → ack)", f"{r['latency_p99_ms']:.2f} ms"),
         ("RTT (idle request/reply)", f"{r['rtt_ms']:.2f} ms"),
+        ("engine", r["engine"]),
         ("implementation", r["implementation"]),
         ("loop", r["loop"]),
     ]
@@ -1014,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--json (before or after the subcommand) makes every subcommand print one JSON "
         "object per line. Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"qp2p {__version__}")
+    parser.add_argument("--version", action="version", version=_version_text())
     parser.add_argument(
         "--log-level",
         default=None,
