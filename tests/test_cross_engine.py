@@ -12,7 +12,6 @@ import pytest
 import qp2p
 from tests.conftest import FAST
 
-
 #: (dialler's engine, acceptor's engine)
 DIRECTIONS = [("aioquic", "qh3"), ("qh3", "aioquic")]
 NO_RETRY = qp2p.RetryConfig(initial_interval=0.05, max_interval=0.2, max_elapsed_time=1.0)
