@@ -87,7 +87,7 @@ def _worker(config: str, scenario: str, params: Params) -> int:
             from qp2p import _speedups
             from qp2p.engine import resolve
 
-            if resolve("auto").NAME != engine:
+            if engine != resolve("auto").NAME:
                 raise RuntimeError(f"wanted the {engine} engine: install qp2p[qh3]")
             if qp2p.implementation != impl:
                 hint = ""

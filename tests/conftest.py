@@ -4,9 +4,9 @@ both fast-path implementations (compiled and pure-Python twin) and both event lo
 
 The ``impl`` fixture carries the engine axis too (``cython-qh3``, ``python-aioquic``, ...:
 endpoints bound in the test get the engine through ``QP2P_ENGINE``). Running all eight
-engine × implementation × loop combinations would double the suite, so an async test runs
+engine x implementation x loop combinations would double the suite, so an async test runs
 on a pairwise covering of them: four runs in which every engine meets every
-implementation and every loop (see ``COVERING``). Sync tests run all four engine ×
+implementation and every loop (see ``COVERING``). Sync tests run all four engine x
 implementation pairs.
 """
 
@@ -76,7 +76,7 @@ def engine_name(impl: str) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep an async test's engine × implementation × loop runs to ``COVERING``."""
+    """Keep an async test's engine x implementation x loop runs to ``COVERING``."""
     kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
