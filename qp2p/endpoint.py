@@ -411,6 +411,11 @@ class Endpoint:
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
+            # consecutive datagrams for one connection from one address enter its engine
+            # in one call (qh3 takes them as a batch), then its events are handled
+            run: list[bytes] = []
+            run_conn: Connection | None = None
+            run_addr: Address | None = None
             for data, addr in batch:
                 conn = table.lookup(data)
                 if conn is None:
@@ -419,19 +424,18 @@ class Endpoint:
                     except Exception:  # a bug for one datagram must not stop the endpoint
                         logger.exception("error handling a new datagram from %s", addr)
                     continue
-                quic = conn._quic
                 stats = conn._stats
                 stats["packets_received"] += 1
                 stats["bytes_received"] += len(data)
-                try:
-                    quic.receive_datagram(data, addr, now)
-                    event = quic.next_event()
-                    while event is not None:
-                        self._on_event(conn, event)
-                        event = quic.next_event()
-                except Exception:  # a bug for one connection must not stop the endpoint
-                    logger.exception("error handling a datagram from %s", addr)
+                if conn is run_conn and addr == run_addr:
+                    run.append(data)
+                    continue
+                if run_conn is not None:
+                    self._feed(run_conn, run, run_addr, now)
+                run, run_conn, run_addr = [data], conn, addr
                 dirty[conn] = None
+            if run_conn is not None:
+                self._feed(run_conn, run, run_addr, now)
             received += len(batch)
             if len(batch) < RECV_BATCH:
                 break
@@ -440,6 +444,23 @@ class Endpoint:
             if not conn._terminated:
                 self._after_events(conn)
         self._flush()
+
+    def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
+        if conn._terminated:
+            return
+        quic = conn._quic
+        try:
+            if len(datagrams) == 1:
+                quic.receive_datagram(datagrams[0], addr, now)
+            else:
+                quic.receive_datagrams(datagrams, addr, now)
+            event = quic.next_event()
+            while event is not None:
+                self._on_event(conn, event)
+                event = quic.next_event()
+        except Exception:  # a bug for one connection must not stop the endpoint
+            logger.exception("error handling datagrams from %s", addr)
 
     def _after_events(self, conn: Connection) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
