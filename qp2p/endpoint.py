@@ -142,6 +142,7 @@ class Endpoint:
         dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions.
         """
         config = config or Config()
+        quic_engine.resolve(config.engine)  # a missing engine fails before any socket exists
         host, port = wire.to_address(addr)
         family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
