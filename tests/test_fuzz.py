@@ -745,7 +745,13 @@ async def test_fuzzed_decryptable_initials_leave_no_state(
             await blast(fuzzer, server, junk)
             assert server.stats_counters["datagrams_received"] == len(junk)
             # they really were parsed: aioquic refused some of them for what was inside
-            assert any("quic" in r.name and r.levelno == logging.WARNING for r in caplog.records)
+            # (and says so in its log); qh3's core opened handshakes for the decryptable ones
+            if server.engine == "aioquic":
+                assert any("quic" in r.name and r.levelno == logging.WARNING
+                           for r in caplog.records)
+            else:
+                counters = server.stats_counters
+                assert counters["dropped_unknown"] < len(junk), counters
             deadline = time.monotonic() + 10
             while len(server._live) or len(server._table):
                 assert time.monotonic() < deadline, (len(server._live), len(server._table))

@@ -315,12 +315,24 @@ class Qh3Connection(QuicConnection):
             )
             self._drain_tls()
         except QuicTlsBridgeError as exc:
-            self._call_core(
-                self._core.close, exc.error_code, int(exc.frame_type), exc.reason_phrase.encode()
+            self._tls_failed(exc.error_code, exc.reason_phrase)
+        except Exception as exc:
+            # qh3's TLS raises BufferReadError on a malformed message and CryptoError on a
+            # bad key share instead of an alert: whatever the peer sent, it fails the
+            # handshake, never the endpoint (answered as TLS would, decode_error)
+            self._tls_failed(
+                QuicErrorCode.CRYPTO_ERROR + int(tls.AlertDescription.decode_error),
+                f"malformed handshake message: {exc}",
             )
-            self._close_event = events.ConnectionTerminated(
-                exc.error_code, exc.frame_type, exc.reason_phrase
-            )
+
+    def _tls_failed(self, error_code: int, reason: str) -> None:
+        assert self._core is not None
+        self._call_core(
+            self._core.close, error_code, int(QuicFrameType.CRYPTO), reason.encode()
+        )
+        self._close_event = events.ConnectionTerminated(
+            error_code, int(QuicFrameType.CRYPTO), reason
+        )
 
     def _on_closing(self, native: tuple[Any, ...]) -> Event:
         kind = native[0]
