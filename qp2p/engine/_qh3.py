@@ -424,13 +424,19 @@ class Qh3Connection(QuicConnection):
     def open_stream(self, unidirectional: bool) -> int:
         return self.get_next_available_stream_id(unidirectional)
 
+    def _core_closed(self) -> bool:
+        return self._core is not None and self._core.state in _CLOSING_STATES
+
     def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self._unfinished.add(stream_id)  # until the core reports it acknowledged
         try:
             self.send_stream_data(stream_id, data, end_stream)
         except QuicConnectionError as exc:
+            if self._core_closed():
+                return  # never acknowledged: its waiter fails with the close
+            self._unfinished.discard(stream_id)
             raise ValueError(str(exc)) from exc
-        if end_stream:
-            self._unfinished.add(stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         self._unfinished.discard(stream_id)
@@ -464,19 +470,26 @@ class Qh3Connection(QuicConnection):
         return 1 << 62  # the core does not expose the peer's credit (README)
 
     def send_datagram(self, data: bytes) -> None:
-        self.send_datagram_frame(data)
+        try:
+            self.send_datagram_frame(data)
+        except QuicConnectionError:
+            if not self._core_closed():
+                raise  # e.g. larger than the peer takes
+            # closing: an unreliable datagram is simply not sent
 
     def ping(self) -> None:
-        self.send_ping(0)
+        with contextlib.suppress(QuicConnectionError):  # closing: nothing to keep alive
+            self.send_ping(0)
 
     def shutdown(self, error_code: int, reason: str) -> None:
-        self.close(error_code=error_code, reason_phrase=reason)
+        with contextlib.suppress(QuicConnectionError):  # the core closed already
+            self.close(error_code=error_code, reason_phrase=reason)
 
     def ack_now(self, now: float) -> None:
         pass  # the core sends its pending ACKs with the CONNECTION_CLOSE itself
 
     def is_closed(self) -> bool:
-        return self._close_event is not None
+        return self._close_event is not None or self._core_closed()
 
     def close_event(self) -> Terminated | None:
         return None if self._close_event is None else _terminated(self._close_event)
