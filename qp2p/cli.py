@@ -4,6 +4,7 @@ Usage (``qp2p --help`` and ``qp2p SUBCOMMAND --help`` say more)::
 
     qp2p node --listen 127.0.0.1:5000            # prints its address and peer id, echoes
     qp2p send 127.0.0.1:5000 hello [--request]   # one message (or a request: prints the reply)
+    qp2p send 127.0.0.1:5000 - | @FILE           # the payload from stdin or a file
     qp2p bench [--size N] [--count N] [--duration S] [--to ADDR]
     qp2p identity new key.pem | identity show key.pem
     qp2p ca new ca.pem | ca issue ca.pem peer.pem | ca cert ca.pem
@@ -34,14 +35,21 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
-from . import __version__
+from . import __version__, _speedups
 from .config import Config, RetryConfig
 from .connection import Connection, Message
 from .endpoint import Endpoint
-from .errors import ConnectionClosed, MessageRejected, PeerAuthenticationError, Qp2pError
+from .errors import (
+    ConnectionClosed,
+    ConnectionError,
+    MessageRejected,
+    PeerAuthenticationError,
+    Qp2pError,
+)
 from .identity import CertificateAuthority, Identity, PeerId, Trust
+from .retry import format_seconds
 
 __all__ = [
     "BENCH_HEADER",
@@ -104,6 +112,21 @@ class CliError(Exception):
     def __init__(self, message: str, kind: str = "error") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class _UsageError(Exception):
+    """argparse found bad usage; ``main`` reports it (as text or JSON) and exits 2."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors ``main`` reports, so ``--json`` gets JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
 
 
 # --------------------------------------------------------------------------- output
@@ -333,17 +356,6 @@ def _key_kind(identity: Identity) -> str:
     return type(key).__name__
 
 
-def _version_text() -> str:
-    """``qp2p X (engine E; engines available: ...)``: what ``Config(engine="auto")`` picks."""
-    from .engine import engines, resolve
-
-    try:
-        chosen = resolve("auto").NAME
-    except ValueError as exc:
-        chosen = f"none ({exc})"
-    return f"qp2p {__version__} (engine {chosen}; available: {', '.join(engines()) or 'none'})"
-
-
 def _loop_name() -> str:
     loop = asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
@@ -367,6 +379,76 @@ def _run(coro: Coroutine[Any, Any, T], loop_choice: str) -> T:
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+def _dial_failure(target: str, exc: BaseException, waited: float | None = None) -> CliError:
+    """The one line for a failed dial: which side refused whom, or why nobody answered."""
+    if isinstance(exc, PeerAuthenticationError):
+        if exc.by_peer:  # "peer at X refused our certificate: ..."
+            return CliError(_one_line(exc), "PeerAuthenticationError")
+        return CliError(
+            f"we refused {target}: authentication failed: {_one_line(exc)}",
+            "PeerAuthenticationError",
+        )
+    if isinstance(exc, ConnectionError):  # already says "could not connect to X after ..."
+        return CliError(_one_line(exc), "ConnectionError")
+    if isinstance(exc, asyncio.TimeoutError) and waited is not None:
+        return CliError(
+            f"could not connect to {target} in {format_seconds(waited)}", "TimeoutError"
+        )
+    return CliError(f"could not connect to {target}: {_one_line(exc)}", type(exc).__name__)
+
+
+def _read_payload(spec: str) -> bytes:
+    """``send``'s MESSAGE: text, ``-`` for stdin, ``@PATH`` for a file (``@@`` for a
+    literal leading ``@``)."""
+    if spec == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise CliError("nothing to send: stdin was empty")
+        return data
+    if spec.startswith("@@"):
+        return spec[1:].encode("utf-8")
+    if spec.startswith("@"):
+        path = spec[1:]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not data:
+            raise CliError(f"nothing to send: {path} is empty")
+        return data
+    return spec.encode("utf-8")
+
+
+def _message_arg(text: str) -> str:
+    if not text:  # bad usage (exit 2), not a failure
+        raise argparse.ArgumentTypeError("must not be empty (give text, - for stdin or @FILE)")
+    return text
+
+
+def _version_text() -> str:
+    """``--version``: qp2p's version, the fast path, the QUIC engine and Python."""
+    import importlib.metadata
+    import platform
+
+    from .engine import engines, resolve
+
+    try:  # what Config(engine="auto") picks here (QP2P_ENGINE, else the preferred one)
+        engine = resolve("auto").NAME
+        try:
+            engine_version = importlib.metadata.version(engine)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - importable
+            engine_version = "?"
+        engine_text = f"{engine} {engine_version}"
+    except ValueError as exc:
+        engine_text = f"none ({exc})"
+    return (
+        f"qp2p {__version__} (fast path: {_speedups.implementation}, "
+        f"engine: {engine_text}, Python {platform.python_version()}; "
+        f"engines available: {', '.join(engines()) or 'none'})"
+    )
 
 
 # --------------------------------------------------------------------------- serving
@@ -418,12 +500,14 @@ class Server:
         try:
             conn = await self.endpoint.connect_to(addr)
         except (Qp2pError, OSError, asyncio.TimeoutError) as exc:
+            failure = _dial_failure(fmt_addr(addr), exc)
             self.out.emit(
                 "connect_failed",
-                f"✗ could not connect to {fmt_addr(addr)}: {_one_line(exc)}",
+                f"✗ {failure}",
                 style="red",
                 addr=fmt_addr(addr),
-                error=_one_line(exc),
+                error=str(failure),
+                type=failure.kind,
             )
             return
         await self.serve(conn, "dialled")
@@ -614,6 +698,7 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
 
 
 async def _send(args: argparse.Namespace, out: Output) -> int:
+    payload = _read_payload(args.message)
     identity = _load_identity(args.identity)
     trust = _make_trust(args.pin, args.trust_ca)
     budget: float = args.timeout
@@ -623,9 +708,6 @@ async def _send(args: argparse.Namespace, out: Output) -> int:
         idle_timeout=max(10.0, budget),
     )
     bind = args.bind or (_bind_host_for(args.addr), 0)
-    payload = args.message.encode("utf-8")
-    if not payload:
-        raise CliError("the message must not be empty")
     try:
         endpoint = await Endpoint.bind(
             bind, config=config, identity=identity, trust=trust, accept_incoming=False
@@ -640,14 +722,8 @@ async def _send(args: argparse.Namespace, out: Output) -> int:
             conn = await asyncio.wait_for(
                 endpoint.connect_to(args.addr, expect_peer_id=args.expect_peer_id), budget + 1
             )
-        except PeerAuthenticationError as exc:
-            raise CliError(
-                f"{target} refused: peer authentication failed: {exc}", "PeerAuthenticationError"
-            ) from None
-        except asyncio.TimeoutError:
-            raise CliError(
-                f"could not connect to {target} within {budget:g}s", "TimeoutError"
-            ) from None
+        except (Qp2pError, OSError, asyncio.TimeoutError) as exc:
+            raise _dial_failure(target, exc, loop.time() - started) from None
         peer = str(conn.peer_id) if conn.peer_id is not None else None
         remaining = max(0.1, budget - (loop.time() - started))
         sent_at = time.perf_counter()
@@ -676,9 +752,14 @@ async def _send(args: argparse.Namespace, out: Output) -> int:
                     size=len(payload),
                     ack_ms=round(elapsed * 1000, 3),
                 )
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # RequestTimeout too
             what = "reply" if args.request else "acknowledgement"
-            raise CliError(f"no {what} from {target} within {budget:g}s", "TimeoutError") from None
+            waited = format_seconds(loop.time() - started)
+            raise CliError(
+                f"no {what} from {target} in {waited} (--timeout {budget:g}s, connecting "
+                "included)",
+                "TimeoutError",
+            ) from None
         except ConnectionClosed as exc:
             raise CliError(f"{target} closed the connection: {exc}", "ConnectionClosed") from None
         except MessageRejected as exc:
@@ -787,14 +868,8 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
         endpoints.append(near)
         try:
             conn = await near.connect_to(target)
-        except PeerAuthenticationError as exc:
-            raise CliError(
-                f"{fmt_addr(target)}: peer authentication failed: {exc}", "PeerAuthenticationError"
-            ) from None
         except (Qp2pError, OSError) as exc:
-            raise CliError(
-                f"could not connect to {fmt_addr(target)}: {_one_line(exc)}", "ConnectionError"
-            ) from None
+            raise _dial_failure(fmt_addr(target), exc) from None
 
         # Idle round trips first: the link's RTT without our own load on it.
         probes: list[float] = []
@@ -1022,14 +1097,19 @@ def _note(out: Output, text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qp2p`` argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qp2p",
         description="Peer-to-peer messaging over QUIC: run a node, send messages, "
         "benchmark a link, manage identities and private CAs.",
         epilog="--json (before or after the subcommand) makes every subcommand print one JSON "
         "object per line. Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=_version_text())
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_version_text(),
+        help="print qp2p's version, fast path, QUIC engine and Python, and exit",
+    )
     parser.add_argument(
         "--log-level",
         default=None,
@@ -1142,12 +1222,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "send",
         help="send one message (or a request, printing the reply)",
-        description="Send MESSAGE (UTF-8) to the peer at ADDR and wait for its "
+        description="Send MESSAGE (UTF-8 text, - for stdin, @FILE for a file) to the peer "
+        "at ADDR and wait for its "
         "acknowledgement; with --request, print the reply. Fails with one line on stderr "
         "and exit code 1 when the peer is unreachable, refuses authentication or times out.",
     )
     send.add_argument("addr", metavar="ADDR", type=_addr_arg, help="HOST:PORT of the peer")
-    send.add_argument("message", metavar="MESSAGE", help="the payload (non-empty)")
+    send.add_argument(
+        "message",
+        metavar="MESSAGE",
+        type=_message_arg,
+        help="the payload: text (UTF-8, non-empty), - to read it from stdin, @FILE to send "
+        "a file's bytes (@@text for text starting with @)",
+    )
     send.add_argument("--request", action="store_true", help="send a request, print the reply")
     send.add_argument(
         "--expect-peer-id",
@@ -1244,10 +1331,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_requested(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` was given (before a ``--``), even if the rest does not parse."""
+    options = argv[: list(argv).index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def _usage_failure(exc: _UsageError, json_mode: bool) -> None:
+    """Report bad usage as argparse does (usage + one line), or as one JSON line."""
+    message = " ".join(str(exc).split())
+    if json_mode:
+        Output.json_line(
+            sys.stderr,
+            {
+                "event": "error",
+                "type": "usage",
+                "error": message,
+                "usage": " ".join(exc.parser.format_usage().split()),
+            },
+        )
+    else:
+        exc.parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{exc.parser.prog}: error: {message}\n")
+        sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``qp2p`` command with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        _usage_failure(exc, _json_requested(argv))
+        return 2
     out = Output(args.json, plain=args.plain)
     level = args.log_level or ("warning" if args.command in ("node", "bench") else "error")
     _setup_logging(level, out)

@@ -10,17 +10,25 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from . import engine, wire
-from .errors import ConnectionClosed, MessageRejected, MessageTooLarge, ProtocolError
+from .errors import (
+    ConnectionClosed,
+    MessageRejected,
+    MessageTooLarge,
+    PeerAuthenticationError,
+    ProtocolError,
+    RequestTimeout,
+)
 from .identity import PeerId
 from .signal import Signal
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
 
-__all__ = ["Connection", "Message"]
+__all__ = ["Connection", "ConnectionStats", "Message"]
 
 logger = logging.getLogger("qp2p.connection")
 
@@ -36,6 +44,50 @@ LARGE_FRAME = 64 * 1024
 DATAGRAM_QUEUE_LIMIT = 4096
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
 STALL_CREDIT = 4096
+
+
+class ConnectionStats(TypedDict):
+    """What :meth:`Connection.stats` returns: counters since the connection began and its
+    path's congestion state. Sizes are bytes, times seconds. A new counter gets its key
+    here (with its unit) and in ``Connection.stats``; a test checks the two agree."""
+
+    bytes_sent: int
+    """Bytes of QUIC packets sent (UDP payloads, all headers and retransmissions included)."""
+    bytes_received: int
+    """Bytes of QUIC packets received for this connection."""
+    packets_sent: int
+    """QUIC packets (UDP datagrams) sent."""
+    packets_received: int
+    """QUIC packets (UDP datagrams) received."""
+    datagrams_sent: int
+    """Unreliable datagrams handed to ``send_datagram``."""
+    datagrams_received: int
+    """Unreliable datagrams that arrived (including any later dropped)."""
+    datagrams_dropped: int
+    """Received datagrams dropped unread because the receive queue was full."""
+    messages_sent: int
+    """Messages ``send`` delivered (acknowledged by the peer)."""
+    messages_received: int
+    """User messages (including requests) that arrived complete."""
+    requests_sent: int
+    """Calls to ``request``."""
+    streams_rejected: int
+    """Streams from the peer reset for breaking the wire format or our limits."""
+    rtt: float | None
+    """Smoothed round-trip time (seconds); ``None`` before the first sample."""
+    min_rtt: float | None
+    """Smallest round-trip time seen (seconds); ``None`` before the first sample."""
+    cwnd: int
+    """Congestion window (bytes)."""
+    bytes_in_flight: int
+    """Bytes sent and not yet acknowledged or declared lost, as the congestion controller
+    counts them."""
+    unacked_bytes: int
+    """Bytes of messages written to streams whose acknowledgement ``send`` still awaits."""
+    buffered_bytes: int
+    """Bytes received and held for this connection (unread messages, partial streams)."""
+    queued_messages: int
+    """Messages waiting for stream credit before they can be written."""
 
 
 class Message:
@@ -97,6 +149,8 @@ class Connection:
     """An encrypted QUIC connection to one peer, carrying discrete messages.
 
     Obtain one from :meth:`Endpoint.connect_to` or :meth:`Endpoint.accept`.
+    ``async with conn:`` (e.g. ``async with await ep.connect_to(addr) as conn:``) closes
+    it on exit.
     """
 
     def __init__(
@@ -117,7 +171,9 @@ class Connection:
         self._max_frame_size = self._max_message_size + wire.FRAME_HEADER_LEN
         self._max_pending = endpoint.config.max_pending_send_bytes
         #: the peer's (host, port); the engine keeps the socket's full address form
-        self.remote_addr: Address = (remote_addr[0], remote_addr[1])
+        self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
+        #: the peer's id; None only for a peer that presented no certificate (only
+        #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
         self._cids: set[bytes] = set()
         self._established = False
@@ -183,9 +239,23 @@ class Connection:
         return self._closed is not None
 
     @property
-    def local_addr(self) -> Address:
+    def local_addr(self) -> wire.Address:
         """The endpoint's bound address this connection uses."""
         return self._endpoint.local_addr
+
+    def require_peer_id(self) -> PeerId:
+        """The peer's id, typed non-optional: what code that keys on peers should use.
+
+        ``peer_id`` is ``None`` only for a peer that presented no certificate, which
+        ``Trust.any()`` admits (every qp2p endpoint presents one, so such a peer is some
+        other QUIC client); for it this raises ``PeerAuthenticationError``.
+        """
+        peer_id = self.peer_id
+        if peer_id is None:
+            raise PeerAuthenticationError(
+                f"peer at {wire.addr_text(self.remote_addr)} presented no certificate"
+            )
+        return peer_id
 
     async def send(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
         """Send one message on a new unidirectional stream.
@@ -237,10 +307,23 @@ class Connection:
         dst: bytes = b"",
         timeout: float | None = None,
     ) -> Message:
-        """Send a request on a new bidirectional stream and return the peer's reply."""
+        """Send a request on a new bidirectional stream and return the peer's reply.
+
+        ``timeout`` (seconds) bounds the wait for the reply; ``None`` waits as long as the
+        connection lives. Past it, the request's stream is reset and
+        :class:`~qp2p.RequestTimeout` (a ``TimeoutError``) is raised.
+        """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         self._stats["requests_sent"] += 1
-        reply = await self._request_frame(frame, timeout)
+        try:
+            reply = await self._request_frame(frame, timeout)
+        except asyncio.TimeoutError:
+            assert timeout is not None
+            raise RequestTimeout(
+                f"request to {wire.addr_text(self.remote_addr)} got no reply within "
+                f"{timeout:g}s",
+                timeout,
+            ) from None
         if not isinstance(reply, Message):  # a control frame answering a user request
             raise ProtocolError("peer answered the request with a qp2p control frame")
         return reply
@@ -257,11 +340,22 @@ class Connection:
         self._endpoint._mark_dirty(self)
 
     async def recv_datagram(self) -> bytes:
-        """The next unreliable datagram from this peer."""
+        """The next unreliable datagram from this peer; ``ConnectionClosed`` once the
+        connection is closed and every datagram received before is read."""
         while not self._datagrams:
             self._raise_if_closed()
             await self._datagram_signal.wait()
         return self._datagrams.popleft()
+
+    async def datagrams(self) -> AsyncIterator[bytes]:
+        """``async for data in conn.datagrams()``: each datagram as it arrives; ends when
+        the connection closes (after the ones already received)."""
+        while True:
+            try:
+                data = await self.recv_datagram()
+            except ConnectionClosed:
+                return
+            yield data
 
     @property
     def max_datagram_payload(self) -> int:
@@ -269,9 +363,10 @@ class Connection:
         # short header (1 + CID) + packet number (4) + AEAD tag (16) + frame type and length (3)
         return self._endpoint.config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters and congestion state: rtt (s), cwnd (bytes), bytes/packets/datagrams
-        sent and received, messages, rejected streams, queued and unacknowledged bytes."""
+    def stats(self) -> ConnectionStats:
+        """Counters and congestion state, a fresh :class:`ConnectionStats` dict: rtt (s),
+        cwnd (bytes), bytes/packets/datagrams sent and received, messages, rejected
+        streams, queued and unacknowledged bytes (each key is documented there)."""
         out: dict[str, Any] = dict(self._stats)
         out.update(self._quic.path_stats())
         out["unacked_bytes"] = self._unacked_bytes
@@ -279,13 +374,24 @@ class Connection:
         out["queued_messages"] = (
             len(self._queue_uni) + len(self._queue_bidi) + len(self._queue_reply)
         )
-        return out
+        return cast(ConnectionStats, out)  # its keys: tests/test_surface.py checks them
 
     async def close(self, reason: str = "") -> None:
         """Close gracefully; the peer sees ``reason``. Idempotent."""
         if self._closed is None:
             self._endpoint._close_connection(self, reason, reason or "closed locally")
             self._endpoint._flush()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -50,7 +50,7 @@ def on_control(
         endpoint._mark_dirty(conn)
 
 
-async def echo(conn: Connection, timeout: float | None = None) -> Address:
+async def echo(conn: Connection, timeout: float | None = None) -> wire.Address:
     """Ask the peer which address it sees us at."""
     frame = conn._fp.encode_frame(b"", b"", b"?", wire.KIND_ECHO_REQUEST)
     reply: Any = await conn._request_frame(frame, timeout)
@@ -59,7 +59,7 @@ async def echo(conn: Connection, timeout: float | None = None) -> Address:
     return parse_addr(reply.payload)
 
 
-async def is_reachable(endpoint: Endpoint, addr: Address, timeout: float | None) -> bool:
+async def is_reachable(endpoint: Endpoint, addr: Address | str, timeout: float | None) -> bool:
     """Dial (or reuse) a connection to ``addr`` and ping it with an echo, in ``timeout``."""
     limit = endpoint.config.handshake_timeout if timeout is None else timeout
     created: Connection | None = None
@@ -85,7 +85,7 @@ async def is_reachable(endpoint: Endpoint, addr: Address, timeout: float | None)
             await created.close("reachability check done")
 
 
-async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
+async def race(endpoint: Endpoint, addrs: list[Address | str]) -> Connection:
     """Dial every address at once; the first handshake wins, the others are closed.
 
     An address already in the pool wins at once. The race's own dials stay out of the pool
@@ -104,7 +104,7 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
 
     config = endpoint.config
 
-    async def dial(addr: Address) -> Connection:
+    async def dial(addr: Address | str) -> Connection:
         target = await endpoint._resolve(addr)
         return await retry_dial(
             lambda t: endpoint._dial(target, None, t, private=True),
@@ -114,7 +114,7 @@ async def race(endpoint: Endpoint, addrs: list[Address]) -> Connection:
         )
 
     tasks = {asyncio.ensure_future(dial(a)): a for a in addrs}
-    errors: dict[Address, BaseException] = {}
+    errors: dict[Address | str, BaseException] = {}
     winner: Connection | None = None
     pending = set(tasks)
     lost = "connect_to_any: another address answered first"

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec
 
 from . import _speedups, discovery, holepunch, wire
 from . import engine as quic_engine
@@ -36,11 +37,11 @@ from .pool import Pool
 from .retry import retry_dial
 from .signal import Signal
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "EndpointBinding"]
 
 logger = logging.getLogger("qp2p.endpoint")
 
-Address = tuple[Any, ...]
+Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Address
 
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
@@ -59,6 +60,61 @@ WAKE_STARVED_AT_ONCE = 8
 CLOSE_FLUSH_TIMEOUT = 1.0
 
 
+class EndpointBinding:
+    """What :meth:`Endpoint.bind` returns: ``await`` it for the :class:`Endpoint`, or use
+    it directly as an async context manager that closes the endpoint on exit::
+
+        async with qp2p.Endpoint.bind(addr) as ep: ...
+        ep = await qp2p.Endpoint.bind(addr)
+
+    (like asyncpg's ``create_pool``). The socket is bound when it is awaited or entered,
+    once: a second use raises ``RuntimeError`` (call ``bind`` again for another endpoint).
+    """
+
+    __slots__ = ("_endpoint", "_open")
+
+    def __init__(self, open_endpoint: Callable[[], Coroutine[Any, Any, Endpoint]]) -> None:
+        self._open: Callable[[], Coroutine[Any, Any, Endpoint]] | None = open_endpoint
+        self._endpoint: Endpoint | None = None
+
+    def _start(self) -> Coroutine[Any, Any, Endpoint]:
+        open_endpoint, self._open = self._open, None
+        if open_endpoint is None:
+            raise RuntimeError("this Endpoint.bind(...) was already awaited or entered")
+        return open_endpoint()
+
+    def __await__(self) -> Generator[Any, None, Endpoint]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> Endpoint:
+        self._endpoint = await self._start()
+        return self._endpoint
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._endpoint is not None:
+            await self._endpoint.close()
+
+
+_P = ParamSpec("_P")
+
+
+def _binding(
+    bind: Callable[_P, Coroutine[Any, Any, Endpoint]],
+) -> Callable[_P, EndpointBinding]:
+    """Make the ``bind`` coroutine function return an :class:`EndpointBinding`."""
+
+    @functools.wraps(bind)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> EndpointBinding:
+        return EndpointBinding(lambda: bind(*args, **kwargs))
+
+    return wrapper
+
+
 def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
     """A ``PeerId`` from a ``PeerId`` or its text form (as ``qp2p identity show`` prints)."""
     if value is None or isinstance(value, PeerId):
@@ -71,7 +127,8 @@ def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
 class Endpoint:
     """One node: a UDP socket that accepts and dials QUIC connections.
 
-    Create with ``await Endpoint.bind(addr)``; use as an async context manager to close it.
+    Create with ``await Endpoint.bind(addr)``, or ``async with Endpoint.bind(addr) as ep``
+    to close it on exit (an endpoint is itself an async context manager too).
     """
 
     def __init__(
@@ -101,8 +158,8 @@ class Endpoint:
         self._budget = quic_engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
-        self.local_addr: Address = sock.getsockname()[:2]
-        self.public_addr: Address | None = None
+        self.local_addr: wire.Address = sock.getsockname()[:2]
+        self.public_addr: wire.Address | None = None
         self._pool = Pool()
         self._handshaking: set[Connection] = set()
         self._live: set[Connection] = set()  # every connection the engine still drives
@@ -126,9 +183,10 @@ class Endpoint:
     # ------------------------------------------------------------------ construction
 
     @classmethod
+    @_binding
     async def bind(
         cls,
-        addr: tuple[str, int] | str = ("127.0.0.1", 0),
+        addr: wire.Address | str = ("127.0.0.1", 0),
         config: Config | None = None,
         identity: Identity | None = None,
         trust: Trust | None = None,
@@ -136,6 +194,10 @@ class Endpoint:
         rendezvous: bool = False,
     ) -> Endpoint:
         """Bind one UDP socket at ``addr`` and serve QUIC on it.
+
+        Returns an :class:`EndpointBinding`: ``await`` it for the endpoint, or write
+        ``async with Endpoint.bind(...) as ep:`` to close the endpoint on exit.
+        ``addr`` is ``(host, port)`` or ``"host:port"``; port 0 picks a free one.
 
         ``identity`` defaults to a fresh self-signed ECDSA P-256 one; ``trust`` to
         ``Trust.any()`` (encrypted, any peer). ``accept_incoming=False`` makes a
@@ -200,7 +262,7 @@ class Endpoint:
         return self._pool.all_open()
 
     async def connect_to(
-        self, addr: Address | str, expect_peer_id: PeerId | str | None = None
+        self, addr: wire.Address | str, expect_peer_id: PeerId | str | None = None
     ) -> Connection:
         """An open connection to ``addr``: the pooled one if any (whoever dialled it),
         else a new dial shared by concurrent callers, retried per ``config.retry``."""
@@ -233,7 +295,7 @@ class Endpoint:
                 if waiting[key] == 0:
                     pending.cancel()  # nobody waits for this dial any more: stop dialling
 
-    async def connect_to_any(self, addrs: Iterable[Address]) -> Connection:
+    async def connect_to_any(self, addrs: Iterable[wire.Address | str]) -> Connection:
         """Dial all of ``addrs`` at once; keep the first connection that completes and
         close the others gracefully. All failing raises ``ConnectionError`` whose
         ``errors`` maps each address to its exception."""
@@ -259,7 +321,7 @@ class Endpoint:
             except EndpointClosed:
                 return
 
-    async def discover_public_addr(self, peer_addr: Address) -> Address:
+    async def discover_public_addr(self, peer_addr: wire.Address | str) -> wire.Address:
         """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
         self._check_open()
         conn = await self.connect_to(peer_addr)
@@ -267,14 +329,14 @@ class Endpoint:
         self.public_addr = observed
         return observed
 
-    async def is_reachable(self, addr: Address, timeout: float | None = None) -> bool:
+    async def is_reachable(self, addr: wire.Address | str, timeout: float | None = None) -> bool:
         """True if a peer at ``addr`` completes a handshake and answers a ping within
         ``timeout`` (default ``config.handshake_timeout``); never raises for a dead peer."""
         self._check_open()
         return await discovery.is_reachable(self, addr, timeout)
 
     async def connect_via(
-        self, rendezvous_addr: Address | str, peer_id: PeerId | str
+        self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str
     ) -> Connection:
         """A direct connection to ``peer_id`` through both NATs, introduced by the
         rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
@@ -670,8 +732,8 @@ class Endpoint:
                 prefix = quic_engine.AUTH_REASON_PREFIX
                 detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
                 ready.set_exception(PeerAuthenticationError(
-                    f"peer at {wire.addr_text(conn.remote_addr)} rejected us: "
-                    f"authentication failed ({detail})"
+                    f"peer at {wire.addr_text(conn.remote_addr)} refused our certificate: "
+                    f"authentication failed ({detail})", by_peer=True
                 ))
             else:
                 ready.set_exception(

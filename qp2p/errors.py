@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +18,7 @@ __all__ = [
     "PeerAuthenticationError",
     "ProtocolError",
     "Qp2pError",
+    "RequestTimeout",
 ]
 
 
@@ -25,6 +28,10 @@ class Qp2pError(Exception):
 
 class ConnectionError(Qp2pError, builtins.ConnectionError):
     """A dial failed (after retries). ``__cause__`` holds the last cause.
+
+    Also the builtin ``ConnectionError``, so ``except ConnectionError`` around
+    ``connect_to`` catches every failed dial, a refused authentication included
+    (:class:`PeerAuthenticationError` is a subclass).
 
     ``errors`` maps each address tried to its exception when several were
     raced (``Endpoint.connect_to_any``); otherwise it is empty.
@@ -60,12 +67,40 @@ class ConnectionClosed(Qp2pError):
         self.error_code = error_code
 
 
-class PeerAuthenticationError(Qp2pError):
-    """The peer failed the trust policy; ``peer_id`` is the id it presented, if any."""
+class PeerAuthenticationError(ConnectionError):
+    """A peer and this endpoint did not accept each other; ``peer_id`` is the id the peer
+    presented, if any.
 
-    def __init__(self, message: str, peer_id: Any = None) -> None:
+    ``by_peer`` is False when this side refused the peer (it failed our trust policy) and
+    True when the peer refused us (our certificate failed its policy). A dial raising it
+    is not retried: the same peer gives the same answer. A subclass of
+    :class:`ConnectionError`, as a dial that fails for any other reason.
+    """
+
+    def __init__(self, message: str, peer_id: Any = None, *, by_peer: bool = False) -> None:
         super().__init__(message)
         self.peer_id = peer_id
+        self.by_peer = by_peer
+
+
+if sys.version_info >= (3, 11):
+    _TimeoutError = TimeoutError
+else:  # before 3.11 asyncio.TimeoutError is a class of its own
+
+    class _TimeoutError(TimeoutError, asyncio.TimeoutError):
+        """Both timeout classes."""
+
+
+class RequestTimeout(Qp2pError, _TimeoutError):
+    """``Connection.request`` got no reply within its ``timeout`` (seconds, ``timeout``).
+
+    Also a ``TimeoutError`` (= ``asyncio.TimeoutError``). The request's stream was reset,
+    so a late reply is dropped; the connection stays open.
+    """
+
+    def __init__(self, message: str, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class MessageTooLarge(Qp2pError, ValueError):

@@ -139,8 +139,8 @@ async def connect_via(
     try:
         rendezvous = await asyncio.wait_for(endpoint.connect_to(rendezvous_addr), remaining())
     except (ConnectionError, asyncio.TimeoutError) as exc:
-        if isinstance(exc, HolePunchFailed):
-            raise
+        if isinstance(exc, (HolePunchFailed, PeerAuthenticationError)):
+            raise  # an untrusted rendezvous says so, not "unreachable"
         raise HolePunchFailed(f"rendezvous {rendezvous_addr} unreachable: {exc}") from exc
     for conn in endpoint.connections():
         if conn.peer_id == peer_id and conn is not rendezvous:

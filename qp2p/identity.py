@@ -263,6 +263,39 @@ def _read_private_file(path: str | os.PathLike[str]) -> bytes:
         return f.read()
 
 
+def _not_a_ca(cert: x509.Certificate) -> str | None:
+    """None if ``cert`` may issue certificates (basicConstraints CA, keyCertSign), else why
+    not, naming the certificate."""
+    name = cert.subject.rfc4514_string() or "(no subject)"
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return f"the certificate {name!r} is not a CA certificate (no basicConstraints)"
+    if not constraints.ca:
+        return f"the certificate {name!r} is a leaf (basicConstraints CA:FALSE), not a CA"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.key_cert_sign:
+        return f"the CA certificate {name!r} may not sign certificates (no keyCertSign)"
+    return None
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``cert`` names ``ca`` as its issuer (name and, when both carry one, key
+    identifier); the CA certificate itself does not count. A hint for messages, not a
+    verification."""
+    if cert == ca or cert.issuer != ca.subject:
+        return False
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return True
+    return aki.key_identifier is None or aki.key_identifier == ski.digest
+
+
 # --------------------------------------------------------------------------- Identity
 
 
@@ -354,6 +387,9 @@ class CertificateAuthority:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("the private key does not match the CA certificate")
+        problem = _not_a_ca(certificate)
+        if problem is not None:  # what it issued would be refused by every Trust.ca
+            raise ValueError(f"not a certificate authority: {problem}")
         self.private_key: PrivateKey = private_key
         self.certificate: x509.Certificate = certificate
 
@@ -516,10 +552,21 @@ class Trust:
 
     @classmethod
     def ca(cls, pem: bytes | str) -> Trust:
-        """Accept peers whose certificate chains to one of the CA certificates in ``pem``."""
+        """Accept peers whose certificate chains to one of the CA certificates in ``pem``.
+
+        ``ValueError`` when ``pem`` holds no certificate, or one that is not a CA's (a leaf,
+        e.g. an identity's certificate, can issue nobody).
+        """
         if isinstance(pem, str):
             pem = pem.encode("ascii")
         cas = tuple(x509.load_pem_x509_certificates(pem))
+        for cert in cas:
+            problem = _not_a_ca(cert)
+            if problem is not None:  # it could never verify anyone: say so now
+                raise ValueError(
+                    f"Trust.ca takes CA certificates; {problem} (pass the CA's certificate, "
+                    "e.g. CertificateAuthority.certificate_pem or `qp2p ca cert`)"
+                )
         return cls._make("ca", frozenset(), cas)
 
     @property
@@ -591,13 +638,34 @@ class Trust:
         if self._kind == "ca":
             reason = self._verify_chain(chain)
             if reason is not None:
+                # the verifier's words ("invalid extension: 2.5.29.35: ...") go to the log;
+                # the error says what it means for a person
+                logger.info("peer %s fails the CA check: %s", peer_id, reason)
                 return _Verdict(
-                    peer_id,
-                    _Failure.UNTRUSTED_CHAIN,
-                    f"certificate chain of peer {peer_id} does not verify against the "
-                    f"trusted CA: {reason}",
+                    peer_id, _Failure.UNTRUSTED_CHAIN, self._explain(peer_id, chain, reason)
                 )
         return _Verdict(peer_id, None, "")
+
+    def _explain(self, peer_id: PeerId, chain: list[x509.Certificate], reason: str) -> str:
+        """Why ``chain`` failed the CA check, for a person."""
+        if not any(_issued_by(cert, ca) for cert in chain for ca in self._cas):
+            return f"peer {peer_id}'s certificate is not issued by the trusted CA"
+        leaf = chain[0]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if now > leaf.not_valid_after_utc:
+            return (
+                f"peer {peer_id}'s certificate, issued by the trusted CA, expired on "
+                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            )
+        if now < leaf.not_valid_before_utc:
+            return (
+                f"peer {peer_id}'s certificate, issued by the trusted CA, is not valid "
+                f"before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+            )
+        return (
+            f"peer {peer_id}'s certificate chain does not verify against the trusted CA: "
+            f"{reason}"
+        )
 
     def _verify_chain(self, chain: list[x509.Certificate]) -> str | None:
         """None if ``chain`` verifies against our CAs, else the verifier's reason."""

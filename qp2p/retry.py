@@ -11,7 +11,7 @@ from typing import TypeVar
 from .config import RetryConfig
 from .errors import ConnectionError, PeerAuthenticationError
 
-__all__ = ["backoff_delays", "retry_dial"]
+__all__ = ["backoff_delays", "format_seconds", "retry_dial"]
 
 logger = logging.getLogger("qp2p.retry")
 T = TypeVar("T")
@@ -40,7 +40,8 @@ async def retry_dial(
     attempt is cut short rather than overrunning it.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + retry.max_elapsed_time
+    started = loop.time()
+    deadline = started + retry.max_elapsed_time
     delays = backoff_delays(retry)
     last: BaseException | None = None
     tries = 0
@@ -64,7 +65,24 @@ async def retry_dial(
         if loop.time() + wait >= deadline:
             break
         await asyncio.sleep(wait)
+    # the time actually spent, not the budget: a person compares it with what they waited
     raise ConnectionError(
-        f"could not connect to {what} after {tries} attempt(s) in "
-        f"{retry.max_elapsed_time:g}s: {last!r}"
+        f"could not connect to {what} after {tries} attempt{'' if tries == 1 else 's'} in "
+        f"{format_seconds(loop.time() - started)}: {_describe(last)}"
     ) from last
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.52s``, ``3.1s``, ``12s``: a duration for messages, as precise as it matters."""
+    if seconds < 1:
+        return f"{seconds:.2f}s"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    return f"{seconds:.0f}s"
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt fitted the time budget"
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__

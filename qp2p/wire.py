@@ -8,11 +8,17 @@ other kinds are qp2p's own control messages.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from .errors import MessageTooLarge, ProtocolError
 
-Address = tuple[Any, ...]
+#: A peer's address as qp2p reports it (``local_addr``, ``remote_addr``, ``public_addr``):
+#: ``(host, port)``. Every method that takes an address also accepts ``"host:port"`` or
+#: ``"[v6]:port"`` text, so parameters are typed ``Address | str``.
+Address: TypeAlias = tuple[str, int]
+#: An address in a socket's own form: ``(host, port)``, or ``(host, port, flow, scope)`` on
+#: an IPv6 socket.
+SockAddr: TypeAlias = tuple[Any, ...]
 
 __all__ = [
     "ERR_BUFFER_FULL",
@@ -25,6 +31,8 @@ __all__ = [
     "KIND_INTRODUCE_RESPONSE",
     "KIND_INTRODUCTION",
     "KIND_USER",
+    "Address",
+    "SockAddr",
     "addr_text",
     "as_bytes",
     "check_message",
@@ -98,12 +106,12 @@ def to_address(addr: object) -> tuple[str, int]:
     raise TypeError(f"an address is a (host, port) tuple or 'host:port', not {addr!r}")
 
 
-def addr_text(addr: Address) -> str:
+def addr_text(addr: SockAddr) -> str:
     """``host:port`` (``[v6]:port``) for messages and logs."""
     return format_addr(addr).decode("ascii")
 
 
-def format_addr(addr: Address) -> bytes:
+def format_addr(addr: SockAddr) -> bytes:
     """``host:port`` text (``[v6]:port`` for IPv6), the echo service's answer."""
     host, port = str(addr[0]), int(addr[1])
     if host.startswith("::ffff:") and "." in host:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import stat
@@ -36,13 +37,19 @@ COMBOS = [
 ]
 
 
+#: The engine a child runs with each implementation: the CLI tests cover both engines
+#: without doubling (the in-process suite crosses engines with implementations fully).
+ENGINE_OF = {"cython": "qh3", "python": "aioquic"}
+
+
 def cli_env(impl: str = "cython") -> dict[str, str]:
-    """The environment for a ``python -m qp2p`` child running ``impl``."""
+    """The environment for a ``python -m qp2p`` child running ``impl`` (and its engine)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
+    env["QP2P_ENGINE"] = ENGINE_OF[impl]
     env["COLUMNS"] = "200"
     return env
 
@@ -52,7 +59,11 @@ def qp2p_cmd(*args: str, loop: str = "auto") -> list[str]:
 
 
 def run(
-    *args: str, impl: str = "cython", loop: str = "auto", timeout: float = 60
+    *args: str,
+    impl: str = "cython",
+    loop: str = "auto",
+    timeout: float = 60,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         qp2p_cmd(*args, loop=loop),
@@ -61,6 +72,7 @@ def run(
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
 
 
@@ -251,6 +263,7 @@ def test_send_refused_authentication_is_one_line(node_factory: Any, tmp_path: Pa
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
     assert "authentication failed" in line and str(wrong) in line
+    assert line.startswith(f"qp2p: error: we refused {node.addr_text}: "), line  # who refused
 
     # the other way round: a node that pins someone else refuses the sender
     pinned = node_factory("--pin", str(wrong))
@@ -258,8 +271,8 @@ def test_send_refused_authentication_is_one_line(node_factory: Any, tmp_path: Pa
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     error = json.loads(line)
-    assert error["event"] == "error"
-    assert "authentication" in error["error"] or "refused" in error["error"]
+    assert error["event"] == "error" and error["type"] == "PeerAuthenticationError"
+    assert error["error"].startswith(f"peer at {pinned.addr_text} refused our certificate"), error
 
 
 def test_send_bad_arguments_are_usage_errors() -> None:
@@ -486,3 +499,127 @@ def test_plain_text_without_rich(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     qp2p.PeerId.from_str(result.stdout.strip())
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_empty_message_is_a_usage_error() -> None:
+    result = run("send", "127.0.0.1:1", "")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: qp2p send")
+    assert result.stderr.splitlines()[-1] == (
+        "qp2p send: error: argument MESSAGE: must not be empty (give text, - for stdin or @FILE)"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--json", "send", "127.0.0.1:1", ""),
+        ("send", "--json", "no-port", "hi"),
+        ("--json", "bogus"),
+        ("--json", "send", "127.0.0.1:1"),
+    ],
+)
+def test_json_usage_errors_are_json(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    error = json.loads(line)
+    assert error["event"] == "error" and error["type"] == "usage"
+    assert error["error"] and error["usage"].startswith("usage: qp2p")
+
+
+@pytest.mark.parametrize(("impl", "loop"), COMBOS)
+def test_send_reads_its_payload_from_stdin_or_a_file(
+    node_factory: Any, tmp_path: Path, impl: str, loop: str
+) -> None:
+    node = node_factory(impl=impl, loop=loop)
+    reply = run("send", node.addr_text, "-", "--request", stdin="line one\nline two\n",
+                impl=impl, loop=loop)  # fmt: skip
+    assert reply.returncode == 0, reply.stderr
+    assert reply.stdout == "line one\nline two\n\n"  # the reply, then print's newline
+    assert node.wait_for("request")["payload"] == "line one\nline two\n"
+
+    blob = bytes(range(256)) * 40
+    path = tmp_path / "blob.bin"
+    path.write_bytes(blob)
+    sent = run("--json", "send", node.addr_text, f"@{path}", impl=impl, loop=loop)
+    assert sent.returncode == 0, sent.stderr
+    assert json_lines(sent.stdout)[0]["size"] == len(blob)
+    import base64
+
+    got = node.wait_for("message")
+    assert base64.b64decode(got["payload_b64"]) == blob
+
+    literal = run("send", node.addr_text, "@@not a file", impl=impl, loop=loop)
+    assert literal.returncode == 0, literal.stderr
+    assert node.wait_for("message")["payload"] == "@not a file"
+    assert node.stop() == 0
+
+
+def test_send_payload_file_problems_are_one_line(tmp_path: Path) -> None:
+    missing = run("send", "127.0.0.1:1", f"@{tmp_path / 'nope.bin'}")
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [
+        f"qp2p: error: cannot read {tmp_path / 'nope.bin'}: No such file or directory"
+    ]
+    empty = run("send", "127.0.0.1:1", "-", stdin="")
+    assert empty.returncode == 1
+    assert empty.stderr.splitlines() == ["qp2p: error: nothing to send: stdin was empty"]
+
+
+def test_dial_failures_say_could_not_connect_once_with_the_real_time() -> None:
+    port = dead_udp_port()
+    started = time.monotonic()
+    result = run("send", f"127.0.0.1:{port}", "x", "--timeout", "0.5")
+    waited = time.monotonic() - started
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.count("could not connect") == 1, line
+    match = re.search(r"after (\d+) attempts? in (\d+(?:\.\d+)?)s", line)
+    assert match, line
+    reported = float(match.group(2))
+    assert 0.45 <= reported <= waited, (reported, waited)  # what was spent, not a budget
+    bench = run("bench", "--to", f"127.0.0.1:{port}", "--count", "10", timeout=60)
+    assert bench.returncode == 1
+    [line] = bench.stderr.splitlines()
+    assert line.startswith(f"qp2p: error: could not connect to 127.0.0.1:{port} after")
+    assert line.count("could not connect") == 1, line
+
+
+@pytest.mark.parametrize("impl", ["cython", "python"])
+def test_version_names_fast_path_engine_and_python(impl: str) -> None:
+    result = run("--version", impl=impl)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert re.fullmatch(
+        rf"qp2p {re.escape(qp2p.__version__)} \(fast path: {impl}, engine: "
+        rf"{ENGINE_OF[impl]} \d+\.\d+\S*, Python {sys.version_info[0]}\."
+        rf"{sys.version_info[1]}\.\S+; engines available: qh3, aioquic\)",
+        line,
+    ), line
+
+
+def test_ca_issue_refuses_a_file_that_is_not_a_ca(tmp_path: Path) -> None:
+    me = tmp_path / "me.pem"
+    assert run("identity", "new", str(me)).returncode == 0
+    out = tmp_path / "out.pem"
+    result = run("ca", "issue", str(me), str(out))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "not a certificate authority" in line and "leaf" in line, line
+    assert not out.exists()
+
+
+def test_trust_ca_refuses_a_leaf_certificate(tmp_path: Path) -> None:
+    me = tmp_path / "me.pem"
+    assert run("identity", "new", str(me)).returncode == 0
+    for args in (("send", "127.0.0.1:1", "hi"), ("node",)):
+        result = run(*args, "--trust-ca", str(me))
+        assert result.returncode == 1, result
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"qp2p: error: cannot load CA certificate {me}: "), line
+        assert "is a leaf" in line, line

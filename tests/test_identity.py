@@ -443,8 +443,37 @@ def test_ca_trust_rejects_strangers(ca: CertificateAuthority, stranger: str) -> 
         trust.check(chain)
     seen = PeerId.from_certificate(chain[0])
     assert info.value.peer_id == seen
-    assert str(info.value).startswith(f"certificate chain of peer {seen} does not verify")
-    assert "trusted CA" in str(info.value)
+    # what it means for a person, not the verifier's "invalid extension: 2.5.29.35: ..."
+    assert str(info.value) == f"peer {seen}'s certificate is not issued by the trusted CA"
+
+
+def test_ca_trust_logs_the_verifier_detail(
+    ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="qp2p.identity")
+    stranger = Identity.generate()
+    with pytest.raises(PeerAuthenticationError, match="not issued by the trusted CA"):
+        Trust.ca(ca.certificate_pem).check(stranger.chain)
+    logged = [r.getMessage() for r in caplog.records if r.name == "qp2p.identity"]
+    assert any(str(stranger.peer_id) in m and "2.5.29.35" in m for m in logged), logged
+
+
+def test_trust_ca_refuses_a_leaf_certificate(ca: CertificateAuthority) -> None:
+    """A leaf can issue nobody: Trust.ca of one would silently refuse every peer."""
+    for leaf_pem in (Identity.generate().certificate_pem, ca.issue().certificate_pem):
+        with pytest.raises(ValueError, match=r"is a leaf .*not a CA"):
+            Trust.ca(leaf_pem)
+    assert Trust.ca(ca.certificate_pem).ca_certificates == (ca.certificate,)
+
+
+def test_certificate_authority_refuses_a_leaf(ca: CertificateAuthority, tmp_path: Path) -> None:
+    member = ca.issue()
+    with pytest.raises(ValueError, match=r"not a certificate authority.*leaf"):
+        CertificateAuthority(member.private_key, member.certificate)
+    path = tmp_path / "member.pem"
+    member.save(path)  # an identity file where a CA file belongs
+    with pytest.raises(ValueError, match="not a certificate authority"):
+        CertificateAuthority.load(path)
 
 
 def test_ca_trust_rejects_no_certificate(ca: CertificateAuthority) -> None:
@@ -467,7 +496,8 @@ def test_ca_trust_rejects_expired_leaf(ca: CertificateAuthority) -> None:
     for ext in member.certificate.extensions:
         builder = builder.add_extension(ext.value, critical=ext.critical)
     expired = builder.sign(ca.private_key, hashes.SHA256())
-    with pytest.raises(PeerAuthenticationError, match="does not verify") as info:
+    with pytest.raises(PeerAuthenticationError, match="issued by the trusted CA, expired on") \
+            as info:  # fmt: skip
         Trust.ca(ca.certificate_pem).check([expired, ca.certificate])
     assert info.value.peer_id == member.peer_id
 

@@ -543,7 +543,7 @@ def test_ca_rejects_strangers(
         assert_rejected_by(client, server, BAD_CERTIFICATE, stranger.peer_id)
         assert not client.of(HandshakeCompleted)
         err = client.auth.auth_error
-    assert "does not verify against the trusted CA" in str(err)
+    assert "is not issued by the trusted CA" in str(err)
     assert str(stranger.peer_id) in str(err)
 
 
