@@ -433,7 +433,7 @@ def _version_text() -> str:
     import importlib.metadata
     import platform
 
-    from .engine import engines, resolve
+    from .engine import resolve
 
     try:  # what Config(engine="auto") picks here (QP2P_ENGINE, else the preferred one)
         engine = resolve("auto").NAME
@@ -446,8 +446,7 @@ def _version_text() -> str:
         engine_text = f"none ({exc})"
     return (
         f"qp2p {__version__} (fast path: {_speedups.implementation}, "
-        f"engine: {engine_text}, Python {platform.python_version()}; "
-        f"engines available: {', '.join(engines()) or 'none'})"
+        f"engine: {engine_text}, Python {platform.python_version()})"
     )
 
 

@@ -356,9 +356,12 @@ async def test_an_app_that_configured_logging_still_gets_every_record(
     ) as member, qp2p.Endpoint.bind(config=DEAD) as outsider:
         with pytest.raises(qp2p.PeerAuthenticationError):
             await outsider.connect_to(member.local_addr)
+        # aioquic logs the refusal on its "quic" logger too; qh3's adapter reads the
+        # native core's events itself and leaves that to qp2p's own
+        wanted = {"qp2p.tls", *(["quic"] if member.engine == "aioquic" else [])}
         for _ in range(100):
-            if {"quic", "qp2p.tls"} <= {r.name for r in caplog.records}:
+            if wanted <= {r.name for r in caplog.records}:
                 break
             await asyncio.sleep(0.01)
     names = {r.name for r in caplog.records}
-    assert {"quic", "qp2p.tls"} <= names, names
+    assert wanted <= names, names
