@@ -446,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     done_reps = max((run["rep"] + 1 for run in col.runs), default=0)
     extra_reps = f" ({done_reps - reps} more to confirm a shortfall)" if done_reps > reps else ""
-    print(f"qp2p vs raw aioquic, loopback, both ends in one process, {params.duration:g} s "
+    print(f"qp2p vs raw aioquic and raw qh3, loopback, both ends in one process, "
+          f"{params.duration:g} s "
           f"per rate scenario, {reps} repetition(s){extra_reps}: median [min-max]")
     print(f"machine: {info.get('cpu')}, {info['cpus']} CPUs, Python {info['python']}, "
-          f"aioquic {info['aioquic']}, uvloop {info['uvloop']}; load "
+          f"aioquic {info['aioquic']}, qh3 {info['qh3']}, uvloop {info['uvloop']}; load "
           f"{info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
     print(text)
     report = {
@@ -459,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": col.summary(),
         "ratios": {
             "qp2p-cy-uvloop/raw-uvloop": {m: _ratio(col, MAIN, RAW, m) for m in RATIO_METRICS},
+            f"{QH3}/{RAW_QH3}": {m: _ratio(col, QH3, RAW_QH3, m) for m in RATIO_METRICS},
+            f"{QH3}/{RAW}": {m: _ratio(col, QH3, RAW, m) for m in RATIO_METRICS},
             "qp2p-cy-asyncio/qp2p-py-asyncio": {
                 m: _ratio(col, CY_ASYNCIO, PY_ASYNCIO, m)
                 for m in [*RATIO_METRICS, "mem_kib_acceptor", "mem_kib_dialer"]
@@ -477,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             print("bench-check FAILED:\n  " + "\n  ".join(failures))
             return 1
-        limits = [f"{k} >= {v}x" for k, v in floors.get("ratio_floors", {}).items()]
-        limits += [f"{k} <= {v}" for k, v in floors.get("maxima", {}).items()]
-        print(f"bench-check passed ({', '.join(limits)})")
+        for prefix, what in (("", "aioquic"), ("qh3_", "qh3")):
+            limits = [f"{k} >= {v}x" for k, v in floors.get(f"{prefix}ratio_floors", {}).items()]
+            limits += [f"{k} <= {v}" for k, v in floors.get(f"{prefix}maxima", {}).items()]
+            print(f"bench-check passed on {what} ({', '.join(limits)})")
     return 0
 
 
