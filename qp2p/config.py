@@ -79,8 +79,8 @@ class Config:
       reached, peers wait until the application reads.
     - ``max_connections``: the most connections one endpoint holds; further incoming
       handshakes are refused with CONNECTION_REFUSED (the dialler gets ``ConnectionError``).
-    - ``max_connections_per_ip``: the most incoming connections from one IP address
-      (refused the same way beyond it).
+    - ``max_connections_per_ip``: the most incoming connections from one IP address, or
+      for IPv6 from one /64 (refused the same way beyond it).
     - ``address_validation_threshold``: with this many incoming handshakes in progress,
       new ones must first prove their address with a QUIC Retry (spoofed floods then
       cost no state).

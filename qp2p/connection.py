@@ -23,6 +23,7 @@ from .errors import (
     RequestTimeout,
 )
 from .identity import PeerId
+from .ratelog import RateLimitedLog
 from .signal import Signal
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "ConnectionStats", "Message"]
 
 logger = logging.getLogger("qp2p.connection")
+_peer_log = RateLimitedLog(logger)  # lines a peer can trigger: one per cause per interval
 
 Address = tuple[Any, ...]
 Frame = tuple[int, bytes, bytes, bytes]
@@ -116,7 +118,12 @@ class Message:
         self._replied = False
 
     async def reply(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
-        """Answer this request on its own stream; returns once the peer acknowledged it."""
+        """Answer this request on its own stream; returns once the peer acknowledged it.
+
+        Raises ``MessageRejected`` (code ``0x717002``) when the asker gave up on the
+        request (its ``request()`` timed out or was cancelled: it then stops the stream),
+        so a reply nobody will read is not reported as sent. Only a reply already on
+        the wire when the asker gives up can still be acknowledged and then dropped."""
         if self._stream_id is None:
             raise ValueError("only a request (a message from request()) can be replied to")
         if self._replied:
@@ -441,14 +448,17 @@ class Connection:
         self._pump()
         await future
 
-    def _send_nowait(self, frame: bytes) -> None:
-        """Queue a control message on a fresh unidirectional stream; don't wait for it."""
+    def _send_nowait(self, frame: bytes) -> asyncio.Future[None] | None:
+        """Queue a control message on a fresh unidirectional stream; don't wait for it.
+        Returns the future that completes once it is acknowledged (or failed), or None
+        when the connection is closed."""
         if self._closed is not None:
-            return
+            return None
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
         self._queue_uni.append(_PendingSend(frame, future))
         self._pump()
+        return future
 
     def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
         """Answer a control request without waiting for the acknowledgement."""
@@ -488,8 +498,11 @@ class Connection:
                     stream_id = pending.stream_id
                     try:
                         quic.send_stream(stream_id, pending.frame, True)
-                    except ValueError as exc:  # the requester reset or finished the stream
-                        pending.future.set_exception(MessageRejected(f"cannot reply: {exc}"))
+                    except (ValueError, RuntimeError) as exc:
+                        # the asker stopped (gave up on) or reset the stream
+                        pending.future.set_exception(MessageRejected(
+                            f"cannot reply: the asker gave up on the request ({exc})",
+                            wire.ERR_CANCELLED))
                         continue
                 else:
                     stream_id = quic.open_stream(kind == 1)
@@ -553,9 +566,14 @@ class Connection:
             return
         if self._unacked.pop(sid, None) is not None:
             self._unacked_bytes -= pending.size
-        self._requests.pop(sid, None)
+        asked = self._requests.pop(sid, None) is not None
         self._stop_sending_on(sid)
-        if not self._quic.send_finished(sid):
+        if asked:
+            # a request: stop the reply too, so the replier's reply() fails instead of
+            # reporting a reply we will drop
+            self._quic.reject_stream(sid, wire.ERR_CANCELLED)
+            self._endpoint._mark_dirty(self)
+        elif not self._quic.send_finished(sid):
             self._quic.reset_stream(sid, wire.ERR_CANCELLED)
             self._endpoint._mark_dirty(self)
 
@@ -658,7 +676,8 @@ class Connection:
 
     def _reject(self, sid: int, exc: ProtocolError, code: int = wire.ERR_FRAME_REJECTED) -> None:
         self._stats["streams_rejected"] += 1
-        logger.warning("rejecting stream %d from %s: %s", sid, self.remote_addr, exc)
+        _peer_log.warning(f"reject-{code:#x}", "rejecting stream %d from %s: %s", sid,
+                          self.remote_addr, exc)
         self._quic.reject_stream(sid, code)
         self._stop_sending_on(sid)
         future = self._requests.pop(sid, None)

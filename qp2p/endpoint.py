@@ -34,12 +34,15 @@ from .errors import (
 )
 from .identity import Identity, PeerId, Trust
 from .pool import Pool
+from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
 
 __all__ = ["Endpoint", "EndpointBinding"]
 
 logger = logging.getLogger("qp2p.endpoint")
+#: Lines a peer can trigger: one per cause per interval, with counts.
+_peer_log = RateLimitedLog(logger)
 
 Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Address
 
@@ -58,6 +61,31 @@ WAKE_STARVED_BYTES = 64 * 2**10
 WAKE_STARVED_AT_ONCE = 8
 #: How long ``close()`` waits for the CONNECTION_CLOSE frames to leave the socket.
 CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+#: IPv6 sources are limited per /64: one subscriber usually holds a whole /64 and can
+#: pick any address in it (RFC 6177), so a per-address limit would not hold it.
+IPV6_LIMIT_PREFIX = 64
+
+
+def ip_key(host: Any) -> str:
+    """The key ``max_connections_per_ip`` counts a source under: the IPv4 address itself
+    (also when written IPv4-mapped, ``::ffff:a.b.c.d``), or the IPv6 address's /64."""
+    text = str(host)
+    if ":" not in text:  # IPv4 (the per-packet common case: no parsing)
+        return text
+    if text.startswith("::ffff:") and "." in text:
+        return text[7:]
+    text = text.split("%", 1)[0]  # a scope id is not part of the address
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_LIMIT_PREFIX), strict=False))
+    return str(ip)
 
 
 class EndpointBinding:
@@ -157,7 +185,12 @@ class Endpoint:
         self._validator = quic_engine.AddressValidator(engine=self._engine)
         self._budget = quic_engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
+        # when recent tokenless Initials were junk or refused (engine clock), at most
+        # as many as it takes to switch to Retry
+        self._unproven: collections.deque[float] = collections.deque(
+            maxlen=config.address_validation_threshold)
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
+        self._punching = holepunch.Punching()
         self.local_addr: wire.Address = sock.getsockname()[:2]
         self.public_addr: wire.Address | None = None
         self._pool = Pool()
@@ -345,6 +378,16 @@ class Endpoint:
         assert peer is not None
         return await holepunch.connect_via(self, rendezvous_addr, peer)
 
+    async def register_with(self, rendezvous_addr: Address | str) -> Connection:
+        """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
+        and honour its introductions: the target side of ``connect_via``. Keep the
+        connection open (``keep_alive_interval``) for as long as peers should reach us
+        through it. Introductions from any other peer are ignored, so no peer can make
+        us probe an address of its choosing."""
+        self._check_open()
+        self._punching.register(await self._resolve(rendezvous_addr))
+        return await self.connect_to(rendezvous_addr)
+
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
         Idempotent; calls on a closed endpoint then raise ``EndpointClosed``."""
@@ -434,14 +477,25 @@ class Endpoint:
         return conn
 
     def _resend_first_flight(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]]
+        self, conn: Connection, datagrams: list[tuple[bytes, Address]], sent: int = 0,
+        interval: float = holepunch.PUNCH_RESEND_INTERVAL, started: float | None = None,
     ) -> None:
+        """Resend a punching dial's first flight until the peer answers: every
+        ``PUNCH_RESEND_INTERVAL`` for ``PUNCH_FAST_PERIOD``, then twice as long each
+        time, ``PUNCH_MAX_RESENDS`` times at most (a wrong address is not flooded)."""
         if conn._closed is not None or conn._stats["packets_received"] or self._closed:
             return
+        now = self._loop.time()
+        started = now if started is None else started
         for data, addr in datagrams:
             self._send_raw(data, addr)
+        sent += 1
+        if sent >= holepunch.PUNCH_MAX_RESENDS:
+            return
+        if now - started >= holepunch.PUNCH_FAST_PERIOD:
+            interval *= 2
         self._loop.call_later(
-            holepunch.PUNCH_RESEND_INTERVAL, self._resend_first_flight, conn, datagrams
+            interval, self._resend_first_flight, conn, datagrams, sent, interval, started
         )
 
     def _adopt(self, conn: Connection) -> None:
@@ -485,7 +539,8 @@ class Endpoint:
                     try:
                         self._on_unknown(data, addr, now)
                     except Exception:  # a bug for one datagram must not stop the endpoint
-                        logger.exception("error handling a new datagram from %s", addr)
+                        _peer_log.exception("new-datagram-error",
+                                            "error handling a new datagram from %s", addr)
                     continue
                 stats = conn._stats
                 stats["packets_received"] += 1
@@ -523,7 +578,7 @@ class Endpoint:
                 self._on_event(conn, event)
                 event = quic.next_event()
         except Exception:  # a bug for one connection must not stop the endpoint
-            logger.exception("error handling datagrams from %s", addr)
+            _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 
     def _after_events(self, conn: Connection) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
@@ -566,57 +621,71 @@ class Endpoint:
             conn._handle_event(event)
 
     def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
-        """A datagram for no known connection: maybe a new handshake, else dropped."""
+        """A datagram for no known connection: maybe a new handshake, else dropped.
+
+        Everything before ``quic_engine.new_server`` is cheap and keeps no state: an unproven
+        source can make us parse a header, check a token, derive Initial keys and decrypt
+        one packet (tens of microseconds), never run TLS."""
         header = self._engine.parse_long_header(data)
-        if header is None or header[0] is None:
+        if header is None or header.version is None:
             self.stats_counters["dropped_unknown"] += 1
             return
-        version, is_initial, dcid, scid = header.version, header.is_initial, header.dcid, \
-            header.scid
-        if version not in self._versions:
+        if header.version not in self._versions:
             # RFC 9000 §5.2.2: no Version Negotiation for datagrams too small to be a
             # first Initial (and so no reflection amplifier)
-            if version != 0 and len(data) >= quic_engine.MIN_INITIAL_SIZE:
+            if len(data) >= quic_engine.MIN_INITIAL_SIZE:
                 self.stats_counters["version_negotiations"] += 1
-                self._send_raw(self._engine.version_negotiation(dcid, scid), addr)
+                self._send_raw(self._engine.version_negotiation(header.dcid, header.scid), addr)
             return
-        if not is_initial or len(data) < quic_engine.MIN_INITIAL_SIZE:
+        if not header.is_initial or len(data) < quic_engine.MIN_INITIAL_SIZE:
             self.stats_counters["dropped_unknown"] += 1
             return
         if not self._accept_incoming or self._closed:
             self.stats_counters["handshakes_refused"] += 1
             return
-        host = str(addr[0])
+        host = ip_key(addr[0])
         refusal = None
         if len(self._live) >= self.config.max_connections:
             refusal = "endpoint at max_connections"
         elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
             refusal = "too many connections from this address"
         validator = self._validator
-        original_dcid, retry_scid = dcid, None
+        original_dcid, retry_scid = header.dcid, None
         if header.token:
             odcid = validator.validate(header, addr, now)
             if odcid is None:
                 self.stats_counters["handshakes_refused"] += 1
-                logger.info("dropping Initial from %s: invalid address validation token", addr)
+                _peer_log.info("bad-token", "dropping Initial from %s: invalid address "
+                               "validation token", wire.addr_text(addr))
                 return
             original_dcid, retry_scid = odcid, header.dcid
         elif (
-            refusal is not None  # a refusal costs a TLS step: only for a proven address
-            or self.config.require_address_validation
-            or len(self._half_open) >= self.config.address_validation_threshold
-        ):  # prove the address first: until then a client costs us no state
+            self.config.require_address_validation
+            or len(self._half_open) + self._unproven_recently(now)
+            >= self.config.address_validation_threshold
+        ):  # prove the address first: until then a client costs us no state (and a
+            # flood of junk or of refused Initials costs a Retry each, no decryption)
             self.stats_counters["retries_sent"] += 1
             self._send_raw(validator.retry_packet(header, addr, now), addr)
             return
         if refusal is not None:
+            # a refusal costs no TLS (the Initial keys suffice) and is smaller than the
+            # Initial it answers: no Retry needed first
+            answer = self._engine.refusal(header, data, refusal)
+            if not header.token:
+                self._unproven.append(now)
+            if answer is None:
+                self.stats_counters["dropped_unknown"] += 1
+                return
             self.stats_counters["handshakes_refused"] += 1
-            logger.warning("refusing handshake from %s: %s", wire.addr_text(addr), refusal)
-            for datagram, to in self._engine.refusal(
-                self._server_config, self.config, self.trust, header, original_dcid,
-                retry_scid, data, addr, now, refusal,
-            ):
-                self._send_raw(datagram, to)
+            _peer_log.warning(refusal, "refusing handshake from %s: %s",
+                              wire.addr_text(addr), refusal)
+            self._send_raw(answer, addr)
+            return
+        if not self._engine.initial_opens(header, data):
+            # shaped like an Initial but does not decrypt: junk, dropped before any engine
+            self.stats_counters["dropped_unknown"] += 1
+            self._unproven.append(now)
             return
         quic = self._engine.new_server(
             self._server_config, self.config, self.trust, original_dcid, retry_scid
@@ -629,9 +698,10 @@ class Endpoint:
             accepted = quic.accepted_any_packet()
         except Exception:
             accepted = False
-            logger.exception("error handling a first Initial from %s", addr)
+            _peer_log.exception("initial-error", "error handling a first Initial from %s",
+                                addr)
         if not accepted:
-            # not a real Initial (it did not decrypt): keep no state for it
+            # it decrypted, yet the engine took nothing from it: keep no state for it
             self.stats_counters["dropped_unknown"] += 1
             self._table.remove(header.dcid)
             self._table.remove(quic.host_cid)
@@ -651,13 +721,23 @@ class Endpoint:
             event = quic.next_event()
         self._dirty[conn] = None
 
+    def _unproven_recently(self, now: float) -> int:
+        """Tokenless Initials that were junk or refused within ``handshake_timeout``:
+        they count toward ``address_validation_threshold`` like half-open handshakes."""
+        unproven = self._unproven
+        horizon = now - self.config.handshake_timeout
+        while unproven and unproven[0] < horizon:
+            unproven.popleft()
+        return len(unproven)
+
     def _handshake_expired(self, conn: Connection) -> None:
         """An incoming handshake that did not finish in time: drop it (a half-open flood
         must not hold state for long)."""
         conn._handshake_deadline = None
         if conn in self._half_open and conn._closed is None:
             self.stats_counters["handshakes_timed_out"] += 1
-            logger.info("incoming handshake from %s timed out", wire.addr_text(conn.remote_addr))
+            _peer_log.info("handshake-timeout", "incoming handshake from %s timed out",
+                           wire.addr_text(conn.remote_addr))
             self._abandon(conn, "handshake timed out")
 
     def _track(self, conn: Connection) -> None:
@@ -728,13 +808,19 @@ class Endpoint:
             if auth_error is not None:
                 ready.set_exception(auth_error)
             elif code is not None and quic_engine.is_tls_failure(code):
-                # the acceptor refused us in the TLS handshake: retrying can't help
+                # the TLS handshake failed, refused by whichever side: retrying can't help
                 prefix = quic_engine.AUTH_REASON_PREFIX
                 detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
-                ready.set_exception(PeerAuthenticationError(
-                    f"peer at {wire.addr_text(conn.remote_addr)} refused our certificate: "
-                    f"authentication failed ({detail})", by_peer=True
-                ))
+                where = wire.addr_text(conn.remote_addr)
+                by_peer = conn._quic.closed_by_peer()
+                if by_peer is None:
+                    text = f"authentication with the peer at {where} failed ({detail})"
+                elif by_peer:
+                    text = (f"peer at {where} refused our certificate: "
+                            f"authentication failed ({detail})")
+                else:  # e.g. its signature did not verify
+                    text = f"we rejected the peer at {where}: authentication failed ({detail})"
+                ready.set_exception(PeerAuthenticationError(text, by_peer=bool(by_peer)))
             else:
                 ready.set_exception(
                     ConnectionError(
@@ -766,12 +852,13 @@ class Endpoint:
 
     def _forget(self, conn: Connection) -> None:
         self._end_half_open(conn)
+        self._punching.forget(conn)
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
             self._release_budget(conn._quic.reservation())  # may wake starved ones
         if not conn._is_client and conn in self._live:
-            host = str(conn.remote_addr[0])
+            host = ip_key(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1
             if self._incoming_per_ip[host] <= 0:
                 del self._incoming_per_ip[host]

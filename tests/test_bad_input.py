@@ -216,7 +216,10 @@ async def test_junk_initial_flood_keeps_no_state(impl: str) -> None:
             await asyncio.sleep(0.3)
         finally:
             sock.close()
-        assert server.stats_counters["dropped_unknown"] >= 400
+        # dropped, or (once address_validation_threshold of them were junk) answered
+        # with a stateless Retry
+        counters = server.stats_counters
+        assert counters["dropped_unknown"] + counters["retries_sent"] >= 400
         assert len(server._live) == 0 and len(server._table) == 0
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
             conn = await peer.connect_to(server.local_addr)

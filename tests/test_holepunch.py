@@ -69,7 +69,7 @@ async def test_connect_via_through_two_nats(lab: Lab, impl: str) -> None:
     b = await bind_in(net.c2)
     endpoints = [b]
     try:
-        await b.connect_to(rdv.addr)  # B registers with the rendezvous
+        await b.register_with(rdv.addr)  # B registers with the rendezvous
         loop = asyncio.get_running_loop()
         times = []
         for _ in range(20):  # 20 attempts in a row, each from a fresh endpoint (fresh NAT state)
@@ -104,7 +104,7 @@ async def test_symmetric_nat_fails_cleanly(lab: Lab, impl: str) -> None:
     rdv = Rendezvous(net.p, "198.18.0.10")
     a, b = await bind_in(net.c1), await bind_in(net.c2)
     try:
-        rb = await b.connect_to(rdv.addr)
+        rb = await b.register_with(rdv.addr)
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(qp2p.HolePunchFailed) as info:

@@ -205,11 +205,12 @@ async def test_abandoned_dial_stops_and_logs_nothing(
     assert "never retrieved" not in caplog.text
 
 
-async def test_introductions_only_from_a_peer_we_dialled(
+async def test_introductions_only_from_a_rendezvous_we_registered_with(
     pair: tuple[qp2p.Endpoint, qp2p.Endpoint],
 ) -> None:
-    """An INTRODUCTION makes the receiver probe an address; only the rendezvous it dialled
-    may ask, or any peer could aim its probes anywhere."""
+    """An INTRODUCTION makes the receiver probe an address; only a rendezvous it
+    registered with may ask (not a peer that dialled it, not one it merely dialled), or
+    any peer could aim its probes anywhere."""
     from qp2p import wire
 
     a, b = pair
@@ -224,10 +225,16 @@ async def test_introductions_only_from_a_peer_we_dialled(
         await asyncio.sleep(0.5)
         with pytest.raises(BlockingIOError):
             sink.recv(2048)
-        # a dials c (its rendezvous): c's introduction is honoured
+        # a merely dials c: c's introduction is ignored too
         c = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
         try:
-            _, from_a = await connected(a, c)
+            to_c, from_a = await connected(a, c)
+            from_a._send_nowait(c._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+            await asyncio.sleep(0.5)
+            with pytest.raises(BlockingIOError):
+                sink.recv(2048)
+            # a registers with c (its rendezvous): c's introduction is honoured
+            assert await a.register_with(c.local_addr) is to_c
             from_a._send_nowait(c._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
             for _ in range(100):
                 try:

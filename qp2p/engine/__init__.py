@@ -21,7 +21,6 @@ aioquic. :func:`engines` lists the importable ones, preferred first.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import importlib
 import os
@@ -246,6 +245,9 @@ class EngineConnection(Protocol):
         """The peer's id once authenticated; raises PeerAuthenticationError if the
         trust policy rejected it."""
 
+    def closed_by_peer(self) -> bool | None:
+        """True if the peer sent the CONNECTION_CLOSE, False if we did, None while open."""
+
     def rejection(self) -> PeerAuthenticationError | None:
         """Why the trust policy rejected the peer, if it did."""
 
@@ -315,20 +317,13 @@ class Engine(Protocol):
     ) -> EngineConnection:
         """An accepting engine for a client whose first Initial used ``original_dcid``."""
 
-    def refusal(
-        self,
-        configuration: Any,
-        config: Config,
-        trust: Trust,
-        header: LongHeader,
-        original_dcid: bytes,
-        retry_scid: bytes | None,
-        datagram: bytes,
-        addr: Any,
-        now: float,
-        reason: str,
-    ) -> list[tuple[bytes, Any]]:
-        """Datagrams answering a first Initial with CONNECTION_CLOSE(CONNECTION_REFUSED)."""
+    def refusal(self, header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
+        """An Initial carrying CONNECTION_CLOSE(CONNECTION_REFUSED, ``reason``) answering a
+        client's first Initial, built from the Initial keys alone (no TLS, no state);
+        None when that Initial does not decrypt."""
+
+    def initial_opens(self, header: LongHeader, datagram: bytes) -> bool:
+        """The datagram's first packet is an Initial that decrypts with its DCID's keys."""
 
     def parse_long_header(self, datagram: bytes) -> LongHeader | None:
         """Parse a datagram that matched no connection."""
@@ -359,6 +354,8 @@ class LongHeader(NamedTuple):
     dcid: bytes
     scid: bytes
     token: bytes
+    pn_offset: int = 0  # an Initial's packet number offset, and the end of that packet
+    packet_end: int = 0
 
 
 def parse_long_header(datagram: bytes) -> LongHeader | None:
@@ -424,7 +421,7 @@ class AddressValidator:
     def _mac(self, addr: Any, body: bytes) -> bytes:
         host, port = addr[0], addr[1]
         message = b"%s|%d|" % (str(host).encode(), port) + body
-        return hmac.new(self._secret, message, hashlib.sha256).digest()[: self._MAC_LEN]
+        return hmac.digest(self._secret, message, "sha256")[: self._MAC_LEN]
 
     def make_token(self, addr: Any, odcid: bytes, retry_scid: bytes, now: float) -> bytes:
         """A token for ``addr`` whose retried Initial will carry ``retry_scid`` as DCID."""

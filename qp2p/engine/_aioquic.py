@@ -16,8 +16,13 @@ Everything qp2p needs beyond aioquic's public API is here (and its TLS hooks in
 
 from __future__ import annotations
 
+import collections
+import functools
+import hmac
+import os
+import struct
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -28,11 +33,16 @@ from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    QuicProtocolVersion,
+    encode_long_header_first_byte,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
 from aioquic.quic.stream import QuicStreamReceiver
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..config import Config
 from ..errors import PeerAuthenticationError
@@ -58,6 +68,7 @@ from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_
 __all__ = [
     "NAME",
     "FlowControlledQuicConnection",
+    "initial_opens",
     "make_configuration",
     "new_client",
     "new_server",
@@ -70,6 +81,7 @@ __all__ = [
 
 #: This engine's name in ``Config.engine``.
 NAME = "aioquic"
+_SUPPORTED_VERSIONS = tuple(QuicConfiguration().supported_versions)
 
 
 def make_configuration(identity: Identity, config: Config, *, is_client: bool) -> QuicConfiguration:
@@ -195,22 +207,205 @@ def is_closed(quic: QuicConnection) -> bool:
     return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
 
 
+#: The invariant part of a long header (RFC 8999 §5.1): 1 byte, version, DCID, SCID.
+_INVARIANT_MIN = 7
+
+
 def parse_long_header(datagram: bytes) -> LongHeader | None:
     """Parse a datagram that matched no connection; None when it is not a parsable QUIC
-    header (or is itself a Version Negotiation packet, which we never answer)."""
+    header (or is itself a Version Negotiation packet, which we never answer).
+
+    A long header of a version we do not speak is read by RFC 8999's invariants alone
+    (connection IDs of up to 255 bytes, nothing after them), so it can be answered with
+    Version Negotiation whatever that version's packets look like."""
+    data = bytes(datagram)
+    if data and data[0] & 0x80:
+        if len(data) < _INVARIANT_MIN:
+            return None
+        version = int.from_bytes(data[1:5], "big")
+        if version == 0:
+            return None  # Version Negotiation: never answered
+        if version not in _SUPPORTED_VERSIONS:
+            dcid_end = 6 + data[5]
+            if dcid_end >= len(data) or dcid_end + 1 + data[dcid_end] > len(data):
+                return None
+            scid = data[dcid_end + 1 : dcid_end + 1 + data[dcid_end]]
+            return LongHeader(version, False, data[6:dcid_end], scid, b"")
+    buf = Buffer(data=data)
     try:
-        header = pull_quic_header(Buffer(data=datagram), host_cid_length=CID_LENGTH)
+        header = pull_quic_header(buf, host_cid_length=CID_LENGTH)
     except ValueError:
         return None
     if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
         return None
+    is_initial = header.packet_type == QuicPacketType.INITIAL
     return LongHeader(
         header.version,
-        header.packet_type == QuicPacketType.INITIAL,
+        is_initial,
         header.destination_cid,
         header.source_cid,
         header.token,
+        buf.tell() if is_initial else 0,
+        header.packet_length if is_initial else 0,
     )
+
+
+# ---------------------------------------------------------------- Initial protection
+# RFC 9001 §5.2: Initial packets are protected with keys derived from the client's
+# first DCID alone. Deriving them with the stdlib's one-shot HMAC (a single HKDF block
+# each) and aioquic's C AEAD costs a few tens of microseconds, so junk can be told from a
+# real Initial, and a refusal sent, without creating a TLS engine.
+
+_INITIAL_SALTS: dict[int, bytes] = {
+    QuicProtocolVersion.VERSION_1: bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"),
+    QuicProtocolVersion.VERSION_2: bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"),
+}
+_KEY_LABELS: dict[int, tuple[bytes, bytes, bytes]] = {
+    QuicProtocolVersion.VERSION_1: (b"quic key", b"quic iv", b"quic hp"),
+    QuicProtocolVersion.VERSION_2: (b"quicv2 key", b"quicv2 iv", b"quicv2 hp"),
+}
+
+
+def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 §7.1) for outputs of one SHA-256 block."""
+    full = b"tls13 " + label
+    info = struct.pack("!HB", length, len(full)) + full + b"\x00\x01"
+    return hmac.digest(secret, info, "sha256")[:length]
+
+
+class _Protection(NamedTuple):
+    """One side's Initial packet protection: header protection cipher, AEAD, IV."""
+
+    hp: Any  # an AES-ECB encryptor: stateless per block, so one serves every mask
+    aead: AESGCM
+    iv: int
+
+
+# Cached per DCID: a replayed Initial (the same DCID again and again) derives nothing
+# twice; random junk evicts only itself.
+@functools.lru_cache(maxsize=128)
+def _initial_secret(cid: bytes, version: int, side: bytes) -> bytes:
+    return _expand_label(hmac.digest(_INITIAL_SALTS[version], cid, "sha256"), side, 32)
+
+
+@functools.lru_cache(maxsize=128)
+def _header_protection(secret: bytes, version: int) -> Any:
+    return Cipher(algorithms.AES(_expand_label(secret, _KEY_LABELS[version][2], 16)),
+                  modes.ECB()).encryptor()
+
+
+@functools.lru_cache(maxsize=128)
+def _protection(cid: bytes, version: int, side: bytes) -> _Protection:
+    secret = _initial_secret(cid, version, side)
+    key_label, iv_label, _ = _KEY_LABELS[version]
+    return _Protection(
+        _header_protection(secret, version),
+        AESGCM(_expand_label(secret, key_label, 16)),
+        int.from_bytes(_expand_label(secret, iv_label, 12), "big"),
+    )
+
+
+def initial_opens(header: LongHeader, datagram: bytes) -> bool:
+    """True if the datagram's first packet is an Initial that decrypts with the keys its
+    DCID implies: a real client's, not junk shaped like one.
+
+    The header protection is removed first (one HKDF chain and one AES block): a packet
+    whose reserved bits are then not zero is invalid (RFC 9000 §17.2) and dropped before
+    the payload key is even derived, which is where three quarters of random junk ends."""
+    version = header.version
+    if not header.is_initial or version is None or version not in _INITIAL_SALTS:
+        return False
+    data = bytes(datagram[: header.packet_end])
+    offset = header.pn_offset
+    sample = data[offset + 4 : offset + 20]
+    if len(sample) < 16:
+        return False
+    secret = _initial_secret(header.dcid, version, b"client in")
+    mask = _header_protection(secret, version).update(sample)
+    first = data[0] ^ (mask[0] & 0x0F)
+    if first & 0x0C:
+        return False
+    pn_length = (first & 0x03) + 1
+    pn_bytes = bytes(b ^ m for b, m in zip(data[offset : offset + pn_length],
+                                        mask[1 : 1 + pn_length], strict=True))
+    plain_header = bytes([first]) + data[1:offset] + pn_bytes
+    keys = _protection(header.dcid, version, b"client in")
+    nonce = (keys.iv ^ int.from_bytes(pn_bytes, "big")).to_bytes(12, "big")
+    try:
+        keys.aead.decrypt(nonce, data[offset + pn_length :], plain_header)
+    except InvalidTag:
+        return False
+    return True
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x40:
+        return bytes([value])
+    if value < 0x4000:
+        return struct.pack("!H", 0x4000 | value)
+    return struct.pack("!I", 0x80000000 | value)
+
+
+#: A refusal's reason is cut to this many bytes (it is only a hint for the dialler).
+MAX_REFUSAL_REASON = 128
+
+
+#: Refusals already built, by the Initial they answer: a replayed Initial (a token is
+#: reusable for its lifetime) is answered again without deriving or decrypting anything.
+_REFUSALS: collections.OrderedDict[tuple[bytes, str], bytes] = collections.OrderedDict()
+_REFUSALS_KEPT = 64
+
+
+def refusal(header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
+    """An Initial packet carrying CONNECTION_CLOSE(CONNECTION_REFUSED, ``reason``) that
+    answers a client's first Initial, so its dial fails at once instead of timing out;
+    None when that Initial does not decrypt (junk gets no answer).
+
+    Built from the Initial keys alone (RFC 9001 §5.2): no engine, no TLS, no state. It is
+    smaller than the datagram it answers, and not ack-eliciting, so it needs no padding."""
+    key = (bytes(datagram[: header.packet_end]), reason)
+    cached = _REFUSALS.get(key)
+    if cached is not None:
+        _REFUSALS.move_to_end(key)
+        return cached
+    if not initial_opens(header, datagram):
+        return None
+    answer = _build_refusal(header, reason)
+    _REFUSALS[key] = answer
+    if len(_REFUSALS) > _REFUSALS_KEPT:
+        _REFUSALS.popitem(last=False)
+    return answer
+
+
+def _build_refusal(header: LongHeader, reason: str) -> bytes:
+    assert header.version is not None
+    phrase = reason.encode("utf-8", "replace")[:MAX_REFUSAL_REASON]
+    # a transport close (0x1c) with frame type 0 (PADDING): an application close's reason
+    # would have to be blanked in the Initial space
+    payload = (bytes([QuicFrameType.TRANSPORT_CLOSE]) + _varint(QuicErrorCode.CONNECTION_REFUSED)
+               + b"\x00" + _varint(len(phrase)) + phrase)
+    keys = _protection(header.dcid, header.version, b"server in")
+    pn_length = 2
+    plain_header = (
+        bytes([encode_long_header_first_byte(header.version, QuicPacketType.INITIAL,
+                                             pn_length - 1)])
+        + struct.pack("!I", header.version)
+        + bytes([len(header.scid)]) + header.scid
+        + bytes([CID_LENGTH]) + os.urandom(CID_LENGTH)
+        + b"\x00"  # no token
+        + struct.pack("!H", 0x4000 | (pn_length + len(payload) + 16))
+        + b"\x00" * pn_length  # packet number 0
+    )
+    sealed = keys.aead.encrypt(keys.iv.to_bytes(12, "big"), payload, plain_header)  # pn 0
+    # header protection: the sample starts 4 bytes after the packet number's offset
+    pn_offset = len(plain_header) - pn_length
+    sample = sealed[4 - pn_length : 20 - pn_length]
+    mask = keys.hp.update(sample)
+    protected = bytearray(plain_header + sealed)
+    protected[0] ^= mask[0] & 0x0F
+    for i in range(pn_length):
+        protected[pn_offset + i] ^= mask[1 + i]
+    return bytes(protected)
 
 
 def retry_packet(header: LongHeader, source_cid: bytes, token: bytes) -> bytes:
@@ -227,7 +422,7 @@ def retry_packet(header: LongHeader, source_cid: bytes, token: bytes) -> bytes:
 
 def supported_versions() -> list[int]:
     """QUIC versions our engine speaks."""
-    return list(QuicConfiguration().supported_versions)
+    return list(_SUPPORTED_VERSIONS)
 
 
 def version_negotiation(dcid: bytes, scid: bytes) -> bytes:
@@ -288,6 +483,11 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
+    closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
+
+    def _close_begin(self, is_initiator: bool, now: float) -> None:
+        self.closed_by_us = is_initiator
+        super()._close_begin(is_initiator, now)
 
     @property
     def held(self) -> int:
@@ -403,6 +603,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     def rejection(self) -> PeerAuthenticationError | None:
         return self.auth_error
+
+    def closed_by_peer(self) -> bool | None:
+        return closed_by_peer(self)
 
     def peer_certificate_chain(self) -> list[Any]:
         return peer_certificate_chain(self)
@@ -520,35 +723,6 @@ def new_server(
     return quic
 
 
-def refusal(
-    configuration: QuicConfiguration,
-    config: Config,
-    trust: Trust,
-    header: LongHeader,
-    original_dcid: bytes,
-    retry_scid: bytes | None,
-    datagram: bytes,
-    addr: Any,
-    now: float,
-    reason: str,
-) -> list[tuple[bytes, Any]]:
-    """The datagrams that answer a client's first Initial with CONNECTION_CLOSE
-    (CONNECTION_REFUSED), so its dial fails at once instead of timing out. The engine
-    made for this is dropped right after: a refused client costs no state."""
-    quic = new_server(configuration, config, trust, original_dcid, retry_scid)
-    quic.receive_datagram(datagram, addr, now)
-    if not accepted_any_packet(quic):
-        return []
-    # a transport close (frame type given): aioquic would blank an application close's
-    # reason in the Initial space
-    quic.close(
-        error_code=QuicErrorCode.CONNECTION_REFUSED,
-        frame_type=QuicFrameType.PADDING,
-        reason_phrase=reason,
-    )
-    return quic.datagrams_to_send(now)
-
-
 def authenticated_peer(quic: QuicConnection) -> PeerId | None:
     """The peer's id once the handshake completed; raises if the policy rejected it."""
     error = auth_error(quic)
@@ -562,3 +736,12 @@ def auth_error(quic: QuicConnection) -> PeerAuthenticationError | None:
     """Why the trust policy rejected the peer, if it did."""
     error: PeerAuthenticationError | None = getattr(quic, "auth_error", None)
     return error
+
+
+def closed_by_peer(quic: QuicConnection) -> bool | None:
+    """Who closed the connection: True if the peer sent the CONNECTION_CLOSE, False if we
+    did (or are about to), None while it is open."""
+    by_us: bool | None = getattr(quic, "closed_by_us", None)
+    if by_us is None:
+        return False if quic._close_pending else None
+    return not by_us

@@ -56,6 +56,7 @@ from cryptography import x509
 
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust, _Failure
+from ..ratelog import RateLimitedLog
 from . import AUTH_REASON_PREFIX
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("qp2p.tls")
+_peer_log = RateLimitedLog(logger)  # lines a peer can trigger
 
 #: aioquic versions whose TLS internals this module was written against.
 TESTED_AIOQUIC = ((1, 2), (1, 8))
@@ -300,7 +302,7 @@ class AuthenticatingQuicConnection(QuicConnection):
             logger.debug("accepted peer %s under %r", verdict.peer_id, self.trust)
             return
         self.auth_error = PeerAuthenticationError(verdict.message, peer_id=verdict.peer_id)
-        logger.warning("rejecting peer: %s", verdict.message)
+        _peer_log.warning(f"reject-{verdict.failure}", "rejecting peer: %s", verdict.message)
         description, what = _ALERTS[verdict.failure]
         raise _PolicyAlert(description, f"{AUTH_REASON_PREFIX}: {what}")
 

@@ -33,14 +33,12 @@ from qh3 import __version__ as QH3_VERSION
 from qh3 import tls
 from qh3._hazmat import Buffer, QuicConnectionCore
 from qh3._hazmat import Certificate as Qh3Certificate
-from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
 from qh3.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
-    QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_transport_parameters,
@@ -65,12 +63,14 @@ from . import (
     StreamData,
     StreamReset,
     Terminated,
+    _aioquic,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
 
 __all__ = [
     "NAME",
     "Qh3Connection",
+    "initial_opens",
     "make_configuration",
     "new_client",
     "new_server",
@@ -122,6 +122,7 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         max_data=min(CORE_WINDOW, config.max_buffered_bytes),
         max_stream_data=max(min(config.max_message_size + 16, config.max_buffered_bytes), 65536),
         signature_algorithms=list(CLIENT_SIGNATURE_ALGORITHMS),
+        supported_versions=supported_versions(),
     )
     configuration.certificate = Qh3Certificate(identity.certificate.public_bytes(Encoding.DER))
     configuration.certificate_chain = [
@@ -177,7 +178,7 @@ class Qh3Connection(QuicConnection):
         self._owner: Any = None
         self._announced = False
         self._min_rtt: float | None = None
-        self._refusing = False
+        self._closed_by_peer: bool | None = None
         super().__init__(configuration=configuration, **kwargs)
 
     # -- the facade's steps, replaced -------------------------------------------------
@@ -294,8 +295,7 @@ class Qh3Connection(QuicConnection):
         elif kind == "connection_id_retired":
             return CidRetired(native[1])
         elif kind == "crypto_data":
-            if not self._refusing:  # a refusal answers before TLS: CONNECTION_CLOSE then
-                self._on_crypto(native)  # goes in the Initial space the client can read
+            self._on_crypto(native)
         elif kind == "handshake_done":
             self._handshake_confirmed = True
             core.handshake_confirmed()
@@ -336,6 +336,8 @@ class Qh3Connection(QuicConnection):
 
     def _on_closing(self, native: tuple[Any, ...]) -> Event:
         kind = native[0]
+        if self._closed_by_peer is None:
+            self._closed_by_peer = kind == "peer_closed"
         if kind == "peer_closed":
             code, frame_type, reason = native[2], native[3], native[4]
         else:
@@ -508,6 +510,11 @@ class Qh3Connection(QuicConnection):
     def rejection(self) -> PeerAuthenticationError | None:
         return self._auth.auth_error
 
+    def closed_by_peer(self) -> bool | None:
+        if self._closed_by_peer is None and self._close_event is not None:
+            return False  # we closed (or our TLS refused) before the core said anything
+        return self._closed_by_peer
+
     def peer_certificate_chain(self) -> list[Any]:
         return list(self._auth.chain)
 
@@ -611,48 +618,30 @@ def new_server(
     )
 
 
-def refusal(
-    configuration: QuicConfiguration,
-    config: Config,
-    trust: Trust,
-    header: LongHeader,
-    original_dcid: bytes,
-    retry_scid: bytes | None,
-    datagram: bytes,
-    addr: Any,
-    now: float,
-    reason: str,
-) -> list[tuple[bytes, Any]]:
-    """Datagrams answering a first Initial with CONNECTION_CLOSE(CONNECTION_REFUSED); the
-    engine made for it is dropped right after."""
-    quic = new_server(configuration, config, trust, original_dcid, retry_scid)
-    quic._refusing = True
-    quic.receive_datagram(datagram, addr, now)
-    if not quic.accepted_any_packet():
-        return []
-    quic.close(
-        error_code=QuicErrorCode.CONNECTION_REFUSED,
-        frame_type=QuicFrameType.PADDING,
-        reason_phrase=reason,
-    )
-    return quic.datagrams_to_send(now)
+def refusal(header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
+    """CONNECTION_CLOSE(CONNECTION_REFUSED) for a first Initial, from its Initial keys
+    alone: packet crypto every QUIC stack shares (RFC 9001 §5.2), so the aioquic adapter's
+    builder serves (no engine, no TLS, no state; aioquic is always installed)."""
+    return _aioquic.refusal(header, datagram, reason)
+
+
+def initial_opens(header: LongHeader, datagram: bytes) -> bool:
+    """The datagram's first packet is an Initial that decrypts (see ``refusal``)."""
+    return _aioquic.initial_opens(header, datagram)
 
 
 def parse_long_header(datagram: bytes) -> LongHeader | None:
-    """Parse a datagram that matched no connection; None when it is not a parsable QUIC
-    header (or is a Version Negotiation packet, which we never answer)."""
-    try:
-        version, ptype, _, dcid, scid, token, *_ = _pull_quic_header(datagram, 0, CID_LENGTH)
-    except ValueError:
-        return None
-    if ptype == int(QuicPacketType.VERSION_NEGOTIATION):
-        return None
-    return LongHeader(version, ptype == int(QuicPacketType.INITIAL), dcid, scid, token)
+    """Parse a datagram that matched no connection (RFC 8999 invariants for versions we
+    do not speak; packet number offset and end for an Initial): the aioquic adapter's
+    parser, pure header parsing."""
+    return _aioquic.parse_long_header(datagram)
 
 
 def supported_versions() -> list[int]:
-    """QUIC versions qh3 speaks."""
-    return [int(v) for v in QuicConfiguration().supported_versions]
+    """QUIC versions qp2p speaks on qh3: the ones both engines speak (endpoints on
+    either engine negotiate the same)."""
+    theirs = {int(v) for v in QuicConfiguration().supported_versions}
+    return [v for v in _aioquic.supported_versions() if v in theirs]
 
 
 def version_negotiation(dcid: bytes, scid: bytes) -> bytes:

@@ -63,11 +63,13 @@ from qh3.tls import (
 
 from ..errors import PeerAuthenticationError
 from ..identity import PeerId, Trust, _Failure
+from ..ratelog import RateLimitedLog
 from . import AUTH_REASON_PREFIX
 
 __all__ = ["Authenticator", "MutualServerContext", "to_x509"]
 
 logger = logging.getLogger("qp2p.tls")
+_peer_log = RateLimitedLog(logger)  # lines a peer can trigger
 
 _ALERTS: dict[_Failure, tuple[tls.AlertDescription, str]] = {
     _Failure.NO_CERTIFICATE: (tls.AlertDescription.certificate_required, "no certificate"),
@@ -132,7 +134,7 @@ class Authenticator:
             logger.debug("accepted peer %s under %r", verdict.peer_id, self.trust)
             return
         self.auth_error = PeerAuthenticationError(verdict.message, peer_id=verdict.peer_id)
-        logger.warning("rejecting peer: %s", verdict.message)
+        _peer_log.warning(f"reject-{verdict.failure}", "rejecting peer: %s", verdict.message)
         description, what = _ALERTS[verdict.failure]
         raise _PolicyAlert(description, f"{AUTH_REASON_PREFIX}: {what}")
 
