@@ -1,12 +1,15 @@
-"""qp2p side by side with raw aioquic: one table, one JSON file, one regression guard.
+"""qp2p on each engine side by side with raw aioquic and raw qh3: one table, one JSON file,
+one regression guard.
 
     python bench/compare.py                  # full: 3 repetitions, ~2 s per rate scenario
     python bench/compare.py --quick          # short (CI smoke)
-    python bench/compare.py --check          # short run of qp2p-cy-uvloop vs raw; exit 1
-                                             # when a ratio falls below bench/floors.json
+    python bench/compare.py --check          # short run of qp2p on each engine vs its raw
+                                             # engine; exit 1 when a ratio falls below
+                                             # bench/floors.json
 
 Every (configuration, scenario, repetition) runs in its own subprocess, so the fast-path
-implementation (``QP2P_NO_EXTENSIONS``) and the event loop are chosen before anything is
+implementation (``QP2P_NO_EXTENSIONS``), the engine (``QP2P_ENGINE``) and the event loop
+are chosen before anything is
 imported and no state leaks between runs. Repetitions are interleaved (rep 1 of every
 configuration, then rep 2, ...) so slow drift of the machine hits all columns alike.
 Each run is bounded in time: a stuck scenario is killed and reported as an error.
@@ -36,16 +39,22 @@ sys.path.insert(0, HERE)
 
 from scenarios import Params, scenario_timeout  # noqa: E402
 
-# name -> (kind, fast path, event loop)
-CONFIGS: dict[str, tuple[str, str, str]] = {
-    "qp2p-cy-uvloop": ("qp2p", "cython", "uvloop"),
-    "qp2p-cy-asyncio": ("qp2p", "cython", "asyncio"),
-    "qp2p-py-asyncio": ("qp2p", "python", "asyncio"),
-    "raw-uvloop": ("raw", "-", "uvloop"),
+# name -> (kind, fast path, event loop, engine); "qp2p-..." without an engine name is
+# qp2p on aioquic, "raw-uvloop" raw aioquic (names kept from before the qh3 engine)
+CONFIGS: dict[str, tuple[str, str, str, str]] = {
+    "qp2p-cy-uvloop": ("qp2p", "cython", "uvloop", "aioquic"),
+    "qp2p-qh3-cy-uvloop": ("qp2p", "cython", "uvloop", "qh3"),
+    "qp2p-cy-asyncio": ("qp2p", "cython", "asyncio", "aioquic"),
+    "qp2p-py-asyncio": ("qp2p", "python", "asyncio", "aioquic"),
+    "raw-uvloop": ("raw", "-", "uvloop", "aioquic"),
+    "raw-qh3-uvloop": ("raw", "-", "uvloop", "qh3"),
 }
 MAIN, RAW, CY_ASYNCIO, PY_ASYNCIO = (
     "qp2p-cy-uvloop", "raw-uvloop", "qp2p-cy-asyncio", "qp2p-py-asyncio",
 )
+QH3, RAW_QH3 = "qp2p-qh3-cy-uvloop", "raw-qh3-uvloop"
+#: (qp2p configuration, its baseline) pairs that --check guards, with their floors' key
+CHECKED = [(MAIN, RAW, "ratio_floors"), (QH3, RAW_QH3, "qh3_ratio_floors")]
 SCENARIOS = ["bulk", "messages", "datagrams", "handshakes", "memory"]
 # metric -> (label, unit, scenario, higher is better)
 METRICS: dict[str, tuple[str, str, str, bool]] = {
@@ -70,13 +79,16 @@ RESULT_MARK = "QP2P-BENCH-RESULT "
 
 def _worker(config: str, scenario: str, params: Params) -> int:
     """Run one scenario in this (fresh) process; print one result line."""
-    kind, impl, loop_name = CONFIGS[config]
+    kind, impl, loop_name, engine = CONFIGS[config]
     out: dict[str, Any]
     try:
         if kind == "qp2p":
             import qp2p
             from qp2p import _speedups
+            from qp2p.engine import resolve
 
+            if engine != resolve("auto").NAME:
+                raise RuntimeError(f"wanted the {engine} engine: install qp2p[qh3]")
             if qp2p.implementation != impl:
                 hint = ""
                 if impl == "cython":
@@ -87,6 +99,10 @@ def _worker(config: str, scenario: str, params: Params) -> int:
             import scenarios as module
 
             features = getattr(_speedups.impl, "features", dict)()
+        elif engine == "qh3":
+            import raw_qh3 as module  # type: ignore[no-redef]
+
+            features = {}
         else:
             import raw_aioquic as module  # type: ignore[no-redef]
 
@@ -125,6 +141,7 @@ def run_one(config: str, scenario: str, params: Params) -> dict[str, Any]:
     env.pop("QP2P_NO_EXTENSIONS", None)
     if CONFIGS[config][1] == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
+    env["QP2P_ENGINE"] = CONFIGS[config][3]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, scenario,
            "--params", params.to_json()]
@@ -229,9 +246,15 @@ def table(col: Collector, configs: list[str]) -> str:
     cells: list[list[str]] = []
     head = ["metric", "unit", *configs]
     show_raw = MAIN in configs and RAW in configs
+    show_qh3 = QH3 in configs and RAW_QH3 in configs
+    show_cross = QH3 in configs and RAW in configs
     show_twin = CY_ASYNCIO in configs and PY_ASYNCIO in configs
     if show_raw:
         head.append("cy-uv/raw")
+    if show_qh3:
+        head.append("qh3/raw-qh3")
+    if show_cross:
+        head.append("qh3/raw")
     if show_twin:
         head.append("cy/py(asyncio)")
     for metric, (label, unit, scenario, _hi) in METRICS.items():
@@ -248,11 +271,13 @@ def table(col: Collector, configs: list[str]) -> str:
                 cell = "-"
             row.append(cell)
         if metric == "delivery_pct":
-            row += [""] * (show_raw + show_twin)
+            row += [""] * (show_raw + show_qh3 + show_cross + show_twin)
         else:
-            if show_raw:
-                r = _ratio(col, MAIN, RAW, metric)
-                row.append("-" if r is None else f"{r:.2f}x")
+            for shown, a, b in ((show_raw, MAIN, RAW), (show_qh3, QH3, RAW_QH3),
+                                (show_cross, QH3, RAW)):
+                if shown:
+                    r = _ratio(col, a, b, metric)
+                    row.append("-" if r is None else f"{r:.2f}x")
             if show_twin:
                 r = _ratio(col, CY_ASYNCIO, PY_ASYNCIO, metric)
                 row.append("-" if r is None else f"{r:.2f}x")
@@ -289,7 +314,7 @@ def machine() -> dict[str, Any]:
         pass
     from importlib import metadata
 
-    for pkg in ("aioquic", "uvloop", "cryptography", "Cython"):
+    for pkg in ("aioquic", "qh3", "uvloop", "cryptography", "Cython"):
         try:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -330,18 +355,24 @@ def load_floors(path: str) -> dict[str, Any]:
 def check(col: Collector, floors: dict[str, Any]) -> list[str]:
     """Failures: ratios under their floor, maxima exceeded, scenarios that errored."""
     bad = []
-    for metric, floor in floors.get("ratio_floors", {}).items():
-        r = _ratio(col, MAIN, RAW, metric)
-        if r is None:
-            bad.append(f"{metric}: no ratio (a scenario failed)")
-        elif r < floor:
-            bad.append(f"{metric}: {MAIN}/{RAW} = {r:.2f}x < floor {floor}x")
-    for metric, ceiling in floors.get("maxima", {}).items():
-        v = col.median(MAIN, metric)
-        if v is None:
-            bad.append(f"{metric}: no value (the scenario failed)")
-        elif v > ceiling:
-            bad.append(f"{metric}: {MAIN} = {v:.1f} > maximum {ceiling}")
+    for config, baseline, key in CHECKED:
+        if config not in col.values and config not in col.errors:
+            continue  # not run
+        for metric, floor in floors.get(key, {}).items():
+            r = _ratio(col, config, baseline, metric)
+            if r is None:
+                bad.append(f"{metric}: no {config}/{baseline} ratio (a scenario failed)")
+            elif r < floor:
+                bad.append(f"{metric}: {config}/{baseline} = {r:.2f}x < floor {floor}x")
+    for config, prefix in ((MAIN, ""), (QH3, "qh3_")):
+        for metric, ceiling in floors.get(f"{prefix}maxima", {}).items():
+            if config not in col.values and config not in col.errors:
+                continue
+            v = col.median(config, metric)
+            if v is None:
+                bad.append(f"{metric}: no value for {config} (the scenario failed)")
+            elif v > ceiling:
+                bad.append(f"{metric}: {config} = {v:.1f} > maximum {ceiling}")
     return bad
 
 
@@ -349,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs, 1 repetition")
     ap.add_argument("--check", action="store_true",
-                    help="quick run of qp2p-cy-uvloop and raw; exit 1 below bench/floors.json")
+                    help="quick run of qp2p on each engine and its raw engine; exit 1 below "
+                    "bench/floors.json")
     ap.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per rate scenario")
     ap.add_argument("--connections", type=int, help="idle connections for the memory scenario")
@@ -376,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         params.mem_connections = args.connections
     reps = args.reps or (1 if quick else 3)
     configs = args.configs.split(",") if args.configs else (
-        [MAIN, RAW] if args.check else list(CONFIGS))
+        [MAIN, RAW, QH3, RAW_QH3] if args.check else list(CONFIGS))
     scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
     for name in configs:
         if name not in CONFIGS:
@@ -414,19 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     done_reps = max((run["rep"] + 1 for run in col.runs), default=0)
     extra_reps = f" ({done_reps - reps} more to confirm a shortfall)" if done_reps > reps else ""
-    print(f"qp2p vs raw aioquic, loopback, both ends in one process, {params.duration:g} s "
+    print(f"qp2p vs raw aioquic and raw qh3, loopback, both ends in one process, "
+          f"{params.duration:g} s "
           f"per rate scenario, {reps} repetition(s){extra_reps}: median [min-max]")
     print(f"machine: {info.get('cpu')}, {info['cpus']} CPUs, Python {info['python']}, "
-          f"aioquic {info['aioquic']}, uvloop {info['uvloop']}; load "
+          f"aioquic {info['aioquic']}, qh3 {info['qh3']}, uvloop {info['uvloop']}; load "
           f"{info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
     print(text)
     report = {
         "machine": info, "params": dataclasses.asdict(params), "reps": reps,
-        "configs": {c: dict(zip(("kind", "fastpath", "loop"), CONFIGS[c], strict=True))
+        "configs": {c: dict(zip(("kind", "fastpath", "loop", "engine"), CONFIGS[c], strict=True))
                     for c in configs},
         "summary": col.summary(),
         "ratios": {
             "qp2p-cy-uvloop/raw-uvloop": {m: _ratio(col, MAIN, RAW, m) for m in RATIO_METRICS},
+            f"{QH3}/{RAW_QH3}": {m: _ratio(col, QH3, RAW_QH3, m) for m in RATIO_METRICS},
+            f"{QH3}/{RAW}": {m: _ratio(col, QH3, RAW, m) for m in RATIO_METRICS},
             "qp2p-cy-asyncio/qp2p-py-asyncio": {
                 m: _ratio(col, CY_ASYNCIO, PY_ASYNCIO, m)
                 for m in [*RATIO_METRICS, "mem_kib_acceptor", "mem_kib_dialer"]
@@ -445,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             print("bench-check FAILED:\n  " + "\n  ".join(failures))
             return 1
-        limits = [f"{k} >= {v}x" for k, v in floors.get("ratio_floors", {}).items()]
-        limits += [f"{k} <= {v}" for k, v in floors.get("maxima", {}).items()]
-        print(f"bench-check passed ({', '.join(limits)})")
+        for prefix, what in (("", "aioquic"), ("qh3_", "qh3")):
+            limits = [f"{k} >= {v}x" for k, v in floors.get(f"{prefix}ratio_floors", {}).items()]
+            limits += [f"{k} <= {v}" for k, v in floors.get(f"{prefix}maxima", {}).items()]
+            print(f"bench-check passed on {what} ({', '.join(limits)})")
     return 0
 
 

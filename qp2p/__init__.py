@@ -14,6 +14,7 @@ from . import _speedups
 from .config import Config, RetryConfig
 from .connection import Connection, ConnectionStats, Message
 from .endpoint import Endpoint, EndpointBinding
+from .engine import engines
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -52,6 +53,7 @@ __all__ = [
     "RequestTimeout",
     "RetryConfig",
     "Trust",
+    "engines",
     "implementation",
 ]
 

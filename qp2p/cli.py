@@ -433,13 +433,20 @@ def _version_text() -> str:
     import importlib.metadata
     import platform
 
-    try:
-        aioquic_version = importlib.metadata.version("aioquic")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
-        aioquic_version = "?"
+    from .engine import resolve
+
+    try:  # what Config(engine="auto") picks here (QP2P_ENGINE, else the preferred one)
+        engine = resolve("auto").NAME
+        try:
+            engine_version = importlib.metadata.version(engine)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - importable
+            engine_version = "?"
+        engine_text = f"{engine} {engine_version}"
+    except ValueError as exc:
+        engine_text = f"none ({exc})"
     return (
         f"qp2p {__version__} (fast path: {_speedups.implementation}, "
-        f"engine: aioquic {aioquic_version}, Python {platform.python_version()})"
+        f"engine: {engine_text}, Python {platform.python_version()})"
     )
 
 
@@ -656,6 +663,7 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         addr=addr,
         peer_id=str(endpoint.peer_id),
         implementation=endpoint.implementation,
+        engine=endpoint.engine,
         loop=_loop_name(),
         rendezvous=args.rendezvous,
     )
@@ -663,7 +671,8 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         out.emit("info", f"peer id {endpoint.peer_id}")
         out.emit(
             "info",
-            f"implementation {endpoint.implementation} · loop {_loop_name()} · "
+            f"engine {endpoint.engine} · implementation {endpoint.implementation} · "
+            f"loop {_loop_name()} · "
             f"trust {trust or Trust.any()!r}"
             f"{' · rendezvous' if args.rendezvous else ''} · Ctrl-C to stop",
             style="dim",
@@ -932,6 +941,7 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
         "quic_rtt_ms": round(quic_rtt * 1000, 3) if quic_rtt is not None else None,
         "window": window,
         "implementation": near.implementation,
+        "engine": near.engine,
         "loop": _loop_name(),
     }
     if out.json:
@@ -951,6 +961,7 @@ def _bench_table(out: Output, r: dict[str, Any]) -> None:
         ("latency p50 (send → ack)", f"{r['latency_p50_ms']:.2f} ms"),
         ("latency p99 (send → ack)", f"{r['latency_p99_ms']:.2f} ms"),
         ("RTT (idle request/reply)", f"{r['rtt_ms']:.2f} ms"),
+        ("engine", r["engine"]),
         ("implementation", r["implementation"]),
         ("loop", r["loop"]),
     ]

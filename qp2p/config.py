@@ -87,6 +87,10 @@ class Config:
     - ``hole_punch_timeout``: the longest ``connect_via`` takes before ``HolePunchFailed``.
     - ``require_address_validation``: answer every new incoming handshake with a QUIC Retry
       first (costs one round trip, protects against spoofed-source floods).
+    - ``engine``: the QUIC engine, ``"aioquic"`` or ``"qh3"``; ``"auto"`` (the default)
+      takes the environment variable ``QP2P_ENGINE`` when set, else qh3 when it is
+      installed, else aioquic. An engine that is not installed raises ``ValueError`` at
+      bind, naming the extra that installs it.
     - Incoming handshakes that do not finish within ``handshake_timeout`` are dropped.
     """
 
@@ -106,6 +110,7 @@ class Config:
     address_validation_threshold: int = 64
     hole_punch_timeout: float = 5.0
     require_address_validation: bool = False
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive("idle_timeout", self.idle_timeout, allow_none=True)
@@ -154,3 +159,5 @@ class Config:
             raise ValueError(f"retry must be a RetryConfig, got {self.retry!r}")
         if not isinstance(self.require_address_validation, bool):
             raise ValueError("require_address_validation must be a bool")
+        if self.engine not in ("auto", "aioquic", "qh3"):
+            raise ValueError(f"engine must be 'auto', 'aioquic' or 'qh3', got {self.engine!r}")

@@ -163,7 +163,7 @@ class Connection:
     def __init__(
         self,
         endpoint: Endpoint,
-        quic: engine.FlowControlledQuicConnection,
+        quic: engine.EngineConnection,
         remote_addr: Address,
         *,
         is_client: bool,
@@ -199,12 +199,11 @@ class Connection:
         self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_signal = Signal(self._loop)
-        # flow control (see engine.FlowControlledQuicConnection): the bound on what we hold;
+        # flow control (see the engine adapters): the bound on what we hold;
         # _budgeted while the endpoint budget counts us
         self._window = endpoint.config.max_buffered_bytes
         self._budgeted = False
-        quic.budget = endpoint._budget
-        quic.owner = self
+        quic.attach_budget(endpoint._budget, self)
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_signal = Signal(self._loop)
         # send side
@@ -343,7 +342,7 @@ class Connection:
         limit = self.max_datagram_payload
         if len(data) > limit:
             raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
-        self._quic.send_datagram_frame(data)
+        self._quic.send_datagram(data)
         self._stats["datagrams_sent"] += 1
         self._endpoint._mark_dirty(self)
 
@@ -376,7 +375,7 @@ class Connection:
         cwnd (bytes), bytes/packets/datagrams sent and received, messages, rejected
         streams, queued and unacknowledged bytes (each key is documented there)."""
         out: dict[str, Any] = dict(self._stats)
-        out.update(engine.path_stats(self._quic))
+        out.update(self._quic.path_stats())
         out["unacked_bytes"] = self._unacked_bytes
         out["buffered_bytes"] = self._quic.held
         out["queued_messages"] = (
@@ -466,7 +465,7 @@ class Connection:
         if self._closed is not None:
             return
         try:
-            self._quic.send_stream_data(stream_id, frame, end_stream=True)
+            self._quic.send_stream(stream_id, frame, True)
         except ValueError:  # the requester gave up on the stream
             return
         self._endpoint._mark_dirty(self)
@@ -484,7 +483,7 @@ class Connection:
         ):
             if not queue:
                 continue
-            credit = 1 << 62 if kind == 0 else engine.streams_available(quic, kind == 1)
+            credit = 1 << 62 if kind == 0 else quic.streams_available(kind == 1)
             while queue and credit > 0:
                 if self._unacked_bytes >= self._max_pending and self._unacked:
                     break
@@ -498,7 +497,7 @@ class Connection:
                 if kind == 0:
                     stream_id = pending.stream_id
                     try:
-                        quic.send_stream_data(stream_id, pending.frame, end_stream=True)
+                        quic.send_stream(stream_id, pending.frame, True)
                     except (ValueError, RuntimeError) as exc:
                         # the asker stopped (gave up on) or reset the stream
                         pending.future.set_exception(MessageRejected(
@@ -506,8 +505,8 @@ class Connection:
                             wire.ERR_CANCELLED))
                         continue
                 else:
-                    stream_id = quic.get_next_available_stream_id(is_unidirectional=kind == 1)
-                    quic.send_stream_data(stream_id, pending.frame, end_stream=True)
+                    stream_id = quic.open_stream(kind == 1)
+                    quic.send_stream(stream_id, pending.frame, True)
                     pending.stream_id = stream_id
                     credit -= 1
                 if pending.size > LARGE_FRAME:
@@ -529,7 +528,7 @@ class Connection:
         the peer's credit covers it (see ``_credit_covers``)."""
         if size > LARGE_FRAME:
             last = self._last_large
-            return last < 0 or engine.unsent_bytes(self._quic, last) <= LARGE_FRAME
+            return last < 0 or self._quic.unsent_bytes(last) <= LARGE_FRAME
         return self._credit_covers(size)
 
     def _stop_sending_on(self, sid: int) -> None:
@@ -545,12 +544,12 @@ class Connection:
         receiver only returns once one completes (it then resets the newest). The one
         large message in flight is not counted: it streams as credit comes."""
         quic = self._quic
-        left = engine.send_credit(quic)
+        left = quic.send_credit()
         if left >= size + self._sending_bytes:
             return True  # the common case, without looking at each stream
         unsent = 0
         for sid, frame_size in list(self._sending.items()):
-            rest = engine.unsent_bytes(quic, sid)
+            rest = quic.unsent_bytes(sid)
             if rest == 0:  # all in packets: never walked again
                 del self._sending[sid]
                 self._sending_bytes -= frame_size
@@ -572,9 +571,9 @@ class Connection:
         if asked:
             # a request: stop the reply too, so the replier's reply() fails instead of
             # reporting a reply we will drop
-            engine.reject_stream(self._quic, sid, wire.ERR_CANCELLED)
+            self._quic.reject_stream(sid, wire.ERR_CANCELLED)
             self._endpoint._mark_dirty(self)
-        elif not engine.send_finished(self._quic, sid):
+        elif not self._quic.send_finished(sid):
             self._quic.reset_stream(sid, wire.ERR_CANCELLED)
             self._endpoint._mark_dirty(self)
 
@@ -587,7 +586,7 @@ class Connection:
 
     def _complete_acked(self) -> None:
         quic = self._quic
-        for sid in [sid for sid in self._unacked if engine.send_finished(quic, sid)]:
+        for sid in [sid for sid in self._unacked if quic.send_finished(sid)]:
             pending = self._unacked.pop(sid)
             self._unacked_bytes -= pending.size
             if not pending.future.done():
@@ -595,16 +594,16 @@ class Connection:
 
     # ------------------------------------------------------------------ events
 
-    def _handle_event(self, event: engine.events.QuicEvent) -> None:
+    def _handle_event(self, event: engine.Event) -> None:
         """Dispatch one engine event (called by the endpoint, on the loop)."""
         kind = type(event)
-        if kind is engine.events.StreamDataReceived:
+        if kind is engine.StreamData:
             self._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
-        elif kind is engine.events.DatagramFrameReceived:
+        elif kind is engine.Datagram:
             self._on_datagram(event.data)  # type: ignore[attr-defined]
-        elif kind is engine.events.StopSendingReceived:
+        elif kind is engine.StopSending:
             self._on_peer_rejected(event.stream_id, event.error_code, "stopped")  # type: ignore[attr-defined]
-        elif kind is engine.events.StreamReset:
+        elif kind is engine.StreamReset:
             self._on_stream_reset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
 
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
@@ -655,13 +654,13 @@ class Connection:
         if self._inbox or self._closed is not None:
             return
         if self._shed_pending is not None:  # one at a time: its bytes may be all we need
-            if engine.has_stream(quic, self._shed_pending):
+            if quic.has_stream(self._shed_pending):
                 return
             self._shed_pending = None
         if quic.held < self._window and not (quic.credit_left() < STALL_CREDIT and quic.starved()):
             return
         candidates = [
-            sid for sid in engine.receiving_streams(self._quic) if sid not in self._rejected
+            sid for sid in self._quic.receiving_streams() if sid not in self._rejected
         ]
         if len(candidates) < 2:
             return
@@ -679,7 +678,7 @@ class Connection:
         self._stats["streams_rejected"] += 1
         _peer_log.warning(f"reject-{code:#x}", "rejecting stream %d from %s: %s", sid,
                           self.remote_addr, exc)
-        engine.reject_stream(self._quic, sid, code)
+        self._quic.reject_stream(sid, code)
         self._stop_sending_on(sid)
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
@@ -714,13 +713,16 @@ class Connection:
         """``nbytes`` of stream data are no longer held: the peer may send that much more."""
         if nbytes <= 0:
             return
-        self._quic.released += nbytes
+        self._quic.release(nbytes)
         if self._budgeted:
             self._endpoint._release_budget(nbytes)
         # MAX_DATA goes out once the peer has used half its credit; a blocked peer sends
         # nothing we would answer with a packet, so flush for it now
         if self._quic.credit_low():
             self._endpoint._mark_dirty(self)
+        elif not self._inbox and self._quic.starved():
+            # nothing left to read and still no credit: only unfinished streams hold it
+            self._check_receive_stall()
 
     def _on_datagram(self, data: bytes) -> None:
         self._stats["datagrams_received"] += 1
@@ -748,7 +750,7 @@ class Connection:
     def _on_stream_reset(self, sid: int, code: int) -> None:
         # everything the stream counted against flow control is gone: what we were
         # assembling, what we were dropping, and what never arrived below its final size
-        nbytes = engine.undelivered_bytes(self._quic, sid) + self._rejected.pop(sid, 0)
+        nbytes = self._quic.undelivered_bytes(sid) + self._rejected.pop(sid, 0)
         if sid == self._shed_pending:
             self._shed_pending = None
         assembler = self._assemblers.pop(sid, None)
@@ -762,7 +764,7 @@ class Connection:
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id
         self._established = True
-        engine.release_handshake_buffers(self._quic)
+        self._quic.release_handshake_buffers()
         if self._endpoint.config.keep_alive_interval is not None:
             self._schedule_keepalive()
         self._pump()
@@ -775,7 +777,7 @@ class Connection:
     def _send_keepalive(self) -> None:
         if self._closed is not None:
             return
-        engine.keep_alive(self._quic)
+        self._quic.ping()
         self._endpoint._mark_dirty(self)
         self._schedule_keepalive()
 

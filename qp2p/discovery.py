@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import engine, holepunch, wire
+from . import holepunch, wire
 from .errors import ConnectionError, ProtocolError
 from .wire import format_addr, parse_addr
 
@@ -46,7 +46,7 @@ def on_control(
         return
     logger.debug("unexpected control frame kind %d from %s", kind, conn.remote_addr)
     if stream_id is not None:
-        engine.reject_stream(conn._quic, stream_id, wire.ERR_FRAME_REJECTED)
+        conn._quic.reject_stream(stream_id, wire.ERR_FRAME_REJECTED)
         endpoint._mark_dirty(conn)
 
 

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from types import TracebackType
 from typing import Any, ParamSpec
 
-from . import _speedups, discovery, engine, holepunch, wire
-from ._tls import AUTH_REASON_PREFIX
+from . import _speedups, discovery, holepunch, wire
+from . import engine as quic_engine
 from .config import Config
 from .connection import Connection
 from .errors import (
@@ -177,12 +177,13 @@ class Endpoint:
         self._accept_incoming = accept_incoming
         self.rendezvous = rendezvous
         self._fp = _speedups.impl
-        self._table = self._fp.ConnectionTable(engine.CID_LENGTH)
-        self._client_config = engine.make_configuration(identity, config, is_client=True)
-        self._server_config = engine.make_configuration(identity, config, is_client=False)
-        self._versions = set(engine.supported_versions())
-        self._validator = engine.AddressValidator()
-        self._budget = engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
+        self._table = self._fp.ConnectionTable(quic_engine.CID_LENGTH)
+        self._engine = quic_engine.resolve(config.engine)
+        self._client_config = self._engine.make_configuration(identity, config, is_client=True)
+        self._server_config = self._engine.make_configuration(identity, config, is_client=False)
+        self._versions = set(self._engine.supported_versions())
+        self._validator = quic_engine.AddressValidator(engine=self._engine)
+        self._budget = quic_engine.ReceiveBudget(config.max_endpoint_buffered_bytes)
         self._half_open: set[Connection] = set()  # incoming handshakes in progress
         # when recent tokenless Initials were junk or refused (engine clock), at most
         # as many as it takes to switch to Retry
@@ -236,6 +237,7 @@ class Endpoint:
         dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions.
         """
         config = config or Config()
+        quic_engine.resolve(config.engine)  # a missing engine fails before any socket exists
         host, port = wire.to_address(addr)
         family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -276,6 +278,11 @@ class Endpoint:
     def is_closed(self) -> bool:
         """True once ``close()`` was called."""
         return self._closed
+
+    @property
+    def engine(self) -> str:
+        """The QUIC engine this endpoint runs on: ``"aioquic"`` or ``"qh3"``."""
+        return self._engine.NAME
 
     @property
     def implementation(self) -> str:
@@ -443,7 +450,7 @@ class Endpoint:
             existing = self._pool.get(addr, expect_peer_id)
             if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
                 return existing
-        quic = engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
+        quic = self._engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
         conn = Connection(self, quic, addr, is_client=True)
         conn._pooled = not private
         conn._ready = self._loop.create_future()
@@ -501,7 +508,7 @@ class Endpoint:
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
         if not conn._terminated:
-            conn._quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+            conn._quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
             conn._set_closed(ConnectionClosed(reason))
@@ -522,6 +529,11 @@ class Endpoint:
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
+            # consecutive datagrams for one connection from one address enter its engine
+            # in one call (qh3 takes them as a batch), then its events are handled
+            run: list[bytes] = []
+            run_conn: Connection | None = None
+            run_addr: Address | None = None
             for data, addr in batch:
                 conn = table.lookup(data)
                 if conn is None:
@@ -531,46 +543,80 @@ class Endpoint:
                         _peer_log.exception("new-datagram-error",
                                             "error handling a new datagram from %s", addr)
                     continue
-                quic = conn._quic
                 stats = conn._stats
                 stats["packets_received"] += 1
                 stats["bytes_received"] += len(data)
-                try:
-                    quic.receive_datagram(data, addr, now)
-                    event = quic.next_event()
-                    while event is not None:
-                        self._on_event(conn, event)
-                        event = quic.next_event()
-                except Exception:  # a bug for one connection must not stop the endpoint
-                    _peer_log.exception("datagram-error", "error handling a datagram from %s",
-                                        addr)
+                if conn is run_conn and addr == run_addr:
+                    run.append(data)
+                    continue
+                if run_conn is not None:
+                    self._feed(run_conn, run, run_addr, now)
+                run, run_conn, run_addr = [data], conn, addr
                 dirty[conn] = None
+            if run_conn is not None:
+                self._feed(run_conn, run, run_addr, now)
             received += len(batch)
             if len(batch) < RECV_BATCH:
                 break
         self.stats_counters["datagrams_received"] += received
         for conn in list(dirty):
             if not conn._terminated:
-                if not conn._established and conn._handshake_done:
-                    self._maybe_established(conn)
-                conn._check_receive_stall()
-                conn._check_acks()
-                self._check_engine_closed(conn)
+                self._after_events(conn)
         self._flush()
 
-    def _on_event(self, conn: Connection, event: engine.events.QuicEvent) -> None:
+    def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
+        if conn._terminated:
+            return
+        quic = conn._quic
+        try:
+            if len(datagrams) == 1:
+                quic.receive_datagram(datagrams[0], addr, now)
+            else:
+                quic.receive_datagrams(datagrams, addr, now)
+            event = quic.next_event()
+            while event is not None:
+                self._on_event(conn, event)
+                event = quic.next_event()
+        except Exception:  # a bug for one connection must not stop the endpoint
+            _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
+
+    def _after_events(self, conn: Connection) -> None:
+        """What a burst of events may have changed: establishment, receive stalls,
+        acknowledged sends, an engine that started closing."""
+        if not conn._established and conn._handshake_done:
+            self._maybe_established(conn)
+        conn._check_receive_stall()
+        conn._check_acks()
+        self._check_engine_closed(conn)
+
+    def _drain_held_events(self, conn: Connection) -> None:
+        """Events the engine held back while receive memory was full (qh3): pull them
+        now that the application released some."""
+        quic = conn._quic
+        try:
+            event = quic.next_event()
+            while event is not None:
+                self._on_event(conn, event)
+                event = quic.next_event()
+        except Exception:  # a bug for one connection must not stop the endpoint
+            logger.exception("error handling events from %s", conn.remote_addr)
+        if not conn._terminated:
+            self._after_events(conn)
+
+    def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
-        if kind is engine.events.StreamDataReceived or kind is engine.events.DatagramFrameReceived:
+        if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
             conn._handle_event(event)
-        elif kind is engine.events.ConnectionIdIssued:
+        elif kind is quic_engine.CidIssued:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
-        elif kind is engine.events.ConnectionIdRetired:
+        elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
             conn._cids.discard(cid)
             self._table.remove(cid)
-        elif kind is engine.events.HandshakeCompleted:
+        elif kind is quic_engine.HandshakeDone:
             self._on_handshake(conn)
-        elif kind is engine.events.ConnectionTerminated:
+        elif kind is quic_engine.Terminated:
             self._on_terminated(conn, event)  # type: ignore[arg-type]
         else:
             conn._handle_event(event)
@@ -578,21 +624,21 @@ class Endpoint:
     def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped.
 
-        Everything before ``engine.new_server`` is cheap and keeps no state: an unproven
+        Everything before ``quic_engine.new_server`` is cheap and keeps no state: an unproven
         source can make us parse a header, check a token, derive Initial keys and decrypt
         one packet (tens of microseconds), never run TLS."""
-        header = engine.parse_long_header(data)
+        header = self._engine.parse_long_header(data)
         if header is None or header.version is None:
             self.stats_counters["dropped_unknown"] += 1
             return
         if header.version not in self._versions:
             # RFC 9000 §5.2.2: no Version Negotiation for datagrams too small to be a
             # first Initial (and so no reflection amplifier)
-            if len(data) >= engine.MIN_INITIAL_SIZE:
+            if len(data) >= quic_engine.MIN_INITIAL_SIZE:
                 self.stats_counters["version_negotiations"] += 1
-                self._send_raw(engine.version_negotiation(header.dcid, header.scid), addr)
+                self._send_raw(self._engine.version_negotiation(header.dcid, header.scid), addr)
             return
-        if not header.is_initial or len(data) < engine.MIN_INITIAL_SIZE:
+        if not header.is_initial or len(data) < quic_engine.MIN_INITIAL_SIZE:
             self.stats_counters["dropped_unknown"] += 1
             return
         if not self._accept_incoming or self._closed:
@@ -626,7 +672,7 @@ class Endpoint:
         if refusal is not None:
             # a refusal costs no TLS (the Initial keys suffice) and is smaller than the
             # Initial it answers: no Retry needed first
-            answer = engine.refusal(header, data, refusal)
+            answer = self._engine.refusal(header, data, refusal)
             if not header.token:
                 self._unproven.append(now)
             if answer is None:
@@ -637,12 +683,12 @@ class Endpoint:
                               wire.addr_text(addr), refusal)
             self._send_raw(answer, addr)
             return
-        if not engine.initial_opens(header, data):
+        if not self._engine.initial_opens(header, data):
             # shaped like an Initial but does not decrypt: junk, dropped before any engine
             self.stats_counters["dropped_unknown"] += 1
             self._unproven.append(now)
             return
-        quic = engine.new_server(
+        quic = self._engine.new_server(
             self._server_config, self.config, self.trust, original_dcid, retry_scid
         )
         conn = Connection(self, quic, addr, is_client=False)
@@ -650,7 +696,7 @@ class Endpoint:
         self._register(conn, quic.host_cid)
         try:
             quic.receive_datagram(data, addr, now)
-            accepted = engine.accepted_any_packet(quic)
+            accepted = quic.accepted_any_packet()
         except Exception:
             accepted = False
             _peer_log.exception("initial-error", "error handling a first Initial from %s",
@@ -722,10 +768,10 @@ class Endpoint:
         dialler that means the handshake is *confirmed* (the acceptor checked our
         certificate and sent HANDSHAKE_DONE), so a peer that rejects us never yields
         a connection."""
-        if conn._is_client and not engine.handshake_confirmed(conn._quic):
+        if conn._is_client and not conn._quic.handshake_confirmed():
             return
         try:
-            peer_id = engine.authenticated_peer(conn._quic)
+            peer_id = conn._quic.authenticated_peer()
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
@@ -745,28 +791,29 @@ class Endpoint:
 
     def _check_engine_closed(self, conn: Connection) -> None:
         """Report a close as soon as the engine knows, not after draining ends."""
-        if conn._closed is None and engine.is_closed(conn._quic):
-            event = engine.close_event(conn._quic)
+        if conn._closed is None and conn._quic.is_closed():
+            event = conn._quic.close_event()
             self._fail(conn, event)
 
-    def _on_terminated(self, conn: Connection, event: engine.events.ConnectionTerminated) -> None:
+    def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
         conn._terminated = True
         self._fail(conn, event)
         self._forget(conn)
 
-    def _fail(self, conn: Connection, event: engine.events.ConnectionTerminated | None) -> None:
+    def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
-        auth_error = engine.auth_error(conn._quic)
+        auth_error = conn._quic.rejection()
         ready = conn._ready
         if ready is not None and not ready.done():
             if auth_error is not None:
                 ready.set_exception(auth_error)
-            elif code is not None and engine.is_tls_failure(code):
+            elif code is not None and quic_engine.is_tls_failure(code):
                 # the TLS handshake failed, refused by whichever side: retrying can't help
-                detail = reason.removeprefix(AUTH_REASON_PREFIX).lstrip(": ") or hex(code)
+                prefix = quic_engine.AUTH_REASON_PREFIX
+                detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
                 where = wire.addr_text(conn.remote_addr)
-                by_peer = engine.closed_by_peer(conn._quic)
+                by_peer = conn._quic.closed_by_peer()
                 if by_peer is None:
                     text = f"authentication with the peer at {where} failed ({detail})"
                 elif by_peer:
@@ -862,6 +909,10 @@ class Endpoint:
             if conn._terminated:
                 continue
             quic = conn._quic
+            if quic.has_pending_events():
+                self._drain_held_events(conn)
+                if conn._terminated:
+                    continue
             datagrams = quic.datagrams_to_send(now)
             if datagrams:
                 out.extend(datagrams)
@@ -956,9 +1007,9 @@ class Endpoint:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
         quic = conn._quic
         now = _now()
-        engine.ack_now(quic, now)
+        quic.ack_now(now)
         self._backlog.extend(quic.datagrams_to_send(now))
-        quic.close(error_code=wire.CLOSE_NORMAL, reason_phrase=reason)
+        quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 

@@ -42,7 +42,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from . import engine, wire
+from . import wire
 from .errors import (
     ConnectionError,
     HolePunchFailed,
@@ -162,7 +162,7 @@ def on_introduce_request(
     if not endpoint.rendezvous:
         _peer_log.info("not-rendezvous", "refusing introduction request from %s: not a "
                        "rendezvous", wire.addr_text(conn.remote_addr))
-        engine.reject_stream(conn._quic, stream_id, wire.ERR_FRAME_REJECTED)
+        conn._quic.reject_stream(stream_id, wire.ERR_FRAME_REJECTED)
         endpoint._mark_dirty(conn)
         return
     if len(payload) != 32:

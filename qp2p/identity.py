@@ -484,7 +484,7 @@ class CertificateAuthority:
 
 
 class _Failure(enum.Enum):
-    """Which check of a trust policy failed (``qp2p._tls`` maps these to TLS alerts)."""
+    """Which check of a trust policy failed (the engine adapters map these to TLS alerts)."""
 
     NO_CERTIFICATE = "no certificate"
     UNEXPECTED_PEER = "unexpected peer id"

@@ -80,13 +80,17 @@ async def test_raw_client_bad_frames_then_valid_message(impl: str) -> None:
 
             msg = await asyncio.wait_for(conn.recv(), 5)
             assert (msg.header, msg.dst, msg.payload) == (b"H", b"D", b"valid")
+            # qh3 sends no STOP_SENDING for a stream that arrived whole (README, engine
+            # differences): only the reset of our side of the bidirectional one shows
+            stops = server.engine == "aioquic"
             for _ in range(100):
-                if len(client.stopped) >= len(uni_ids) + 1 and bidi in client.reset:
+                if (len(client.stopped) >= len(uni_ids) + 1 or not stops) and bidi in client.reset:
                     break
                 await asyncio.sleep(0.02)
-            assert set(client.stopped) == {*uni_ids, bidi}, {
-                uni_ids[s] for s in uni_ids if s not in client.stopped
-            }
+            if stops:
+                assert set(client.stopped) == {*uni_ids, bidi}, {
+                    uni_ids[s] for s in uni_ids if s not in client.stopped
+                }
             assert bidi in client.reset
             assert conn.stats()["streams_rejected"] == len(BAD_FRAMES) + 1
             # nothing else was delivered, and the connection keeps serving

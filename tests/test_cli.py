@@ -37,13 +37,19 @@ COMBOS = [
 ]
 
 
+#: The engine a child runs with each implementation: the CLI tests cover both engines
+#: without doubling (the in-process suite crosses engines with implementations fully).
+ENGINE_OF = {"cython": "qh3", "python": "aioquic"}
+
+
 def cli_env(impl: str = "cython") -> dict[str, str]:
-    """The environment for a ``python -m qp2p`` child running ``impl``."""
+    """The environment for a ``python -m qp2p`` child running ``impl`` (and its engine)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = pythonpath(*filter(None, [env.get("PYTHONPATH")]))
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
+    env["QP2P_ENGINE"] = ENGINE_OF[impl]
     env["COLUMNS"] = "200"
     return env
 
@@ -590,8 +596,9 @@ def test_version_names_fast_path_engine_and_python(impl: str) -> None:
     assert result.returncode == 0, result.stderr
     [line] = result.stdout.splitlines()
     assert re.fullmatch(
-        rf"qp2p {re.escape(qp2p.__version__)} \(fast path: {impl}, engine: aioquic "
-        rf"\d+\.\d+\S*, Python {sys.version_info[0]}\.{sys.version_info[1]}\.\S+\)",
+        rf"qp2p {re.escape(qp2p.__version__)} \(fast path: {impl}, engine: "
+        rf"{ENGINE_OF[impl]} \d+\.\d+\S*, Python {sys.version_info[0]}\."
+        rf"{sys.version_info[1]}\.\S+\)",
         line,
     ), line
 

@@ -80,6 +80,7 @@ def _env(impl: str) -> dict[str, str]:
     env.pop("QP2P_NO_EXTENSIONS", None)
     if impl == "python":
         env["QP2P_NO_EXTENSIONS"] = "1"
+    env["QP2P_ENGINE"] = {"cython": "qh3", "python": "aioquic"}[impl]  # both engines covered
     return env
 
 

@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 
 import qp2p
 from qp2p import _fastpath, _purepy, engine
+from qp2p.engine import _aioquic
 from qp2p.errors import ProtocolError
 from tests.conftest import FAST
 from tests.test_fastpath import frame_header
@@ -543,7 +544,7 @@ def test_parse_long_header_fuzzed_datagrams(datagram: bytes) -> None:
     else:
         assert datagram[0] & 0x80
         assert header.version == int.from_bytes(datagram[1:5], "big") != 0
-        if header.version in engine.supported_versions():
+        if header.version in _aioquic.supported_versions():
             assert header.dcid == reference_dcid(datagram, engine.CID_LENGTH)
         else:  # RFC 8999: an unknown version's connection IDs may be up to 255 bytes
             assert header.dcid == datagram[6 : 6 + datagram[5]]
@@ -749,7 +750,13 @@ async def test_fuzzed_decryptable_initials_leave_no_state(
             await blast(fuzzer, server, junk)
             assert server.stats_counters["datagrams_received"] == len(junk)
             # they really were parsed: aioquic refused some of them for what was inside
-            assert any("quic" in r.name and r.levelno == logging.WARNING for r in caplog.records)
+            # (and says so in its log); qh3's core opened handshakes for the decryptable ones
+            if server.engine == "aioquic":
+                assert any("quic" in r.name and r.levelno == logging.WARNING
+                           for r in caplog.records)
+            else:
+                counters = server.stats_counters
+                assert counters["dropped_unknown"] < len(junk), counters
             deadline = time.monotonic() + 10
             while len(server._live) or len(server._table):
                 assert time.monotonic() < deadline, (len(server._live), len(server._table))

@@ -8,6 +8,7 @@ import socket
 import pytest
 
 import qp2p
+from qp2p.engine._qh3 import CORE_WINDOW
 from tests.conftest import FAST, connected
 
 pytestmark = pytest.mark.asyncio
@@ -309,7 +310,10 @@ async def test_receiver_memory_bounded_when_not_reading(impl: str) -> None:
         sends = asyncio.ensure_future(asyncio.gather(*(send(i) for i in range(count))))
         await asyncio.sleep(2.0)
         held = accepted.stats()["buffered_bytes"]
-        assert held <= bound, held
+        # qh3 hands data over in chunks of up to its core window: the last one may pass
+        # the bound (README, engine differences)
+        slack = 0 if b.engine == "aioquic" else CORE_WINDOW
+        assert held <= bound + slack, held
         assert not sends.done()  # the sender is held back, not buffering into our memory
         got = [await asyncio.wait_for(accepted.recv(), 10) for _ in range(count)]
         await asyncio.wait_for(sends, 10)

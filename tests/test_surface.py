@@ -356,12 +356,16 @@ async def test_an_app_that_configured_logging_still_gets_every_record(
     ) as member, qp2p.Endpoint.bind(config=DEAD) as outsider:
         with pytest.raises(qp2p.PeerAuthenticationError):
             await outsider.connect_to(member.local_addr)
+        # aioquic logs the refusal on its "quic" logger too; qh3's adapter reads the
+        # native core's events itself and leaves that to qp2p's own
+        wanted = {"qp2p.tls", *(["quic"] if member.engine == "aioquic" else [])}
+        # (qp2p.tls is rate limited per cause: checked through qp2p.endpoint below)
         for _ in range(100):
-            if "quic" in {r.name for r in caplog.records}:
+            if wanted - {"qp2p.tls"} <= {r.name for r in caplog.records}:
                 break
             await asyncio.sleep(0.01)
     # qp2p's own refusal line is rate limited per cause (an earlier test may have used
     # this interval's line), so a qp2p record of our own shows its propagation
     logging.getLogger("qp2p.endpoint").warning("a qp2p line")
     names = {r.name for r in caplog.records}
-    assert {"quic", "qp2p.endpoint"} <= names, names
+    assert (wanted - {"qp2p.tls"}) | {"qp2p.endpoint"} <= names, names

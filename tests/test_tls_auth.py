@@ -29,8 +29,8 @@ from aioquic.quic.events import (
 from aioquic.quic.packet import pull_quic_header
 from aioquic.tls import SessionTicket
 
-import qp2p._tls as qp2p_tls
-from qp2p._tls import (
+import qp2p.engine._aioquic_tls as qp2p_tls
+from qp2p.engine._aioquic_tls import (
     AUTH_ERROR_CODES,
     AUTH_REASON_PREFIX,
     AuthenticatingQuicConnection,

@@ -23,6 +23,7 @@ import qp2p
 from qp2p import engine
 from qp2p.endpoint import _peer_log as endpoint_log
 from qp2p.endpoint import ip_key
+from qp2p.engine import _aioquic, _qh3
 from tests.conftest import FAST
 from tests.netlab import Lab
 from tests.unvalidated import after_retry, drain, first_initial, junk_initial, unknown_version
@@ -32,13 +33,16 @@ from tests.unvalidated import after_retry, drain, first_initial, junk_initial, u
 def engines_created(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Counts every accepting TLS engine the endpoint creates (the expensive part)."""
     created = [0]
-    real: Callable[..., Any] = engine.new_server
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        created[0] += 1
-        return real(*args, **kwargs)
+    def counting(real: Callable[..., Any]) -> Callable[..., Any]:
+        def count(*args: Any, **kwargs: Any) -> Any:
+            created[0] += 1
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "new_server", counting)
+        return count
+
+    for adapter in (_aioquic, _qh3):  # whichever engine the endpoint runs on
+        monkeypatch.setattr(adapter, "new_server", counting(adapter.new_server))
     yield created
 
 
@@ -118,7 +122,7 @@ async def test_refusal_at_the_limit_runs_no_tls(
                     == count - len(lines)
                 # the refusal is a real, readable QUIC close
                 quic.receive_datagram(answers[0], server.local_addr, now=time.monotonic())
-                close = engine.close_event(quic)  # the engine drains before it reports it
+                close = _aioquic.close_event(quic)  # the engine drains before it reports it
                 assert isinstance(close, ConnectionTerminated), close
                 assert close.error_code == QuicErrorCode.CONNECTION_REFUSED
                 assert "max_connections" in close.reason_phrase
@@ -177,7 +181,7 @@ async def test_version_negotiation_follows_the_invariants(impl: str) -> None:
                 assert rest[0] == len(dcid) and rest[1 : 1 + len(dcid)] == dcid
                 versions = rest[1 + len(dcid) :]
                 assert len(versions) % 4 == 0 and versions
-                assert set(engine.supported_versions()) <= {
+                assert set(server._engine.supported_versions()) <= {  # the engine in use
                     int.from_bytes(versions[i : i + 4], "big") for i in range(0, len(versions), 4)}
             # too small to be a first Initial (no reflection amplifier): no answer
             for size in (1199, 600, 60):

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 SOURCES = [
     *ROOT.glob("qp2p/*.py"),
+    *ROOT.glob("qp2p/engine/*.py"),
     *ROOT.glob("qp2p/_fastpath.p*"),
     ROOT / "setup.py",
     ROOT / "pyproject.toml",
@@ -135,7 +136,8 @@ def test_wheel_contents(artifacts: Artifacts) -> None:
             zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")
         )
     assert any(n.startswith("qp2p/_fastpath.") and n.endswith(".so") for n in names), names
-    for needed in ("qp2p/py.typed", "qp2p/_fastpath.pyi", "qp2p/cli.py", "qp2p/__main__.py"):
+    for needed in ("qp2p/py.typed", "qp2p/_fastpath.pyi", "qp2p/cli.py", "qp2p/__main__.py",
+                   "qp2p/engine/__init__.py", "qp2p/engine/_aioquic.py", "qp2p/engine/_qh3.py"):
         assert needed in names
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
     assert "qp2p = qp2p.cli:main" in entry_points

@@ -54,9 +54,10 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 
-from .errors import PeerAuthenticationError
-from .identity import Identity, PeerId, Trust, _Failure
-from .ratelog import RateLimitedLog
+from ..errors import PeerAuthenticationError
+from ..identity import Identity, PeerId, Trust, _Failure
+from ..ratelog import RateLimitedLog
+from . import AUTH_REASON_PREFIX
 
 __all__ = [
     "AUTH_ERROR_CODES",
@@ -73,8 +74,6 @@ _peer_log = RateLimitedLog(logger)  # lines a peer can trigger
 #: aioquic versions whose TLS internals this module was written against.
 TESTED_AIOQUIC = ((1, 2), (1, 8))
 
-#: Every ``ConnectionTerminated.reason_phrase`` qp2p produces for a rejected peer starts so.
-AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
 
 _ALERTS: dict[_Failure, tuple[tls.AlertDescription, str]] = {
     _Failure.NO_CERTIFICATE: (tls.AlertDescription.certificate_required, "no certificate"),

@@ -1,8 +1,7 @@
-"""The seam between qp2p and its QUIC engine (aioquic's sans-I/O ``QuicConnection``).
+"""The aioquic adapter: qp2p's engine interface on aioquic's sans-I/O ``QuicConnection``.
 
-Everything the runtime asks of the engine beyond aioquic's public API lives here, in
-small functions, so another API-compatible engine (e.g. qh3) can be plugged in by
-changing this module alone. The private aioquic attributes used are:
+Everything qp2p needs beyond aioquic's public API is here (and its TLS hooks in
+``_aioquic_tls``). The private aioquic attributes used are:
 
 - ``_remote_max_streams_uni/bidi`` and ``_local_next_stream_id_uni/bidi``: stream credit,
   so qp2p queues messages instead of opening blocked streams (blocked streams make
@@ -11,7 +10,8 @@ changing this module alone. The private aioquic attributes used are:
 - ``_streams``: per-stream send completion (aioquic emits no event when a stream's data
   is fully acknowledged);
 - ``QuicStreamReceiver`` state, to keep a rejected stream alive until its STOP_SENDING
-  has been written (aioquic discards a finished stream before writing it).
+  has been written (aioquic discards a finished stream before writing it);
+- ``_local_max_data`` and ``_write_connection_limits``: qp2p's receive credit policy.
 """
 
 from __future__ import annotations
@@ -44,44 +44,49 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._tls import AuthenticatingQuicConnection, quic_configuration
-from .config import Config
-from .errors import PeerAuthenticationError
-from .identity import Identity, PeerId, Trust
+from ..config import Config
+from ..errors import PeerAuthenticationError
+from ..identity import Identity, PeerId, Trust
+from . import (
+    CID_LENGTH,
+    INITIAL_MAX_DATA,
+    MAX_CREDIT,
+    CidIssued,
+    CidRetired,
+    Datagram,
+    Event,
+    HandshakeDone,
+    LongHeader,
+    ReceiveBudget,
+    StopSending,
+    StreamData,
+    StreamReset,
+    Terminated,
+)
+from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
 
 __all__ = [
-    "CID_LENGTH",
-    "QuicConfiguration",
-    "QuicConnection",
-    "events",
-    "is_closed",
+    "NAME",
+    "FlowControlledQuicConnection",
+    "initial_opens",
     "make_configuration",
+    "new_client",
+    "new_server",
     "parse_long_header",
-    "reject_stream",
-    "send_finished",
-    "set_stream_limits",
-    "streams_available",
+    "refusal",
+    "retry_packet",
+    "supported_versions",
     "version_negotiation",
 ]
 
-#: Length of the connection IDs our endpoints issue (short headers carry no length).
-CID_LENGTH = 8
-#: Connection-level credit a peer starts with (the transport parameter); it grows while
-#: the peer uses it (see FlowControlledQuicConnection), budget permitting.
-INITIAL_MAX_DATA = 256 * 2**10
-#: How long a Retry token stays valid (seconds): one round trip is all it needs.
-RETRY_TOKEN_LIFETIME = 10.0
-#: The most credit a peer gets ahead of what it sent (a bandwidth-delay product: 4 MiB
-#: per round trip is 400 MiB/s at 10 ms); what it may make us hold is a separate bound.
-MAX_CREDIT = 4 * 2**20
-#: Smallest UDP payload that may carry a client's first Initial (RFC 9000 §14.1).
-MIN_INITIAL_SIZE = 1200
+#: This engine's name in ``Config.engine``.
+NAME = "aioquic"
 _SUPPORTED_VERSIONS = tuple(QuicConfiguration().supported_versions)
 
 
 def make_configuration(identity: Identity, config: Config, *, is_client: bool) -> QuicConfiguration:
     """A QUIC configuration for one role, from qp2p's ``Config`` and the endpoint's identity
-    (no ALPN, certificate checks left to ``_tls``)."""
+    (no ALPN, certificate checks left to ``_aioquic_tls``)."""
     idle = config.idle_timeout if config.idle_timeout is not None else 10 * 365 * 86400.0
     return quic_configuration(
         identity,
@@ -200,18 +205,6 @@ def accepted_any_packet(quic: QuicConnection) -> bool:
 def is_closed(quic: QuicConnection) -> bool:
     """True once the engine has entered its closing/draining/terminated states."""
     return quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED)
-
-
-class LongHeader(NamedTuple):
-    """What the endpoint needs from a datagram that matched no connection."""
-
-    version: int | None  # None for a short header
-    is_initial: bool
-    dcid: bytes
-    scid: bytes
-    token: bytes
-    pn_offset: int = 0  # an Initial's packet number offset, and the end of that packet
-    packet_end: int = 0
 
 
 #: The invariant part of a long header (RFC 8999 §5.1): 1 byte, version, DCID, SCID.
@@ -415,64 +408,16 @@ def _build_refusal(header: LongHeader, reason: str) -> bytes:
     return bytes(protected)
 
 
-class AddressValidator:
-    """Stateless QUIC Retry (RFC 9000 §8.1.2): a new client must echo a token bound to its
-    address before we keep any state for it, which defeats floods from spoofed sources.
-
-    A token is ``time | len | original DCID | retry SCID | MAC``, the MAC an HMAC-SHA256
-    under a per-endpoint random secret over the client's address and the rest. Checking
-    one costs a hash, no state and no public-key operation, and it expires after
-    ``lifetime`` seconds.
-    """
-
-    _MAC_LEN = 16
-    _TIME = struct.Struct("!d")
-
-    def __init__(self, lifetime: float = RETRY_TOKEN_LIFETIME) -> None:
-        self._secret = os.urandom(32)
-        self.lifetime = lifetime
-
-    def _mac(self, addr: Any, body: bytes) -> bytes:
-        host, port = addr[0], addr[1]
-        message = b"%s|%d|" % (str(host).encode(), port) + body
-        return hmac.digest(self._secret, message, "sha256")[: self._MAC_LEN]
-
-    def make_token(self, addr: Any, odcid: bytes, retry_scid: bytes, now: float) -> bytes:
-        """A token for ``addr`` whose retried Initial will carry ``retry_scid`` as DCID."""
-        body = self._TIME.pack(now) + bytes([len(odcid)]) + odcid + retry_scid
-        return body + self._mac(addr, body)
-
-    def retry_packet(self, header: LongHeader, addr: Any, now: float) -> bytes:
-        """A Retry packet carrying a fresh token for ``addr``."""
-        assert header.version is not None
-        source_cid = os.urandom(CID_LENGTH)
-        return encode_quic_retry(
-            version=header.version,
-            source_cid=source_cid,
-            destination_cid=header.scid,
-            original_destination_cid=header.dcid,
-            retry_token=self.make_token(addr, header.dcid, source_cid, now),
-        )
-
-    def validate(self, header: LongHeader, addr: Any, now: float) -> bytes | None:
-        """The original destination CID if the token is ours, for ``addr``, unexpired and
-        answered to the Retry's source CID; else None."""
-        token = header.token
-        size = self._TIME.size
-        if len(token) < size + 1 + CID_LENGTH + self._MAC_LEN:
-            return None
-        body, mac = token[: -self._MAC_LEN], token[-self._MAC_LEN :]
-        odcid_len = body[size]
-        if len(body) != size + 1 + odcid_len + CID_LENGTH:
-            return None
-        if not hmac.compare_digest(mac, self._mac(addr, body)):
-            return None
-        (issued,) = self._TIME.unpack_from(body)
-        if not issued - 1.0 <= now <= issued + self.lifetime:
-            return None
-        if body[size + 1 + odcid_len :] != header.dcid:
-            return None
-        return bytes(body[size + 1 : size + 1 + odcid_len])
+def retry_packet(header: LongHeader, source_cid: bytes, token: bytes) -> bytes:
+    """A Retry packet carrying ``token``, answering ``header``'s client."""
+    assert header.version is not None
+    return encode_quic_retry(
+        version=header.version,
+        source_cid=source_cid,
+        destination_cid=header.scid,
+        original_destination_cid=header.dcid,
+        retry_token=token,
+    )
 
 
 def supported_versions() -> list[int]:
@@ -515,39 +460,6 @@ def close_event(quic: QuicConnection) -> events.ConnectionTerminated | None:
     return event if isinstance(event, events.ConnectionTerminated) else None
 
 
-class ReceiveBudget:
-    """The endpoint-wide cap on receive memory.
-
-    Each connection's *reservation* is what its peer may make us hold: the MAX_DATA we
-    granted minus the bytes we released. Grants come out of ``limit`` and go back as bytes
-    are released (or the connection ends), so the sum over all connections never exceeds
-    it, except that every connection may keep ``INITIAL_MAX_DATA`` (so the bound is
-    ``limit + connections * INITIAL_MAX_DATA``). A connection whose
-    grant was cut short is remembered as *starved* and woken once memory is released.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.reserved = 0
-        self.starved: dict[Any, None] = {}
-
-    def grant(self, owner: Any, want: int, reservation: int) -> int:
-        """Take up to ``want`` bytes of credit for ``owner``, whose reservation is now
-        ``reservation``; returns what was granted. Up to ``INITIAL_MAX_DATA`` of
-        reservation is granted even over the limit, so peers that fill the budget
-        cannot starve the others."""
-        floor = min(want, max(INITIAL_MAX_DATA - reservation, 0))
-        granted = floor + min(want - floor, max(self.limit - self.reserved - floor, 0))
-        self.reserved += granted
-        if granted < want:
-            self.starved[owner] = None
-        return granted
-
-    def release(self, nbytes: int) -> None:
-        """Give ``nbytes`` of reservation back."""
-        self.reserved -= nbytes
-
-
 class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     """Connection-level flow control that counts every byte we still hold.
 
@@ -564,7 +476,6 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     """
 
     receive_window: int = 16 * 2**20
-    closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
     credit: int = INITIAL_MAX_DATA
     max_credit: int = MAX_CREDIT
     _credit_mark = 0  # bytes received when the credit's use was last measured, and when
@@ -572,6 +483,11 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
+    closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
+
+    def _close_begin(self, is_initiator: bool, now: float) -> None:
+        self.closed_by_us = is_initiator
+        super()._close_begin(is_initiator, now)
 
     @property
     def held(self) -> int:
@@ -598,9 +514,123 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         value: int = self._local_max_data.value
         return value - self.released
 
-    def _close_begin(self, is_initiator: bool, now: float) -> None:
-        self.closed_by_us = is_initiator
-        super()._close_begin(is_initiator, now)
+    # -- the engine interface (qp2p.engine.EngineConnection) ----------------------------
+
+    def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """aioquic takes one datagram per call."""
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
+
+    def next_event(self) -> Event | None:  # type: ignore[override]
+        """The next engine-neutral event (aioquic's translated; the ones qp2p does not
+        use are skipped)."""
+        while True:
+            event = super().next_event()
+            if event is None:
+                return None
+            kind = type(event)
+            if kind is events.StreamDataReceived:
+                return StreamData(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+            if kind is events.DatagramFrameReceived:
+                return Datagram(event.data)  # type: ignore[attr-defined]
+            if kind is events.StreamReset:
+                return StreamReset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
+            if kind is events.StopSendingReceived:
+                return StopSending(event.stream_id, event.error_code)  # type: ignore[attr-defined]
+            if kind is events.ConnectionIdIssued:
+                return CidIssued(event.connection_id)  # type: ignore[attr-defined]
+            if kind is events.ConnectionIdRetired:
+                return CidRetired(event.connection_id)  # type: ignore[attr-defined]
+            if kind is events.HandshakeCompleted:
+                return HandshakeDone()
+            if kind is events.ConnectionTerminated:
+                return _terminated(event)  # type: ignore[arg-type]
+            if kind is PeerAuthenticated:
+                continue  # the runtime asks authenticated_peer() instead
+
+    def has_pending_events(self) -> bool:
+        return False  # aioquic's events are all pulled after each datagram
+
+    def open_stream(self, unidirectional: bool) -> int:
+        stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)
+        return stream_id
+
+    def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.send_stream_data(stream_id, data, end_stream=end_stream)
+
+    def reject_stream(self, stream_id: int, error_code: int) -> None:
+        reject_stream(self, stream_id, error_code)
+
+    def streams_available(self, unidirectional: bool) -> int:
+        return streams_available(self, unidirectional)
+
+    def send_finished(self, stream_id: int) -> bool:
+        return send_finished(self, stream_id)
+
+    def unsent_bytes(self, stream_id: int) -> int:
+        return unsent_bytes(self, stream_id)
+
+    def send_credit(self) -> int:
+        return send_credit(self)
+
+    def send_datagram(self, data: bytes) -> None:
+        self.send_datagram_frame(data)
+
+    def ping(self) -> None:
+        self.send_ping(0)
+
+    def shutdown(self, error_code: int, reason: str) -> None:
+        self.close(error_code=error_code, reason_phrase=reason)
+
+    def ack_now(self, now: float) -> None:
+        ack_now(self, now)
+
+    def is_closed(self) -> bool:
+        return is_closed(self)
+
+    def close_event(self) -> Terminated | None:
+        event = close_event(self)
+        return None if event is None else _terminated(event)
+
+    def accepted_any_packet(self) -> bool:
+        return accepted_any_packet(self)
+
+    def handshake_confirmed(self) -> bool:
+        return bool(self._handshake_confirmed)
+
+    def authenticated_peer(self) -> PeerId | None:
+        return authenticated_peer(self)
+
+    def rejection(self) -> PeerAuthenticationError | None:
+        return self.auth_error
+
+    def closed_by_peer(self) -> bool | None:
+        return closed_by_peer(self)
+
+    def peer_certificate_chain(self) -> list[Any]:
+        return peer_certificate_chain(self)
+
+    def release_handshake_buffers(self) -> None:
+        release_handshake_buffers(self)
+
+    def path_stats(self) -> dict[str, Any]:
+        return path_stats(self)
+
+    def release(self, nbytes: int) -> None:
+        self.released += nbytes
+
+    def attach_budget(self, budget: ReceiveBudget, owner: Any) -> None:
+        self.budget = budget
+        self.owner = owner
+
+    def receiving_streams(self) -> list[int]:
+        return receiving_streams(self)
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def undelivered_bytes(self, stream_id: int) -> int:
+        return undelivered_bytes(self, stream_id)
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
@@ -629,6 +659,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
             max_data.used = used
 
 
+def _terminated(event: events.ConnectionTerminated) -> Terminated:
+    return Terminated(event.error_code, event.frame_type, event.reason_phrase)
+
+
 def receiving_streams(quic: QuicConnection) -> list[int]:
     """Streams the peer is still sending us that already hold data (delivered or not)."""
     return [
@@ -638,11 +672,6 @@ def receiving_streams(quic: QuicConnection) -> list[int]:
         and stream.receiver.highest_offset > 0
         and not stream.receiver.stop_pending  # already rejected, STOP_SENDING on its way
     ]
-
-
-def has_stream(quic: QuicConnection, stream_id: int) -> bool:
-    """The engine still keeps state for ``stream_id``."""
-    return stream_id in quic._streams
 
 
 def undelivered_bytes(quic: QuicConnection, stream_id: int) -> int:
@@ -709,16 +738,6 @@ def auth_error(quic: QuicConnection) -> PeerAuthenticationError | None:
     return error
 
 
-def keep_alive(quic: QuicConnection) -> None:
-    """Queue a PING so an idle connection stays open (and NAT mappings stay fresh)."""
-    quic.send_ping(0)
-
-
-def handshake_confirmed(quic: QuicConnection) -> bool:
-    """For a dialler: the acceptor finished (and accepted) the handshake (HANDSHAKE_DONE)."""
-    return bool(quic._handshake_confirmed)
-
-
 def closed_by_peer(quic: QuicConnection) -> bool | None:
     """Who closed the connection: True if the peer sent the CONNECTION_CLOSE, False if we
     did (or are about to), None while it is open."""
@@ -726,8 +745,3 @@ def closed_by_peer(quic: QuicConnection) -> bool | None:
     if by_us is None:
         return False if quic._close_pending else None
     return not by_us
-
-
-def is_tls_failure(error_code: int) -> bool:
-    """A QUIC CRYPTO_ERROR (0x100-0x1ff): the TLS handshake failed, e.g. a TLS alert."""
-    return 0x100 <= error_code <= 0x1FF
