@@ -192,7 +192,8 @@ class Connection:
 
         Returns once the peer has acknowledged the whole stream. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
-        ``max_message_size``, ``MessageRejected`` if the peer reset the stream and
+        ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
+        ``MessageRejected`` if the peer refused the message and
         ``ConnectionClosed`` if the connection is or becomes closed first.
         """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
@@ -305,6 +306,11 @@ class Connection:
         header = wire.as_bytes("header", header)
         dst = wire.as_bytes("dst", dst)
         wire.check_message(header, dst, payload, self._max_message_size)
+        # the peer's own limit, when it advertised one: refused here, before a byte is
+        # sent, rather than sent for the peer to reject
+        peer_limit = self._quic.peer_max_message_size()
+        if peer_limit is not None and peer_limit < self._max_message_size:
+            wire.check_message(header, dst, payload, peer_limit, "the peer's max_message_size")
         self._raise_if_closed()
         frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
         return frame

@@ -64,17 +64,24 @@ def as_bytes(name: str, value: object) -> bytes:
     raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
 
 
-def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: int) -> int:
+def check_message(
+    header: bytes,
+    dst: bytes,
+    payload: bytes,
+    max_message_size: int,
+    limit_name: str = "max_message_size",
+) -> int:
     """Validate a message before anything is sent; returns its framed size.
 
-    ``max_message_size`` counts header+dst+payload (API.md), not the 16-byte frame header.
+    ``max_message_size`` counts header+dst+payload (API.md), not the 16-byte frame header;
+    ``limit_name`` names it in the error.
     """
     if not payload:
         raise ValueError("payload must not be empty")
     size = len(header) + len(dst) + len(payload)
     if size > max_message_size:
         raise MessageTooLarge(
-            f"message of {size} bytes (header+dst+payload) exceeds max_message_size of "
+            f"message of {size} bytes (header+dst+payload) exceeds {limit_name} of "
             f"{max_message_size}"
         )
     return FRAME_HEADER_LEN + size

@@ -42,6 +42,7 @@ __all__ = [
     "INITIAL_MAX_DATA",
     "MAX_CREDIT",
     "MIN_INITIAL_SIZE",
+    "TP_MAX_MESSAGE_SIZE",
     "AddressValidator",
     "CidIssued",
     "CidRetired",
@@ -58,6 +59,8 @@ __all__ = [
     "Terminated",
     "engines",
     "is_tls_failure",
+    "local_transport_parameters",
+    "peer_max_message_size",
     "resolve",
 ]
 
@@ -75,6 +78,12 @@ MIN_INITIAL_SIZE = 1200
 RETRY_TOKEN_LIFETIME = 10.0
 #: Every ``Terminated.reason_phrase`` qp2p produces for a rejected peer starts so.
 AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
+
+#: qp2p's own QUIC transport parameter: the receiver's ``max_message_size`` (varint), so a
+#: sender refuses an over-limit message locally instead of sending it to be rejected. The
+#: id is a private one ("qpMS", not of the 31*N+27 GREASE form); RFC 9000 §7.4.2 makes
+#: peers that don't know it (other QUIC stacks, older qp2p) ignore it.
+TP_MAX_MESSAGE_SIZE = 0x71_70_4D_53
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
 ENGINES: dict[str, tuple[str, str]] = {
@@ -258,6 +267,10 @@ class EngineConnection(Protocol):
     def path_stats(self) -> dict[str, Any]:
         """``rtt``, ``min_rtt`` (seconds or None), ``cwnd``, ``bytes_in_flight``."""
 
+    def peer_max_message_size(self) -> int | None:
+        """The ``max_message_size`` the peer advertised (``TP_MAX_MESSAGE_SIZE``), once its
+        transport parameters arrived; None for a peer that advertised none."""
+
     # -- receive memory (qp2p's bound and credit policy)
     @property
     def held(self) -> int:
@@ -349,6 +362,51 @@ class Engine(Protocol):
 def is_tls_failure(error_code: int) -> bool:
     """A QUIC CRYPTO_ERROR (0x100-0x1ff): the TLS handshake failed, e.g. a TLS alert."""
     return 0x100 <= error_code <= 0x1FF
+
+
+def _push_varint(value: int) -> bytes:
+    if value < 0x40:
+        return bytes([value])
+    if value < 0x4000:
+        return (value | 0x4000).to_bytes(2, "big")
+    if value < 0x4000_0000:
+        return (value | 0x8000_0000).to_bytes(4, "big")
+    return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+
+
+def _pull_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; IndexError past the end."""
+    length = 1 << (data[pos] >> 6)
+    if pos + length > len(data):
+        raise IndexError("truncated varint")
+    value = int.from_bytes(data[pos : pos + length], "big") & ((1 << (8 * length - 2)) - 1)
+    return value, pos + length
+
+
+def local_transport_parameters(config: Config) -> bytes:
+    """qp2p's transport parameters, encoded to append to the engine's own (the adapters
+    do so in both roles)."""
+    value = _push_varint(config.max_message_size)
+    return _push_varint(TP_MAX_MESSAGE_SIZE) + _push_varint(len(value)) + value
+
+
+def peer_max_message_size(data: bytes) -> int | None:
+    """The ``max_message_size`` a peer's encoded transport parameters advertise, or None
+    (not a qp2p peer, or a malformed value: then it is as if absent)."""
+    pos = 0
+    try:
+        while pos < len(data):
+            param_id, pos = _pull_varint(data, pos)
+            length, pos = _pull_varint(data, pos)
+            if pos + length > len(data):
+                return None
+            if param_id == TP_MAX_MESSAGE_SIZE:
+                value, end = _pull_varint(data, pos)
+                return value if end == pos + length else None
+            pos += length
+    except IndexError:
+        return None
+    return None
 
 
 class LongHeader(NamedTuple):

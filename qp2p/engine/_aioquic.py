@@ -52,6 +52,8 @@ from . import (
     StreamData,
     StreamReset,
     Terminated,
+    local_transport_parameters,
+    peer_max_message_size,
 )
 from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
 
@@ -288,6 +290,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
+    #: qp2p's transport parameters, appended to aioquic's (see new_client/new_server)
+    qp2p_parameters: bytes = b""
+    peer_message_limit: int | None = None
 
     @property
     def held(self) -> int:
@@ -313,6 +318,17 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         """What the peer may still make us hold: granted credit minus released bytes."""
         value: int = self._local_max_data.value
         return value - self.released
+
+    # -- qp2p's transport parameter ----------------------------------------------------
+
+    def _serialize_transport_parameters(self) -> bytes:
+        data: bytes = super()._serialize_transport_parameters()
+        return data + self.qp2p_parameters
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)  # validates first
+        if not from_session_ticket:
+            self.peer_message_limit = peer_max_message_size(data)
 
     # -- the engine interface (qp2p.engine.EngineConnection) ----------------------------
 
@@ -413,6 +429,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def path_stats(self) -> dict[str, Any]:
         return path_stats(self)
 
+    def peer_max_message_size(self) -> int | None:
+        return self.peer_message_limit
+
     def release(self, nbytes: int) -> None:
         self.released += nbytes
 
@@ -494,6 +513,7 @@ def new_client(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
+    quic.qp2p_parameters = local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 
@@ -516,6 +536,7 @@ def new_server(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
+    quic.qp2p_parameters = local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 

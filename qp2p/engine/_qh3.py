@@ -65,6 +65,8 @@ from . import (
     StreamData,
     StreamReset,
     Terminated,
+    local_transport_parameters,
+    peer_max_message_size,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
 
@@ -132,9 +134,22 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
 
 
 class _Bridge(QuicTlsBridge):
-    """qh3's TLS bridge, advertising qp2p's stream limits."""
+    """qh3's TLS bridge, advertising qp2p's stream limits and transport parameters, and
+    reading the peer's."""
 
     qp2p_streams: tuple[int, int] = (100, 100)
+    qp2p_parameters: bytes = b""
+    peer_message_limit: int | None = None
+
+    def parse_transport_parameters(
+        self, data: bytes, *, from_session_ticket: bool = False
+    ) -> Any:
+        parameters = super().parse_transport_parameters(  # validates first
+            data, from_session_ticket=from_session_ticket
+        )
+        if not from_session_ticket:
+            self.peer_message_limit = peer_max_message_size(data)
+        return parameters
 
     def serialize_transport_parameters(self) -> bytes:
         parameters = pull_quic_transport_parameters(
@@ -145,7 +160,7 @@ class _Bridge(QuicTlsBridge):
         )
         buf = Buffer(capacity=3 * self.configuration.max_datagram_size)
         push_quic_transport_parameters(buf, parameters)
-        return buf.data
+        return bytes(buf.data) + self.qp2p_parameters
 
 
 class Qh3Connection(QuicConnection):
@@ -166,6 +181,7 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
+        self._qp2p_parameters = local_transport_parameters(config)
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
@@ -221,6 +237,7 @@ class Qh3Connection(QuicConnection):
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = _Bridge.__new__(_Bridge)
         bridge.qp2p_streams = self._streams_limit
+        bridge.qp2p_parameters = self._qp2p_parameters
         bridge.__init__(  # type: ignore[misc]
             self._configuration,
             version=self._version,
@@ -502,6 +519,10 @@ class Qh3Connection(QuicConnection):
             "cwnd": core.congestion_window,
             "bytes_in_flight": core.bytes_in_flight,
         }
+
+    def peer_max_message_size(self) -> int | None:
+        bridge = self._tls
+        return bridge.peer_message_limit if isinstance(bridge, _Bridge) else None
 
     @property
     def held(self) -> int:
