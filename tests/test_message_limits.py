@@ -5,13 +5,13 @@ message locally, and a message the peer refused never reports success."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
 import qp2p
 from qp2p import engine
 from tests.conftest import FAST, connected
+from tests.udp_relay import UdpRelay
 
 SMALL = qp2p.Config(
     max_message_size=100, idle_timeout=10.0, handshake_timeout=3.0, retry=FAST.retry
@@ -20,15 +20,19 @@ SMALL = qp2p.Config(
 
 def test_parameter_round_trip() -> None:
     data = engine.local_transport_parameters(SMALL)
-    assert engine.peer_max_message_size(data) == 100
+    assert engine.parse_peer_parameters(data) == engine.PeerParameters(100, True)
     # among other parameters, and absent or truncated
     other = bytes([0x04, 0x02, 0x40, 0x10])  # initial_max_data = 16
-    assert engine.peer_max_message_size(other + data + other) == 100
-    assert engine.peer_max_message_size(other) is None
-    assert engine.peer_max_message_size(data[:-1]) is None
+    assert engine.parse_peer_parameters(other + data + other) == (100, True)
+    assert engine.parse_peer_parameters(other) == engine.NO_PARAMETERS
+    assert engine.parse_peer_parameters(data[:-1]).max_message_size == 100  # flag cut
+    assert engine.parse_peer_parameters(data[:3]) == engine.NO_PARAMETERS
+    assert engine.parse_peer_parameters(engine.encode_transport_parameters(None, True)) == (
+        None, True
+    )
     for size in (0, 63, 64, 2**14, 2**30, 2**32 - 17):  # every varint length
-        data = engine.local_transport_parameters(SimpleNamespace(max_message_size=size))  # type: ignore[arg-type]
-        assert engine.peer_max_message_size(data) == size
+        data = engine.encode_transport_parameters(size, False)
+        assert engine.parse_peer_parameters(data) == (size, False)
 
 
 @pytest.mark.asyncio
@@ -39,8 +43,8 @@ async def test_sender_learns_the_limit(impl: str) -> None:
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=SMALL)
     try:
         conn, accepted = await connected(a, b)
-        assert conn._quic.peer_max_message_size() == 100
-        assert accepted._quic.peer_max_message_size() == FAST.max_message_size
+        assert conn._quic.peer_parameters().max_message_size == 100
+        assert accepted._quic.peer_parameters().max_message_size == FAST.max_message_size
         before = conn.stats()
         with pytest.raises(qp2p.MessageTooLarge, match="peer's max_message_size of 100"):
             await conn.send(b"x" * 101)
@@ -77,8 +81,8 @@ async def test_limits_cross_engines(dialler: str, acceptor: str) -> None:
     try:
         assert (a.engine, b.engine) == (dialler, acceptor)
         conn, accepted = await connected(a, b)
-        assert conn._quic.peer_max_message_size() == 200
-        assert accepted._quic.peer_max_message_size() == 300
+        assert conn._quic.peer_parameters().max_message_size == 200
+        assert accepted._quic.peer_parameters().max_message_size == 300
         with pytest.raises(qp2p.MessageTooLarge, match="peer's max_message_size of 200"):
             await conn.send(b"x" * 201)
         with pytest.raises(qp2p.MessageTooLarge, match="max_message_size of 200"):
@@ -86,6 +90,139 @@ async def test_limits_cross_engines(dialler: str, acceptor: str) -> None:
         await asyncio.wait_for(conn.send(b"x" * 200), 5)
         assert len((await asyncio.wait_for(accepted.recv(), 5)).payload) == 200
         assert accepted.stats()["streams_rejected"] == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+def hide_limit(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """Endpoints whose ``max_message_size`` is ``limit`` advertise receipts but not their
+    limit: a receiver whose limit the sender does not learn (a qp2p that enforces a
+    limit it did not advertise, or one lowered since)."""
+    from qp2p.engine import _aioquic, _qh3
+
+    def params(config: qp2p.Config) -> bytes:
+        if config.max_message_size == limit:
+            return engine.encode_transport_parameters(None, True)
+        return engine.local_transport_parameters(config)
+
+    for module in (_aioquic, _qh3):
+        monkeypatch.setattr(module, "local_transport_parameters", params)
+
+
+async def lossy_over_limit_sends(
+    sender_config: qp2p.Config, receiver_config: qp2p.Config, count: int = 200
+) -> tuple[dict[str, int], qp2p.Connection, qp2p.Connection, UdpRelay]:
+    """``count`` sends of 200-byte messages to a receiver limited to 100 bytes, through
+    a relay that drops 10 % of the receiver's packets to the sender; what each send did."""
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=sender_config)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=receiver_config)
+    relay = UdpRelay(("127.0.0.1", 0), b.local_addr, seed=14)
+    outcomes = {"returned": 0, "MessageRejected": 0, "MessageTooLarge": 0}
+    try:
+        await relay.start()
+        conn = await a.connect_to(relay.address)
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        relay.set_impairment("down", loss=0.1)  # receiver -> sender
+        for i in range(count):
+            try:
+                await asyncio.wait_for(conn.send(b"%03d" % i + b"x" * 197), 10)
+                outcomes["returned"] += 1
+            except (qp2p.MessageRejected, qp2p.MessageTooLarge) as exc:
+                outcomes[type(exc).__name__] += 1
+        relay.set_impairment("down", loss=0.0)
+        # the connection still serves, and nothing over the limit was delivered
+        await asyncio.wait_for(conn.send(b"ok"), 10)
+        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"ok"
+        return outcomes, conn, accepted, relay
+    finally:
+        relay.close()
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_lossy_rejections_never_pass_when_limit_unknown(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver rejects all 200 messages; 10 % of its packets to the sender are lost
+    (so an ACK often arrives without the STOP_SENDING it was sent with, and qh3 sends
+    none for a stream that arrived whole): every send raises MessageRejected."""
+    hide_limit(monkeypatch, 100)
+    outcomes, conn, accepted, relay = await lossy_over_limit_sends(FAST, SMALL)
+    assert conn.stats()["unacked_bytes"] == 0
+    assert relay.downstream.dropped > 0  # the loss happened
+    assert outcomes == {"returned": 0, "MessageRejected": 200, "MessageTooLarge": 0}, outcomes
+    assert accepted.stats()["streams_rejected"] == 200
+    assert accepted.stats()["messages_received"] == 1  # only "ok"
+
+
+@pytest.mark.asyncio
+async def test_lossy_limit_known_refused_locally(impl: str) -> None:
+    outcomes, conn, accepted, _ = await lossy_over_limit_sends(FAST, SMALL)
+    assert conn.stats()["unacked_bytes"] == 0
+    assert outcomes == {"returned": 0, "MessageRejected": 0, "MessageTooLarge": 200}, outcomes
+    assert accepted.stats()["streams_rejected"] == 0
+    assert accepted.stats()["messages_received"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("sender", "receiver"), [("aioquic", "qh3"), ("qh3", "aioquic")])
+async def test_lossy_rejections_cross_engines(
+    sender: str, receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receipts between the two engines: the limit unknown, then known."""
+    hide_limit(monkeypatch, 100)
+    sender_config = qp2p.Config(engine=sender, idle_timeout=10.0, handshake_timeout=3.0)
+    receiver_config = qp2p.Config(
+        engine=receiver, max_message_size=100, idle_timeout=10.0, handshake_timeout=3.0
+    )
+    outcomes, _, accepted, _ = await lossy_over_limit_sends(sender_config, receiver_config, 100)
+    assert outcomes == {"returned": 0, "MessageRejected": 100, "MessageTooLarge": 0}, outcomes
+    assert accepted.stats()["streams_rejected"] == 100
+    monkeypatch.undo()
+    outcomes, _, accepted, _ = await lossy_over_limit_sends(sender_config, receiver_config, 100)
+    assert outcomes == {"returned": 0, "MessageRejected": 0, "MessageTooLarge": 100}, outcomes
+    assert accepted.stats()["streams_rejected"] == 0
+
+
+def test_receipt_encoding() -> None:
+    from qp2p import wire
+
+    entries = [(2, 0), (6, wire.ERR_FRAME_REJECTED), (2**62 - 1, 2**62 - 1), (4 * 10**6, 1)]
+    payload = b"".join(wire.encode_receipt(sid, code) for sid, code in entries)
+    assert wire.parse_receipts(payload) == entries
+    for bad in (payload[:-1], wire.encode_varint(3), b"\xc0\x00"):
+        with pytest.raises(qp2p.ProtocolError):
+            wire.parse_receipts(bad)
+
+
+@pytest.mark.asyncio
+async def test_peer_without_parameters(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that advertises none of qp2p's parameters (another QUIC stack) gets no
+    receipts, and our sends to it complete on the QUIC ACK as before."""
+    from qp2p.engine import _aioquic, _qh3
+
+    def params(config: qp2p.Config) -> bytes:
+        if config.max_message_size == 100:
+            return b""
+        return engine.local_transport_parameters(config)
+
+    for module in (_aioquic, _qh3):
+        monkeypatch.setattr(module, "local_transport_parameters", params)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=SMALL)
+    try:
+        conn, accepted = await connected(a, b)
+        assert conn._quic.peer_parameters() == engine.NO_PARAMETERS
+        assert accepted._quic.peer_parameters() == (FAST.max_message_size, True)
+        for i in range(20):
+            await asyncio.wait_for(conn.send(b"m%d" % i), 5)
+        for i in range(20):
+            assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"m%d" % i
+        assert conn.stats()["unacked_bytes"] == 0
+        assert accepted.stats()["messages_received"] == 20
+        assert accepted.stats()["streams_rejected"] == conn.stats()["streams_rejected"] == 0
     finally:
         await a.close()
         await b.close()

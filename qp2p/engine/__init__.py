@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from ..wire import encode_varint
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..errors import PeerAuthenticationError
@@ -42,7 +44,9 @@ __all__ = [
     "INITIAL_MAX_DATA",
     "MAX_CREDIT",
     "MIN_INITIAL_SIZE",
+    "NO_PARAMETERS",
     "TP_MAX_MESSAGE_SIZE",
+    "TP_RECEIPTS",
     "AddressValidator",
     "CidIssued",
     "CidRetired",
@@ -52,15 +56,17 @@ __all__ = [
     "Event",
     "HandshakeDone",
     "LongHeader",
+    "PeerParameters",
     "ReceiveBudget",
     "StopSending",
     "StreamData",
     "StreamReset",
     "Terminated",
+    "encode_transport_parameters",
     "engines",
     "is_tls_failure",
     "local_transport_parameters",
-    "peer_max_message_size",
+    "parse_peer_parameters",
     "resolve",
 ]
 
@@ -84,6 +90,11 @@ AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
 #: id is a private one ("qpMS", not of the 31*N+27 GREASE form); RFC 9000 §7.4.2 makes
 #: peers that don't know it (other QUIC stacks, older qp2p) ignore it.
 TP_MAX_MESSAGE_SIZE = 0x71_70_4D_53
+#: qp2p's flag parameter (empty, "qpRC"): "I send a receipt for every message you send me
+#: on a unidirectional stream, and I read yours" (``wire.KIND_RECEIPT``): a sender whose
+#: peer advertises it returns from ``send()`` on the receipt, not on the QUIC ACK, so a
+#: message the peer refused never reports success (DESIGN.md, README "Hardening").
+TP_RECEIPTS = 0x71_70_52_43
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
 ENGINES: dict[str, tuple[str, str]] = {
@@ -267,9 +278,9 @@ class EngineConnection(Protocol):
     def path_stats(self) -> dict[str, Any]:
         """``rtt``, ``min_rtt`` (seconds or None), ``cwnd``, ``bytes_in_flight``."""
 
-    def peer_max_message_size(self) -> int | None:
-        """The ``max_message_size`` the peer advertised (``TP_MAX_MESSAGE_SIZE``), once its
-        transport parameters arrived; None for a peer that advertised none."""
+    def peer_parameters(self) -> PeerParameters:
+        """qp2p's transport parameters the peer advertised (``NO_PARAMETERS`` until its
+        transport parameters arrived, and for peers that are not qp2p)."""
 
     # -- receive memory (qp2p's bound and credit policy)
     @property
@@ -364,16 +375,6 @@ def is_tls_failure(error_code: int) -> bool:
     return 0x100 <= error_code <= 0x1FF
 
 
-def _push_varint(value: int) -> bytes:
-    if value < 0x40:
-        return bytes([value])
-    if value < 0x4000:
-        return (value | 0x4000).to_bytes(2, "big")
-    if value < 0x4000_0000:
-        return (value | 0x8000_0000).to_bytes(4, "big")
-    return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
-
-
 def _pull_varint(data: bytes, pos: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it; IndexError past the end."""
     length = 1 << (data[pos] >> 6)
@@ -383,30 +384,54 @@ def _pull_varint(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos + length
 
 
+class PeerParameters(NamedTuple):
+    """What a peer's qp2p transport parameters said (nothing, for other QUIC stacks)."""
+
+    max_message_size: int | None
+    receipts: bool
+
+
+#: A peer whose transport parameters carry none of qp2p's (or did not arrive yet).
+NO_PARAMETERS = PeerParameters(None, False)
+
+
+def encode_transport_parameters(max_message_size: int | None, receipts: bool) -> bytes:
+    """qp2p's transport parameters, encoded to append to the engine's own."""
+    out = b""
+    if max_message_size is not None:
+        value = encode_varint(max_message_size)
+        out += encode_varint(TP_MAX_MESSAGE_SIZE) + encode_varint(len(value)) + value
+    if receipts:
+        out += encode_varint(TP_RECEIPTS) + encode_varint(0)
+    return out
+
+
 def local_transport_parameters(config: Config) -> bytes:
-    """qp2p's transport parameters, encoded to append to the engine's own (the adapters
-    do so in both roles)."""
-    value = _push_varint(config.max_message_size)
-    return _push_varint(TP_MAX_MESSAGE_SIZE) + _push_varint(len(value)) + value
+    """What our endpoints advertise (the adapters append it in both roles)."""
+    return encode_transport_parameters(config.max_message_size, True)
 
 
-def peer_max_message_size(data: bytes) -> int | None:
-    """The ``max_message_size`` a peer's encoded transport parameters advertise, or None
-    (not a qp2p peer, or a malformed value: then it is as if absent)."""
+def parse_peer_parameters(data: bytes) -> PeerParameters:
+    """qp2p's parameters among a peer's encoded transport parameters (the engine has
+    validated the encoding; a malformed qp2p value counts as absent)."""
+    limit: int | None = None
+    receipts = False
     pos = 0
     try:
         while pos < len(data):
             param_id, pos = _pull_varint(data, pos)
             length, pos = _pull_varint(data, pos)
             if pos + length > len(data):
-                return None
+                break
             if param_id == TP_MAX_MESSAGE_SIZE:
                 value, end = _pull_varint(data, pos)
-                return value if end == pos + length else None
+                limit = value if end == pos + length else None
+            elif param_id == TP_RECEIPTS:
+                receipts = length == 0
             pos += length
     except IndexError:
-        return None
-    return None
+        pass
+    return PeerParameters(limit, receipts)
 
 
 class LongHeader(NamedTuple):

@@ -41,19 +41,21 @@ from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
     MAX_CREDIT,
+    NO_PARAMETERS,
     CidIssued,
     CidRetired,
     Datagram,
     Event,
     HandshakeDone,
     LongHeader,
+    PeerParameters,
     ReceiveBudget,
     StopSending,
     StreamData,
     StreamReset,
     Terminated,
     local_transport_parameters,
-    peer_max_message_size,
+    parse_peer_parameters,
 )
 from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
 
@@ -292,7 +294,7 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     owner: Any = None
     #: qp2p's transport parameters, appended to aioquic's (see new_client/new_server)
     qp2p_parameters: bytes = b""
-    peer_message_limit: int | None = None
+    peer_params: PeerParameters = NO_PARAMETERS
 
     @property
     def held(self) -> int:
@@ -328,7 +330,7 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
         super()._parse_transport_parameters(data, from_session_ticket)  # validates first
         if not from_session_ticket:
-            self.peer_message_limit = peer_max_message_size(data)
+            self.peer_params = parse_peer_parameters(data)
 
     # -- the engine interface (qp2p.engine.EngineConnection) ----------------------------
 
@@ -429,8 +431,8 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def path_stats(self) -> dict[str, Any]:
         return path_stats(self)
 
-    def peer_max_message_size(self) -> int | None:
-        return self.peer_message_limit
+    def peer_parameters(self) -> PeerParameters:
+        return self.peer_params
 
     def release(self, nbytes: int) -> None:
         self.released += nbytes

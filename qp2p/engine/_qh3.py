@@ -54,19 +54,21 @@ from ..identity import Identity, PeerId, Trust
 from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
+    NO_PARAMETERS,
     CidIssued,
     CidRetired,
     Datagram,
     Event,
     HandshakeDone,
     LongHeader,
+    PeerParameters,
     ReceiveBudget,
     StopSending,
     StreamData,
     StreamReset,
     Terminated,
     local_transport_parameters,
-    peer_max_message_size,
+    parse_peer_parameters,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
 
@@ -139,7 +141,7 @@ class _Bridge(QuicTlsBridge):
 
     qp2p_streams: tuple[int, int] = (100, 100)
     qp2p_parameters: bytes = b""
-    peer_message_limit: int | None = None
+    peer_params: PeerParameters = NO_PARAMETERS
 
     def parse_transport_parameters(
         self, data: bytes, *, from_session_ticket: bool = False
@@ -148,7 +150,7 @@ class _Bridge(QuicTlsBridge):
             data, from_session_ticket=from_session_ticket
         )
         if not from_session_ticket:
-            self.peer_message_limit = peer_max_message_size(data)
+            self.peer_params = parse_peer_parameters(data)
         return parameters
 
     def serialize_transport_parameters(self) -> bytes:
@@ -520,9 +522,9 @@ class Qh3Connection(QuicConnection):
             "bytes_in_flight": core.bytes_in_flight,
         }
 
-    def peer_max_message_size(self) -> int | None:
+    def peer_parameters(self) -> PeerParameters:
         bridge = self._tls
-        return bridge.peer_message_limit if isinstance(bridge, _Bridge) else None
+        return bridge.peer_params if isinstance(bridge, _Bridge) else NO_PARAMETERS
 
     @property
     def held(self) -> int:
