@@ -163,6 +163,10 @@ class Connection:
         self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
         # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
         self._receipts: list[bytes] = []
+        # whether we promised the peer receipts (we advertised no limit; see engine.TP_RECEIPTS)
+        self._sends_receipts = engine.parse_peer_parameters(
+            engine.local_transport_parameters(endpoint.config)
+        ).receipts
         # timer
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
@@ -498,6 +502,9 @@ class Connection:
                 continue  # not ours, cancelled, or already failed by STOP_SENDING
             if code:
                 self._on_peer_rejected(sid, code, "refused")
+                if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
+                    self._quic.reset_stream(sid, code)
+                    self._endpoint._mark_dirty(self)
                 continue
             del self._unacked[sid]
             self._unacked_bytes -= pending.size
@@ -508,8 +515,9 @@ class Connection:
 
     def _owe_receipt(self, sid: int, code: int) -> None:
         """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
-        tell a peer that asked for receipts (sent at the next flush)."""
-        if not self._quic.peer_parameters().receipts:
+        tell the peer, if we promised receipts and it is a qp2p peer (sent at the next
+        flush)."""
+        if not self._sends_receipts or self._quic.peer_parameters() == engine.NO_PARAMETERS:
             return
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
             self._receipts.append(wire.encode_receipt(sid, code))

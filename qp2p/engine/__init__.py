@@ -90,10 +90,12 @@ AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
 #: id is a private one ("qpMS", not of the 31*N+27 GREASE form); RFC 9000 §7.4.2 makes
 #: peers that don't know it (other QUIC stacks, older qp2p) ignore it.
 TP_MAX_MESSAGE_SIZE = 0x71_70_4D_53
-#: qp2p's flag parameter (empty, "qpRC"): "I send a receipt for every message you send me
-#: on a unidirectional stream, and I read yours" (``wire.KIND_RECEIPT``): a sender whose
-#: peer advertises it returns from ``send()`` on the receipt, not on the QUIC ACK, so a
-#: message the peer refused never reports success (DESIGN.md, README "Hardening").
+#: qp2p's flag parameter (empty, "qpRC"), for a receiver that does not advertise its
+#: limit: "I send a receipt (``wire.KIND_RECEIPT``) for every message you send me on a
+#: unidirectional stream". A sender whose peer advertises it returns from ``send()`` on the
+#: receipt, not on the QUIC ACK, so a message the peer refused never reports success even
+#: when the STOP_SENDING is lost or never sent (qh3). Every qp2p endpoint reads receipts;
+#: qp2p's own endpoints advertise their limit instead, which needs no extra packets.
 TP_RECEIPTS = 0x71_70_52_43
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
@@ -407,8 +409,9 @@ def encode_transport_parameters(max_message_size: int | None, receipts: bool) ->
 
 
 def local_transport_parameters(config: Config) -> bytes:
-    """What our endpoints advertise (the adapters append it in both roles)."""
-    return encode_transport_parameters(config.max_message_size, True)
+    """What our endpoints advertise (the adapters append it in both roles): the limit,
+    so no receipts are needed."""
+    return encode_transport_parameters(config.max_message_size, False)
 
 
 def parse_peer_parameters(data: bytes) -> PeerParameters:

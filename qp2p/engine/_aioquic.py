@@ -34,6 +34,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.stream import QuicStreamReceiver
 
+from .. import engine as _engine  # looked up per call: tests replace what we advertise
 from ..config import Config
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust
@@ -54,7 +55,6 @@ from . import (
     StreamData,
     StreamReset,
     Terminated,
-    local_transport_parameters,
     parse_peer_parameters,
 )
 from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
@@ -515,7 +515,7 @@ def new_client(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = local_transport_parameters(config)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 
@@ -538,7 +538,7 @@ def new_server(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = local_transport_parameters(config)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 

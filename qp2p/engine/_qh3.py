@@ -48,6 +48,7 @@ from qh3.quic.packet import (
 )
 from qh3.quic.tls_bridge import QuicTlsBridge, QuicTlsBridgeError
 
+from .. import engine as _engine  # looked up per call: tests replace what we advertise
 from ..config import Config
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust
@@ -67,7 +68,6 @@ from . import (
     StreamData,
     StreamReset,
     Terminated,
-    local_transport_parameters,
     parse_peer_parameters,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
@@ -183,7 +183,7 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
-        self._qp2p_parameters = local_transport_parameters(config)
+        self._qp2p_parameters = _engine.local_transport_parameters(config)
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
