@@ -203,9 +203,9 @@ class Connection:
     async def send(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
         """Send one message on a new unidirectional stream.
 
-        Returns once the peer has the whole message: a qp2p peer says so with a receipt
-        (so a message it refused never reports success), other peers by acknowledging
-        the whole stream. Raises ``ValueError`` for
+        Returns once the peer acknowledged the whole stream, or, from a receiver that
+        advertises receipts instead of its limit (``engine.TP_RECEIPTS``), once its receipt
+        says it took the message. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
         ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
         ``MessageRejected`` if the peer refused the message and

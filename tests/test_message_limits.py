@@ -223,3 +223,28 @@ async def test_peer_without_parameters(impl: str, monkeypatch: pytest.MonkeyPatc
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.asyncio
+async def test_junk_receipts(impl: str) -> None:
+    """Receipts from a peer are only about our own waiting sends: a malformed one is
+    counted and dropped, one naming streams we never sent changes nothing, and the
+    connection keeps serving."""
+    from qp2p import wire
+
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    try:
+        conn, accepted = await connected(a, b)
+        for payload in (b"\xc0", wire.encode_receipt(2, 0) + wire.encode_receipt(1002, 7)):
+            frame = accepted._fp.encode_frame(b"", b"", payload, wire.KIND_RECEIPT)
+            accepted._send_nowait(frame)
+        await asyncio.wait_for(accepted.send(b"after"), 5)
+        assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"after"
+        assert conn.stats()["streams_rejected"] == 1  # the malformed one
+        assert conn.stats()["messages_received"] == 1
+        await asyncio.wait_for(conn.send(b"still"), 5)
+        assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"still"
+    finally:
+        await a.close()
+        await b.close()
