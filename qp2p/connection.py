@@ -46,6 +46,11 @@ LARGE_FRAME = 64 * 1024
 DATAGRAM_QUEUE_LIMIT = 4096
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
 STALL_CREDIT = 4096
+#: Receipts (wire.KIND_RECEIPT) we keep for a peer that grants no stream to send them on;
+#: beyond it new ones are dropped (only that peer's own send() calls then wait).
+MAX_PENDING_RECEIPTS = 16384
+#: Most entries in one receipt frame (each at most 16 bytes).
+RECEIPT_BATCH = 1024
 
 
 class ConnectionStats(TypedDict):
@@ -141,15 +146,17 @@ class Message:
 
 
 class _PendingSend:
-    """A frame waiting for stream credit or for its acknowledgement."""
+    """A frame waiting for stream credit, for its acknowledgement or for its receipt
+    (``receipt``: the peer sends one, and the send completes on it, not on the ACK)."""
 
-    __slots__ = ("frame", "future", "size", "stream_id")
+    __slots__ = ("frame", "future", "receipt", "size", "stream_id")
 
     def __init__(self, frame: bytes, future: asyncio.Future[Any]) -> None:
         self.frame = frame
         self.future = future
         self.size = len(frame)
         self.stream_id = -1
+        self.receipt = False
 
 
 class Connection:
@@ -217,6 +224,12 @@ class Connection:
         self._unacked_bytes = 0
         self._last_large = -1  # stream id of the newest large frame written
         self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
+        # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
+        self._receipts: list[bytes] = []
+        # whether we promised the peer receipts (we advertised no limit; see engine.TP_RECEIPTS)
+        self._sends_receipts = engine.parse_peer_parameters(
+            engine.local_transport_parameters(endpoint.config)
+        ).receipts
         # timer
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
@@ -267,14 +280,18 @@ class Connection:
     async def send(self, payload: bytes, header: bytes = b"", dst: bytes = b"") -> None:
         """Send one message on a new unidirectional stream.
 
-        Returns once the peer has acknowledged the whole stream. Raises ``ValueError`` for
+        Returns once the peer acknowledged the whole stream, or, from a receiver that
+        advertises receipts instead of its limit (``engine.TP_RECEIPTS``), once its receipt
+        says it took the message. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
-        ``max_message_size``, ``MessageRejected`` if the peer reset the stream and
+        ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
+        ``MessageRejected`` if the peer refused the message and
         ``ConnectionClosed`` if the connection is or becomes closed first.
         """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future)
+        pending.receipt = self._quic.peer_parameters().receipts
         self._queue_uni.append(pending)
         self._pump()
         try:
@@ -418,6 +435,11 @@ class Connection:
         header = wire.as_bytes("header", header)
         dst = wire.as_bytes("dst", dst)
         wire.check_message(header, dst, payload, self._max_message_size)
+        # the peer's own limit, when it advertised one: refused here, before a byte is
+        # sent, rather than sent for the peer to reject
+        peer_limit = self._quic.peer_parameters().max_message_size
+        if peer_limit is not None and peer_limit < self._max_message_size:
+            wire.check_message(header, dst, payload, peer_limit, "the peer's max_message_size")
         self._raise_if_closed()
         frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
         return frame
@@ -586,11 +608,62 @@ class Connection:
 
     def _complete_acked(self) -> None:
         quic = self._quic
-        for sid in [sid for sid in self._unacked if quic.send_finished(sid)]:
+        done = [
+            sid for sid, p in self._unacked.items() if not p.receipt and quic.send_finished(sid)
+        ]
+        for sid in done:
             pending = self._unacked.pop(sid)
             self._unacked_bytes -= pending.size
             if not pending.future.done():
                 pending.future.set_result(None)
+
+    def _on_receipts(self, payload: bytes) -> None:
+        """The peer's receipts for our unidirectional streams: each completes its send,
+        or fails it with the peer's rejection code."""
+        for sid, code in wire.parse_receipts(payload):
+            pending = self._unacked.get(sid)
+            if pending is None or not pending.receipt:
+                continue  # not ours, cancelled, or already failed by STOP_SENDING
+            if code:
+                self._on_peer_rejected(sid, code, "refused")
+                if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
+                    self._quic.reset_stream(sid, code)
+                    self._endpoint._mark_dirty(self)
+                continue
+            del self._unacked[sid]
+            self._unacked_bytes -= pending.size
+            if not pending.future.done():
+                pending.future.set_result(None)
+        if self._queue_uni or self._queue_bidi or self._queue_reply:
+            self._pump()
+
+    def _owe_receipt(self, sid: int, code: int) -> None:
+        """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
+        tell the peer, if we promised receipts and it is a qp2p peer (sent at the next
+        flush)."""
+        if not self._sends_receipts or self._quic.peer_parameters() == engine.NO_PARAMETERS:
+            return
+        if len(self._receipts) < MAX_PENDING_RECEIPTS:
+            self._receipts.append(wire.encode_receipt(sid, code))
+            self._endpoint._mark_dirty(self)
+
+    def _flush_receipts(self) -> None:
+        """Write the receipts owed, while the peer grants streams (the endpoint calls this
+        before asking the engine for datagrams, and before a close)."""
+        receipts = self._receipts
+        quic = self._quic
+        if self._closed is not None:
+            receipts.clear()
+            return
+        peer_limit = quic.peer_parameters().max_message_size
+        batch = RECEIPT_BATCH
+        if peer_limit is not None:  # each frame must fit the peer's own limit
+            batch = max(1, min(batch, peer_limit // 16))
+        while receipts and quic.streams_available(True) > 0:
+            payload = b"".join(receipts[:batch])
+            del receipts[:batch]
+            frame: bytes = self._fp.encode_frame(b"", b"", payload, wire.KIND_RECEIPT)
+            quic.send_stream(quic.open_stream(True), frame, True)
 
     # ------------------------------------------------------------------ events
 
@@ -679,6 +752,8 @@ class Connection:
         _peer_log.warning(f"reject-{code:#x}", "rejecting stream %d from %s: %s", sid,
                           self.remote_addr, exc)
         self._quic.reject_stream(sid, code)
+        if sid & 2 and (sid & 1) != (0 if self._is_client else 1):
+            self._owe_receipt(sid, code)  # STOP_SENDING may be lost or not sent (qh3)
         self._stop_sending_on(sid)
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
@@ -692,6 +767,8 @@ class Connection:
         """A complete frame of ``size`` bytes (its whole stream) arrived on ``sid``."""
         kind, header, dst, payload = frame
         if kind == wire.KIND_USER and (sid & 1) != (0 if self._is_client else 1):
+            if sid & 2:
+                self._owe_receipt(sid, 0)
             self._stats["messages_received"] += 1
             self._inbox.append(Message(self, header, dst, payload, None if sid & 2 else sid))
             self._inbox_signal.notify_all()
@@ -706,6 +783,13 @@ class Connection:
                 future.set_result(Message(self, header, dst, payload))
             else:
                 future.set_result(_ControlReply(self, kind, header, dst, payload))
+            return
+        if kind == wire.KIND_RECEIPT and sid & 2:
+            try:
+                self._on_receipts(payload)
+            except ProtocolError as exc:
+                self._stats["streams_rejected"] += 1
+                logger.debug("malformed receipt from %s: %s", self.remote_addr, exc)
             return
         self._endpoint._on_control(self, kind, header, dst, payload, None if sid & 2 else sid)
 

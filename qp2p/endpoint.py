@@ -913,6 +913,8 @@ class Endpoint:
                 self._drain_held_events(conn)
                 if conn._terminated:
                     continue
+            if conn._receipts:
+                conn._flush_receipts()
             datagrams = quic.datagrams_to_send(now)
             if datagrams:
                 out.extend(datagrams)
@@ -1007,6 +1009,8 @@ class Endpoint:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
         quic = conn._quic
         now = _now()
+        if conn._receipts:
+            conn._flush_receipts()  # the peer's sends that reached us complete
         quic.ack_now(now)
         self._backlog.extend(quic.datagrams_to_send(now))
         quic.shutdown(wire.CLOSE_NORMAL, reason)

@@ -30,14 +30,18 @@ __all__ = [
     "KIND_INTRODUCE_REQUEST",
     "KIND_INTRODUCE_RESPONSE",
     "KIND_INTRODUCTION",
+    "KIND_RECEIPT",
     "KIND_USER",
     "Address",
     "SockAddr",
     "addr_text",
     "as_bytes",
     "check_message",
+    "encode_receipt",
+    "encode_varint",
     "format_addr",
     "parse_addr",
+    "parse_receipts",
     "to_address",
 ]
 
@@ -50,6 +54,10 @@ KIND_ECHO_RESPONSE: Final = 2  # the observed address, as "host:port" text
 KIND_INTRODUCE_REQUEST: Final = 3  # ask a rendezvous to introduce a peer (bidi)
 KIND_INTRODUCE_RESPONSE: Final = 4  # the rendezvous' answer
 KIND_INTRODUCTION: Final = 5  # rendezvous -> target: "a peer wants to punch to you"
+# receiver -> sender, uni stream, only to peers advertising engine.TP_RECEIPTS: the payload
+# is (stream id, code) varint pairs, one per message the sender sent on a unidirectional
+# stream: code 0 = accepted (whole, into the receiver's memory), else the rejection's code
+KIND_RECEIPT: Final = 6
 
 # Application error codes on streams (RESET_STREAM / STOP_SENDING).
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
@@ -58,6 +66,43 @@ ERR_BUFFER_FULL: Final = 0x71_70_03  # unfinished messages filled the receiver's
 
 # Connection close codes (application CONNECTION_CLOSE).
 CLOSE_NORMAL: Final = 0
+
+
+def encode_receipt(stream_id: int, code: int) -> bytes:
+    """One receipt entry: the stream's id and the code (0: accepted), as QUIC varints."""
+    return encode_varint(stream_id) + encode_varint(code)
+
+
+def parse_receipts(payload: bytes) -> list[tuple[int, int]]:
+    """The entries of a receipt frame; ``ProtocolError`` for a malformed one."""
+    out: list[tuple[int, int]] = []
+    pos, end = 0, len(payload)
+    values: list[int] = []
+    while pos < end:
+        length = 1 << (payload[pos] >> 6)
+        if pos + length > end:
+            raise ProtocolError("truncated receipt")
+        values.append(int.from_bytes(payload[pos : pos + length], "big") & _MASKS[length])
+        pos += length
+    if len(values) % 2:
+        raise ProtocolError("truncated receipt")
+    for i in range(0, len(values), 2):
+        out.append((values[i], values[i + 1]))
+    return out
+
+
+_MASKS = {1: 0x3F, 2: 0x3FFF, 4: 0x3FFF_FFFF, 8: 0x3FFF_FFFF_FFFF_FFFF}
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` as a QUIC variable-length integer (RFC 9000 §16)."""
+    if value < 0x40:
+        return bytes([value])
+    if value < 0x4000:
+        return (value | 0x4000).to_bytes(2, "big")
+    if value < 0x4000_0000:
+        return (value | 0x8000_0000).to_bytes(4, "big")
+    return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
 
 
 def as_bytes(name: str, value: object) -> bytes:
@@ -72,17 +117,24 @@ def as_bytes(name: str, value: object) -> bytes:
     raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
 
 
-def check_message(header: bytes, dst: bytes, payload: bytes, max_message_size: int) -> int:
+def check_message(
+    header: bytes,
+    dst: bytes,
+    payload: bytes,
+    max_message_size: int,
+    limit_name: str = "max_message_size",
+) -> int:
     """Validate a message before anything is sent; returns its framed size.
 
-    ``max_message_size`` counts header+dst+payload (API.md), not the 16-byte frame header.
+    ``max_message_size`` counts header+dst+payload (API.md), not the 16-byte frame header;
+    ``limit_name`` names it in the error.
     """
     if not payload:
         raise ValueError("payload must not be empty")
     size = len(header) + len(dst) + len(payload)
     if size > max_message_size:
         raise MessageTooLarge(
-            f"message of {size} bytes (header+dst+payload) exceeds max_message_size of "
+            f"message of {size} bytes (header+dst+payload) exceeds {limit_name} of "
             f"{max_message_size}"
         )
     return FRAME_HEADER_LEN + size

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from ..wire import encode_varint
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..errors import PeerAuthenticationError
@@ -41,6 +43,9 @@ __all__ = [
     "INITIAL_MAX_DATA",
     "MAX_CREDIT",
     "MIN_INITIAL_SIZE",
+    "NO_PARAMETERS",
+    "TP_MAX_MESSAGE_SIZE",
+    "TP_RECEIPTS",
     "AddressValidator",
     "CidIssued",
     "CidRetired",
@@ -50,13 +55,17 @@ __all__ = [
     "Event",
     "HandshakeDone",
     "LongHeader",
+    "PeerParameters",
     "ReceiveBudget",
     "StopSending",
     "StreamData",
     "StreamReset",
     "Terminated",
+    "encode_transport_parameters",
     "engines",
     "is_tls_failure",
+    "local_transport_parameters",
+    "parse_peer_parameters",
     "resolve",
 ]
 
@@ -74,6 +83,19 @@ MIN_INITIAL_SIZE = 1200
 RETRY_TOKEN_LIFETIME = 10.0
 #: Every ``Terminated.reason_phrase`` qp2p produces for a rejected peer starts so.
 AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
+
+#: qp2p's own QUIC transport parameter: the receiver's ``max_message_size`` (varint), so a
+#: sender refuses an over-limit message locally instead of sending it to be rejected. The
+#: id is a private one ("qpMS", not of the 31*N+27 GREASE form); RFC 9000 §7.4.2 makes
+#: peers that don't know it (other QUIC stacks, older qp2p) ignore it.
+TP_MAX_MESSAGE_SIZE = 0x71_70_4D_53
+#: qp2p's flag parameter (empty, "qpRC"), for a receiver that does not advertise its
+#: limit: "I send a receipt (``wire.KIND_RECEIPT``) for every message you send me on a
+#: unidirectional stream". A sender whose peer advertises it returns from ``send()`` on the
+#: receipt, not on the QUIC ACK, so a message the peer refused never reports success even
+#: when the STOP_SENDING is lost or never sent (qh3). Every qp2p endpoint reads receipts;
+#: qp2p's own endpoints advertise their limit instead, which needs no extra packets.
+TP_RECEIPTS = 0x71_70_52_43
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
 ENGINES: dict[str, tuple[str, str]] = {
@@ -260,6 +282,10 @@ class EngineConnection(Protocol):
     def path_stats(self) -> dict[str, Any]:
         """``rtt``, ``min_rtt`` (seconds or None), ``cwnd``, ``bytes_in_flight``."""
 
+    def peer_parameters(self) -> PeerParameters:
+        """qp2p's transport parameters the peer advertised (``NO_PARAMETERS`` until its
+        transport parameters arrived, and for peers that are not qp2p)."""
+
     # -- receive memory (qp2p's bound and credit policy)
     @property
     def held(self) -> int:
@@ -344,6 +370,66 @@ class Engine(Protocol):
 def is_tls_failure(error_code: int) -> bool:
     """A QUIC CRYPTO_ERROR (0x100-0x1ff): the TLS handshake failed, e.g. a TLS alert."""
     return 0x100 <= error_code <= 0x1FF
+
+
+def _pull_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; IndexError past the end."""
+    length = 1 << (data[pos] >> 6)
+    if pos + length > len(data):
+        raise IndexError("truncated varint")
+    value = int.from_bytes(data[pos : pos + length], "big") & ((1 << (8 * length - 2)) - 1)
+    return value, pos + length
+
+
+class PeerParameters(NamedTuple):
+    """What a peer's qp2p transport parameters said (nothing, for other QUIC stacks)."""
+
+    max_message_size: int | None
+    receipts: bool
+
+
+#: A peer whose transport parameters carry none of qp2p's (or did not arrive yet).
+NO_PARAMETERS = PeerParameters(None, False)
+
+
+def encode_transport_parameters(max_message_size: int | None, receipts: bool) -> bytes:
+    """qp2p's transport parameters, encoded to append to the engine's own."""
+    out = b""
+    if max_message_size is not None:
+        value = encode_varint(max_message_size)
+        out += encode_varint(TP_MAX_MESSAGE_SIZE) + encode_varint(len(value)) + value
+    if receipts:
+        out += encode_varint(TP_RECEIPTS) + encode_varint(0)
+    return out
+
+
+def local_transport_parameters(config: Config) -> bytes:
+    """What our endpoints advertise (the adapters append it in both roles): the limit,
+    so no receipts are needed."""
+    return encode_transport_parameters(config.max_message_size, False)
+
+
+def parse_peer_parameters(data: bytes) -> PeerParameters:
+    """qp2p's parameters among a peer's encoded transport parameters (the engine has
+    validated the encoding; a malformed qp2p value counts as absent)."""
+    limit: int | None = None
+    receipts = False
+    pos = 0
+    try:
+        while pos < len(data):
+            param_id, pos = _pull_varint(data, pos)
+            length, pos = _pull_varint(data, pos)
+            if pos + length > len(data):
+                break
+            if param_id == TP_MAX_MESSAGE_SIZE:
+                value, end = _pull_varint(data, pos)
+                limit = value if end == pos + length else None
+            elif param_id == TP_RECEIPTS:
+                receipts = length == 0
+            pos += length
+    except IndexError:
+        pass
+    return PeerParameters(limit, receipts)
 
 
 class LongHeader(NamedTuple):

@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .. import engine as _engine  # looked up per call: tests replace what we advertise
 from ..config import Config
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust
@@ -51,17 +52,20 @@ from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
     MAX_CREDIT,
+    NO_PARAMETERS,
     CidIssued,
     CidRetired,
     Datagram,
     Event,
     HandshakeDone,
     LongHeader,
+    PeerParameters,
     ReceiveBudget,
     StopSending,
     StreamData,
     StreamReset,
     Terminated,
+    parse_peer_parameters,
 )
 from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
 
@@ -483,6 +487,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     released: int = 0
     budget: ReceiveBudget | None = None
     owner: Any = None
+    #: qp2p's transport parameters, appended to aioquic's (see new_client/new_server)
+    qp2p_parameters: bytes = b""
+    peer_params: PeerParameters = NO_PARAMETERS
+
     closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
 
     def _close_begin(self, is_initiator: bool, now: float) -> None:
@@ -513,6 +521,17 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         """What the peer may still make us hold: granted credit minus released bytes."""
         value: int = self._local_max_data.value
         return value - self.released
+
+    # -- qp2p's transport parameter ----------------------------------------------------
+
+    def _serialize_transport_parameters(self) -> bytes:
+        data: bytes = super()._serialize_transport_parameters()
+        return data + self.qp2p_parameters
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)  # validates first
+        if not from_session_ticket:
+            self.peer_params = parse_peer_parameters(data)
 
     # -- the engine interface (qp2p.engine.EngineConnection) ----------------------------
 
@@ -616,6 +635,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def path_stats(self) -> dict[str, Any]:
         return path_stats(self)
 
+    def peer_parameters(self) -> PeerParameters:
+        return self.peer_params
+
     def release(self, nbytes: int) -> None:
         self.released += nbytes
 
@@ -697,6 +719,7 @@ def new_client(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 
@@ -719,6 +742,7 @@ def new_server(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config)
     set_stream_limits(quic, config)
     return quic
 

@@ -46,24 +46,28 @@ from qh3.quic.packet import (
 )
 from qh3.quic.tls_bridge import QuicTlsBridge, QuicTlsBridgeError
 
+from .. import engine as _engine  # looked up per call: tests replace what we advertise
 from ..config import Config
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust
 from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
+    NO_PARAMETERS,
     CidIssued,
     CidRetired,
     Datagram,
     Event,
     HandshakeDone,
     LongHeader,
+    PeerParameters,
     ReceiveBudget,
     StopSending,
     StreamData,
     StreamReset,
     Terminated,
     _aioquic,
+    parse_peer_parameters,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
 
@@ -133,9 +137,22 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
 
 
 class _Bridge(QuicTlsBridge):
-    """qh3's TLS bridge, advertising qp2p's stream limits."""
+    """qh3's TLS bridge, advertising qp2p's stream limits and transport parameters, and
+    reading the peer's."""
 
     qp2p_streams: tuple[int, int] = (100, 100)
+    qp2p_parameters: bytes = b""
+    peer_params: PeerParameters = NO_PARAMETERS
+
+    def parse_transport_parameters(
+        self, data: bytes, *, from_session_ticket: bool = False
+    ) -> Any:
+        parameters = super().parse_transport_parameters(  # validates first
+            data, from_session_ticket=from_session_ticket
+        )
+        if not from_session_ticket:
+            self.peer_params = parse_peer_parameters(data)
+        return parameters
 
     def serialize_transport_parameters(self) -> bytes:
         parameters = pull_quic_transport_parameters(
@@ -146,7 +163,7 @@ class _Bridge(QuicTlsBridge):
         )
         buf = Buffer(capacity=3 * self.configuration.max_datagram_size)
         push_quic_transport_parameters(buf, parameters)
-        return buf.data
+        return bytes(buf.data) + self.qp2p_parameters
 
 
 class Qh3Connection(QuicConnection):
@@ -167,6 +184,7 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
+        self._qp2p_parameters = _engine.local_transport_parameters(config)
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
@@ -222,6 +240,7 @@ class Qh3Connection(QuicConnection):
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = _Bridge.__new__(_Bridge)
         bridge.qp2p_streams = self._streams_limit
+        bridge.qp2p_parameters = self._qp2p_parameters
         bridge.__init__(  # type: ignore[misc]
             self._configuration,
             version=self._version,
@@ -534,6 +553,10 @@ class Qh3Connection(QuicConnection):
             "cwnd": core.congestion_window,
             "bytes_in_flight": core.bytes_in_flight,
         }
+
+    def peer_parameters(self) -> PeerParameters:
+        bridge = self._tls
+        return bridge.peer_params if isinstance(bridge, _Bridge) else NO_PARAMETERS
 
     @property
     def held(self) -> int:
