@@ -135,6 +135,10 @@ class Connection:
         self._rejected: dict[int, int] = {}
         self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
         self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_bytes = 0  # stream bytes of the messages in _inbox
+        # set once the endpoint forgot us with messages unread: only they stay charged to
+        # its budget, until recv() hands them over (or this object is collected)
+        self._inbox_charged = False
         self._inbox_signal = Signal(self._loop)
         # flow control (see the engine adapters): the bound on what we hold;
         # _budgeted while the endpoint budget counts us
@@ -217,7 +221,12 @@ class Connection:
             self._raise_if_closed()
             await self._inbox_signal.wait()
         msg = self._inbox.popleft()
-        self._release(len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN)
+        size = len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN
+        self._inbox_bytes -= size
+        if self._inbox_charged:  # the engine is gone: only the budget still counts it
+            self._endpoint._release_budget(size)
+        else:
+            self._release(size)
         return msg
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -569,6 +578,7 @@ class Connection:
         if kind == wire.KIND_USER and (sid & 1) != (0 if self._is_client else 1):
             self._stats["messages_received"] += 1
             self._inbox.append(Message(self, header, dst, payload, None if sid & 2 else sid))
+            self._inbox_bytes += size
             self._inbox_signal.notify_all()
             return  # held until recv() hands it over
         self._release(size)  # anything else is handled (or dropped) right here
@@ -635,6 +645,19 @@ class Connection:
         self._on_peer_rejected(sid, code, "reset")
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _keep_inbox_charged(self) -> int:
+        """The endpoint forgets us: the bytes of our unread messages, which stay charged
+        to its budget until ``recv()`` takes them (or this connection is collected)."""
+        self._inbox_charged = self._inbox_bytes > 0
+        return self._inbox_bytes
+
+    def __del__(self) -> None:
+        # an application that dropped a closed connection without reading it: give the
+        # endpoint's budget back what its messages still held
+        if getattr(self, "_inbox_charged", False) and self._inbox_bytes > 0:
+            self._inbox_charged = False
+            self._endpoint._release_budget_soon(self._inbox_bytes)
 
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id

@@ -528,6 +528,8 @@ class Endpoint:
         refusal = None
         if len(self._live) >= self.config.max_connections:
             refusal = "endpoint at max_connections"
+        elif len(self._accept_queue) + len(self._half_open) >= self.config.max_accept_backlog:
+            refusal = "accept backlog full"
         elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
             refusal = "too many connections from this address"
         validator = self._validator
@@ -615,6 +617,13 @@ class Endpoint:
                 del starved[conn]
                 if conn._budgeted:
                     self._mark_dirty(conn)
+
+    def _release_budget_soon(self, nbytes: int) -> None:
+        """``_release_budget`` from a finalizer (which may run in any thread, or after the
+        loop closed): the count at once, the wake-up on the loop."""
+        self._budget.release(nbytes)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+            self._loop.call_soon_threadsafe(self._release_budget, 0)
 
     def _on_handshake(self, conn: Connection) -> None:
         conn._handshake_done = True
@@ -707,7 +716,9 @@ class Endpoint:
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
-            self._release_budget(conn._quic.reservation())  # may wake starved ones
+            # unread messages stay charged until the application reads them
+            kept = conn._keep_inbox_charged()
+            self._release_budget(conn._quic.reservation() - kept)  # may wake starved ones
         if not conn._is_client and conn in self._live:
             host = str(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1
