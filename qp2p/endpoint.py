@@ -618,6 +618,15 @@ class Endpoint:
                 if conn._budgeted:
                     self._mark_dirty(conn)
 
+    def _charge_budget(self, nbytes: int) -> bool:
+        """Charge ``nbytes`` held outside any engine (received datagrams) to the receive
+        budget, if it has room."""
+        budget = self._budget
+        if budget.reserved + nbytes > budget.limit:
+            return False
+        budget.reserved += nbytes
+        return True
+
     def _release_budget_soon(self, nbytes: int) -> None:
         """``_release_budget`` from a finalizer (which may run in any thread, or after the
         loop closed): the count at once, the wake-up on the loop."""
@@ -719,6 +728,7 @@ class Endpoint:
             # unread messages stay charged until the application reads them
             kept = conn._keep_inbox_charged()
             self._release_budget(conn._quic.reservation() - kept)  # may wake starved ones
+            conn._quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
         if not conn._is_client and conn in self._live:
             host = str(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1

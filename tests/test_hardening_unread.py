@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 
 import pytest
 from aioquic.asyncio.client import connect
@@ -27,7 +26,7 @@ def queued_inbox_bytes(server: qp2p.Endpoint) -> tuple[int, int]:
     messages = size = 0
     for conn in list(server._accept_queue):
         messages += len(conn._inbox)
-        size += sum(len(m.payload) + len(m.header) + len(m.dst) + 16 for m in conn._inbox)
+        size += conn._inbox_bytes
     return messages, size
 
 
@@ -135,8 +134,7 @@ async def test_dropped_unread_connection_gives_its_budget_back(impl: str) -> Non
         conn = await asyncio.wait_for(server.accept(), 5)
         assert conn.is_closed
         assert server._budget.reserved >= 600 * KiB
-        del conn
-        gc.collect()
+        del conn  # nothing else refers to it: collected at once, no gc pass needed
         await asyncio.sleep(0.05)
         assert server._budget.reserved == 0
 
@@ -164,3 +162,91 @@ async def test_accept_backlog_refuses_beyond_its_bound(impl: str) -> None:
         finally:
             for peer in peers:
                 await peer.close()
+
+
+# ---------------------------------------------------------------------------- datagrams
+
+
+async def test_unread_datagrams_are_bounded_and_drops_counted(impl: str) -> None:
+    """Issue 14 item 3: a raw client sends 2,000 of the largest datagrams the victim
+    advertises to an application that never calls recv_datagram(): the queue stays
+    within DATAGRAM_QUEUE_BYTES (charged to the endpoint budget), the rest is dropped and
+    counted, and the victim still serves the connection."""
+    from qp2p.connection import DATAGRAM_COST, DATAGRAM_QUEUE_BYTES
+
+    cfg = qp2p.Config(handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        host, port = server.local_addr
+        client_cfg = raw_client_config()
+        client_cfg.max_datagram_frame_size = 65536
+        async with connect(host, port, configuration=client_cfg,
+                           create_protocol=Attacker, wait_connected=True) as client:
+            victim = await asyncio.wait_for(server.accept(), 5)
+            quic = client._quic
+            advertised = quic._remote_max_datagram_frame_size
+            assert advertised == cfg.max_datagram_size  # not 64 KiB
+            size = 1150  # fits a 1200-byte packet and the advertised frame size
+            sent = 0
+            for _ in range(40):
+                for _ in range(50):
+                    quic.send_datagram_frame(b"d" * size)
+                    sent += 1
+                client.transmit()
+                await asyncio.sleep(0.005)
+            for _ in range(200):
+                stats = victim.stats()
+                if stats["datagrams_received"] >= sent * 0.9:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            stats = victim.stats()
+            queued = stats["datagram_bytes_buffered"]
+            kept = stats["datagrams_received"] - stats["datagrams_dropped"]
+            print(f"\n[{impl}] {sent} x {size} B datagrams never read: "
+                  f"{stats['datagrams_received']} received, {stats['datagrams_dropped']} "
+                  f"dropped, {kept} kept ({queued} bytes; bound {DATAGRAM_QUEUE_BYTES})")
+            assert stats["datagrams_received"] >= sent // 2  # the flood did arrive
+            assert queued + kept * DATAGRAM_COST <= DATAGRAM_QUEUE_BYTES
+            assert queued >= DATAGRAM_QUEUE_BYTES // 2
+            assert stats["datagrams_dropped"] == stats["datagrams_received"] - kept
+            assert stats["datagrams_dropped"] > 0
+            # the queue is charged to the budget: reading it gives it back
+            before = server._budget.reserved
+            first = await asyncio.wait_for(victim.recv_datagram(), 5)
+            assert first == b"d" * size
+            assert server._budget.reserved == before - size - DATAGRAM_COST
+            assert victim.stats()["datagram_bytes_buffered"] == queued - size
+            assert not victim.is_closed
+
+
+async def test_oversized_datagram_frames_are_refused(impl: str) -> None:
+    """A peer ignoring the advertised max_datagram_frame_size and sending 60 KB DATAGRAM
+    frames (over loopback, in 60 KB packets) holds none of it: both engines close the
+    connection (PROTOCOL_VIOLATION)."""
+    from qp2p.connection import DATAGRAM_QUEUE_BYTES
+
+    cfg = qp2p.Config(handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        host, port = server.local_addr
+        client_cfg = raw_client_config()
+        client_cfg.max_datagram_frame_size = 65536
+        client_cfg.max_datagram_size = 61000
+        async with connect(host, port, configuration=client_cfg,
+                           create_protocol=Attacker, wait_connected=True) as client:
+            victim = await asyncio.wait_for(server.accept(), 5)
+            quic = client._quic
+            quic._max_datagram_size = 61000  # past the victim's limits, on purpose
+            quic._loss._pacer.max_datagram_size = 61000
+            for _ in range(20):
+                quic.send_datagram_frame(b"D" * 60000)
+                client.transmit()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            stats = victim.stats()
+            print(f"\n[{impl}] 20 x 60 KB datagram frames: received "
+                  f"{stats['datagrams_received']}, buffered {stats['datagram_bytes_buffered']}, "
+                  f"closed {victim.is_closed}")
+            assert stats["datagram_bytes_buffered"] <= DATAGRAM_QUEUE_BYTES
+            assert stats["datagrams_received"] == 0
+            assert victim.is_closed  # both engines close the connection
+        await honest_exchange(server, rounds=1)

@@ -258,6 +258,10 @@ class EngineConnection(Protocol):
     def path_stats(self) -> dict[str, Any]:
         """``rtt``, ``min_rtt`` (seconds or None), ``cwnd``, ``bytes_in_flight``."""
 
+    def peer_max_datagram_frame_size(self) -> int | None:
+        """The largest DATAGRAM frame the peer accepts (its transport parameter), or
+        None before it is known or when the peer takes none."""
+
     # -- receive memory (qp2p's bound and credit policy)
     @property
     def held(self) -> int:
