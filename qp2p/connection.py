@@ -38,6 +38,10 @@ LARGE_FRAME = 64 * 1024
 DATAGRAM_QUEUE_BYTES = 256 * 2**10
 #: What one queued datagram costs beyond its payload (the bytes object, the queue slot).
 DATAGRAM_COST = 64
+#: What a stream the peer keeps open with data on it costs us beyond its bytes (the
+#: engine's stream state and our assembler; measured: tests/test_hardening_unread.py),
+#: charged to the endpoint's receive budget until the stream ends.
+STREAM_COST = 3 * 2**10
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
 STALL_CREDIT = 4096
 
@@ -533,14 +537,15 @@ class Connection:
                     assembler = self._assemblers[sid] = self._fp.FrameAssembler(
                         self._max_frame_size
                     )
+                    self._endpoint._charge_budget(STREAM_COST, force=True)
                     frame = assembler.feed(data, fin)
             else:
                 size += assembler.buffered
                 frame = assembler.feed(data, fin)
                 if frame is not None or fin:
-                    del self._assemblers[sid]
+                    self._drop_assembler(sid)
         except ProtocolError as exc:
-            self._assemblers.pop(sid, None)
+            self._drop_assembler(sid)
             if fin:
                 self._release(size)
             else:
@@ -549,6 +554,14 @@ class Connection:
             return
         if frame is not None:
             self._on_frame(sid, frame, size)
+
+    def _drop_assembler(self, sid: int) -> Any:
+        """The stream ``sid`` no longer assembles a frame: its cost goes back to the
+        budget. Returns its assembler, if it had one."""
+        assembler = self._assemblers.pop(sid, None)
+        if assembler is not None:
+            self._endpoint._release_budget(STREAM_COST)
+        return assembler
 
     def _check_receive_stall(self) -> None:
         """Called by the endpoint after a burst of packets. When the peer cannot send
@@ -574,7 +587,7 @@ class Connection:
             return
         sid = max(candidates)
         self._shed_pending = sid
-        assembler = self._assemblers.pop(sid, None)
+        assembler = self._drop_assembler(sid)
         self._rejected[sid] = assembler.buffered if assembler is not None else 0
         self._reject(
             sid,
@@ -675,7 +688,7 @@ class Connection:
         nbytes = self._quic.undelivered_bytes(sid) + self._rejected.pop(sid, 0)
         if sid == self._shed_pending:
             self._shed_pending = None
-        assembler = self._assemblers.pop(sid, None)
+        assembler = self._drop_assembler(sid)
         if assembler is not None:
             nbytes += assembler.buffered
         self._release(nbytes)
@@ -746,7 +759,9 @@ class Connection:
             if not future.done():
                 future.set_exception(exc)
         self._requests.clear()
-        self._assemblers.clear()
+        if self._assemblers:
+            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._assemblers.clear()
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
         self._endpoint._on_connection_closed(self)

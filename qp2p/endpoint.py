@@ -618,11 +618,11 @@ class Endpoint:
                 if conn._budgeted:
                     self._mark_dirty(conn)
 
-    def _charge_budget(self, nbytes: int) -> bool:
-        """Charge ``nbytes`` held outside any engine (received datagrams) to the receive
-        budget, if it has room."""
+    def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
+        """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
+        cost of open streams) to the receive budget, if it has room (or ``force``)."""
         budget = self._budget
-        if budget.reserved + nbytes > budget.limit:
+        if not force and budget.reserved + nbytes > budget.limit:
             return False
         budget.reserved += nbytes
         return True

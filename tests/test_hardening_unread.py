@@ -250,3 +250,85 @@ async def test_oversized_datagram_frames_are_refused(impl: str) -> None:
             assert stats["datagrams_received"] == 0
             assert victim.is_closed  # both engines close the connection
         await honest_exchange(server, rounds=1)
+
+
+# ---------------------------------------------------------------------------- open streams
+
+#: A raw aioquic client (its own process, so that tracemalloc here sees only the victim)
+#: that opens every stream the victim allows with 17 bytes each (a frame header claiming
+#: 100 bytes, and one of them), finishes none, and holds them until its stdin closes.
+STREAM_HOLDER = r"""
+import asyncio, ssl, sys
+from aioquic.asyncio.client import connect
+from aioquic.quic.configuration import QuicConfiguration
+
+async def main(host, port, count):
+    cfg = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None,
+                            idle_timeout=60.0)
+    async with connect(host, port, configuration=cfg, wait_connected=True) as client:
+        print("connected", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        quic = client._quic
+        head = b"\x00\x02" + bytes(8) + (100).to_bytes(4, "big") + b"\x00\x00"
+        for unidirectional in (True, False):
+            for _ in range(count):
+                sid = quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+                quic.send_stream_data(sid, head + b"x")
+        client.transmit()
+        print("open", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def test_streams_held_open_are_charged_to_the_budget(impl: str) -> None:
+    """Issue 14 item 6 (streams): a peer opens all its 200 streams with 17 bytes each and
+    finishes none. Each costs the victim STREAM_COST in its endpoint budget until the
+    stream ends (bounded by max_concurrent_*_streams per connection); the charge covers
+    what tracemalloc measures it costs, and goes back when the connection closes."""
+    import sys
+    import tracemalloc
+
+    from qp2p.connection import STREAM_COST
+
+    streams = 100  # of each kind: the default max_concurrent_{uni,bidi}_streams
+    cfg = qp2p.Config(handshake_timeout=3.0)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
+        host, port = server.local_addr
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", STREAM_HOLDER, host, str(port), str(streams),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"connected\n"
+            victim = await asyncio.wait_for(server.accept(), 5)
+            await asyncio.sleep(0.2)
+            tracemalloc.start()
+            before_mem = tracemalloc.get_traced_memory()[0]
+            before = server._budget.reserved
+            proc.stdin.write(b"go\n")
+            assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"open\n"
+            for _ in range(200):
+                if victim.stats()["bytes_received"] and len(victim._assemblers) == 2 * streams:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            cost = tracemalloc.get_traced_memory()[0] - before_mem
+            tracemalloc.stop()
+            charged = server._budget.reserved - before
+            print(f"\n[{impl}] {2 * streams} streams held open with 17 B each: "
+                  f"{cost} bytes allocated ({cost // (2 * streams)} per stream, Python heap), "
+                  f"{charged} charged to the budget ({STREAM_COST} per stream)")
+            assert len(victim._assemblers) == 2 * streams
+            assert charged >= 2 * streams * STREAM_COST
+            if server.engine == "aioquic":  # qh3's stream state is native, unseen here
+                assert STREAM_COST * 2 * streams >= cost
+            await victim.close()
+            await asyncio.sleep(0.1)
+            assert server._budget.reserved <= before
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
