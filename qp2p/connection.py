@@ -699,7 +699,11 @@ class Connection:
     def _keep_inbox_charged(self) -> int:
         """The endpoint forgets us: the bytes of our unread messages, which stay charged
         to its budget until ``recv()`` takes them (or this connection is collected).
-        Queued datagrams are charged apart from the engine and stay so too."""
+        Queued datagrams are charged apart from the engine and stay so too; streams that
+        began arriving while the engine drained are over."""
+        if self._assemblers:
+            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._assemblers.clear()
         self._inbox_charged = self._inbox_bytes > 0
         return self._inbox_bytes
 
