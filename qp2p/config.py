@@ -81,6 +81,11 @@ class Config:
       handshakes are refused with CONNECTION_REFUSED (the dialler gets ``ConnectionError``).
     - ``max_connections_per_ip``: the most incoming connections from one IP address, or
       for IPv6 from one /64 (refused the same way beyond it).
+    - ``max_accept_backlog``: the most incoming connections waiting for ``accept()``
+      (handshakes in progress included, and closed connections whose unread messages are
+      still queued); further incoming handshakes are refused like at ``max_connections``
+      ("accept backlog full"). The unread messages of a queued connection stay charged to
+      ``max_endpoint_buffered_bytes`` (after it closed too) until they are read.
     - ``address_validation_threshold``: with this many incoming handshakes in progress,
       new ones must first prove their address with a QUIC Retry (spoofed floods then
       cost no state).
@@ -107,6 +112,7 @@ class Config:
     max_endpoint_buffered_bytes: int = 512 * 2**20
     max_connections: int = 10_000
     max_connections_per_ip: int = 256
+    max_accept_backlog: int = 128
     address_validation_threshold: int = 64
     hole_punch_timeout: float = 5.0
     require_address_validation: bool = False
@@ -126,6 +132,7 @@ class Config:
             "max_endpoint_buffered_bytes",
             "max_connections",
             "max_connections_per_ip",
+            "max_accept_backlog",
             "address_validation_threshold",
         ):
             value = getattr(self, name)

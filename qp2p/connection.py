@@ -42,8 +42,16 @@ Frame = tuple[int, bytes, bytes, bytes]
 #: messages in parallel fill each packet with several small stream frames, which costs
 #: per-frame work on both ends without delivering anything sooner.
 LARGE_FRAME = 64 * 1024
-#: Received unreliable datagrams kept for ``recv_datagram`` before the oldest are dropped.
-DATAGRAM_QUEUE_LIMIT = 4096
+#: Bytes of received unreliable datagrams a connection keeps for ``recv_datagram``
+#: (payload plus ``DATAGRAM_COST`` each); beyond it the oldest are dropped. They are
+#: charged to the endpoint's receive budget, and a datagram it has no room for is dropped.
+DATAGRAM_QUEUE_BYTES = 256 * 2**10
+#: What one queued datagram costs beyond its payload (the bytes object, the queue slot).
+DATAGRAM_COST = 64
+#: What a stream the peer keeps open with data on it costs us beyond its bytes (the
+#: engine's stream state and our assembler; measured: tests/test_hardening_unread.py),
+#: charged to the endpoint's receive budget until the stream ends.
+STREAM_COST = 3 * 2**10
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
 STALL_CREDIT = 4096
 #: Receipts (wire.KIND_RECEIPT) we keep for a peer that grants no stream to send them on;
@@ -204,7 +212,15 @@ class Connection:
         # data is dropped, but counts as held until the stream ends (flow control)
         self._rejected: dict[int, int] = {}
         self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
-        self._inbox: collections.deque[Message] = collections.deque()
+        # (header, dst, payload, request stream or None, stream bytes): a Message is made
+        # as recv() hands it over, so a dropped connection is not kept alive by a cycle
+        self._inbox: collections.deque[tuple[bytes, bytes, bytes, int | None, int]] = (
+            collections.deque()
+        )
+        self._inbox_bytes = 0  # stream bytes of the messages in _inbox
+        # set once the endpoint forgot us with messages unread: only they stay charged to
+        # its budget, until recv() hands them over (or this object is collected)
+        self._inbox_charged = False
         self._inbox_signal = Signal(self._loop)
         # flow control (see the engine adapters): the bound on what we hold;
         # _budgeted while the endpoint budget counts us
@@ -212,6 +228,7 @@ class Connection:
         self._budgeted = False
         quic.attach_budget(endpoint._budget, self)
         self._datagrams: collections.deque[bytes] = collections.deque()
+        self._datagram_bytes = 0  # payload bytes queued in _datagrams
         self._datagram_signal = Signal(self._loop)
         # send side
         self._queue_uni: collections.deque[_PendingSend] = collections.deque()
@@ -310,9 +327,13 @@ class Connection:
         while not self._inbox:
             self._raise_if_closed()
             await self._inbox_signal.wait()
-        msg = self._inbox.popleft()
-        self._release(len(msg.header) + len(msg.dst) + len(msg.payload) + wire.FRAME_HEADER_LEN)
-        return msg
+        header, dst, payload, sid, size = self._inbox.popleft()
+        self._inbox_bytes -= size
+        if self._inbox_charged:  # the engine is gone: only the budget still counts it
+            self._endpoint._release_budget(size)
+        else:
+            self._release(size)
+        return Message(self, header, dst, payload, sid)
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter_messages()
@@ -365,11 +386,19 @@ class Connection:
 
     async def recv_datagram(self) -> bytes:
         """The next unreliable datagram from this peer; ``ConnectionClosed`` once the
-        connection is closed and every datagram received before is read."""
+        connection is closed and every datagram received before is read.
+
+        Unread datagrams are kept up to ``DATAGRAM_QUEUE_BYTES`` (256 KiB, 64 bytes of
+        overhead counted per datagram) per connection, charged to the endpoint's
+        ``max_endpoint_buffered_bytes``; beyond either the oldest (or the new one) is
+        dropped and counted in ``stats()["datagrams_dropped"]``."""
         while not self._datagrams:
             self._raise_if_closed()
             await self._datagram_signal.wait()
-        return self._datagrams.popleft()
+        data = self._datagrams.popleft()
+        self._datagram_bytes -= len(data)
+        self._endpoint._release_budget(len(data) + DATAGRAM_COST)
+        return data
 
     async def datagrams(self) -> AsyncIterator[bytes]:
         """``async for data in conn.datagrams()``: each datagram as it arrives; ends when
@@ -383,9 +412,15 @@ class Connection:
 
     @property
     def max_datagram_payload(self) -> int:
-        """The largest ``send_datagram`` payload that fits one QUIC packet."""
+        """The largest ``send_datagram`` payload that fits one QUIC packet and the peer's
+        advertised DATAGRAM frame size."""
         # short header (1 + CID) + packet number (4) + AEAD tag (16) + frame type and length (3)
-        return self._endpoint.config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
+        own = self._endpoint.config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
+        peer = self._quic.peer_max_datagram_frame_size()
+        if peer is None:
+            return own
+        # frame type and length (3); aioquic refuses a frame of exactly the advertised size
+        return max(0, min(own, peer - 4))
 
     def stats(self) -> ConnectionStats:
         """Counters and congestion state, a fresh :class:`ConnectionStats` dict: rtt (s),
@@ -395,6 +430,7 @@ class Connection:
         out.update(self._quic.path_stats())
         out["unacked_bytes"] = self._unacked_bytes
         out["buffered_bytes"] = self._quic.held
+        out["datagram_bytes_buffered"] = self._datagram_bytes
         out["queued_messages"] = (
             len(self._queue_uni) + len(self._queue_bidi) + len(self._queue_reply)
         )
@@ -698,14 +734,15 @@ class Connection:
                     assembler = self._assemblers[sid] = self._fp.FrameAssembler(
                         self._max_frame_size
                     )
+                    self._endpoint._charge_budget(STREAM_COST, force=True)
                     frame = assembler.feed(data, fin)
             else:
                 size += assembler.buffered
                 frame = assembler.feed(data, fin)
                 if frame is not None or fin:
-                    del self._assemblers[sid]
+                    self._drop_assembler(sid)
         except ProtocolError as exc:
-            self._assemblers.pop(sid, None)
+            self._drop_assembler(sid)
             if fin:
                 self._release(size)
             else:
@@ -714,6 +751,14 @@ class Connection:
             return
         if frame is not None:
             self._on_frame(sid, frame, size)
+
+    def _drop_assembler(self, sid: int) -> Any:
+        """The stream ``sid`` no longer assembles a frame: its cost goes back to the
+        budget. Returns its assembler, if it had one."""
+        assembler = self._assemblers.pop(sid, None)
+        if assembler is not None:
+            self._endpoint._release_budget(STREAM_COST)
+        return assembler
 
     def _check_receive_stall(self) -> None:
         """Called by the endpoint after a burst of packets. When the peer cannot send
@@ -739,7 +784,7 @@ class Connection:
             return
         sid = max(candidates)
         self._shed_pending = sid
-        assembler = self._assemblers.pop(sid, None)
+        assembler = self._drop_assembler(sid)
         self._rejected[sid] = assembler.buffered if assembler is not None else 0
         self._reject(
             sid,
@@ -770,7 +815,8 @@ class Connection:
             if sid & 2:
                 self._owe_receipt(sid, 0)
             self._stats["messages_received"] += 1
-            self._inbox.append(Message(self, header, dst, payload, None if sid & 2 else sid))
+            self._inbox.append((header, dst, payload, None if sid & 2 else sid, size))
+            self._inbox_bytes += size
             self._inbox_signal.notify_all()
             return  # held until recv() hands it over
         self._release(size)  # anything else is handled (or dropped) right here
@@ -809,11 +855,25 @@ class Connection:
             self._check_receive_stall()
 
     def _on_datagram(self, data: bytes) -> None:
-        self._stats["datagrams_received"] += 1
-        if len(self._datagrams) >= DATAGRAM_QUEUE_LIMIT:
-            self._datagrams.popleft()
-            self._stats["datagrams_dropped"] += 1
-        self._datagrams.append(data)
+        stats = self._stats
+        stats["datagrams_received"] += 1
+        queue = self._datagrams
+        cost = len(data) + DATAGRAM_COST
+        freed = 0
+        while queue and self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > (
+            DATAGRAM_QUEUE_BYTES
+        ):  # unreliable: the oldest go first
+            old = queue.popleft()
+            self._datagram_bytes -= len(old)
+            freed += len(old) + DATAGRAM_COST
+            stats["datagrams_dropped"] += 1
+        if freed:
+            self._endpoint._release_budget(freed)
+        if cost > DATAGRAM_QUEUE_BYTES or not self._endpoint._charge_budget(cost):
+            stats["datagrams_dropped"] += 1
+            return
+        queue.append(data)
+        self._datagram_bytes += len(data)
         self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:
@@ -837,13 +897,35 @@ class Connection:
         nbytes = self._quic.undelivered_bytes(sid) + self._rejected.pop(sid, 0)
         if sid == self._shed_pending:
             self._shed_pending = None
-        assembler = self._assemblers.pop(sid, None)
+        assembler = self._drop_assembler(sid)
         if assembler is not None:
             nbytes += assembler.buffered
         self._release(nbytes)
         self._on_peer_rejected(sid, code, "reset")
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _keep_inbox_charged(self) -> int:
+        """The endpoint forgets us: the bytes of our unread messages, which stay charged
+        to its budget until ``recv()`` takes them (or this connection is collected).
+        Queued datagrams are charged apart from the engine and stay so too; streams that
+        began arriving while the engine drained are over."""
+        if self._assemblers:
+            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._assemblers.clear()
+        self._inbox_charged = self._inbox_bytes > 0
+        return self._inbox_bytes
+
+    def __del__(self) -> None:
+        # an application that dropped a connection without reading it: give the
+        # endpoint's budget back what its messages and datagrams still held
+        charged = getattr(self, "_datagram_bytes", 0) + DATAGRAM_COST * len(
+            getattr(self, "_datagrams", ())
+        )
+        if getattr(self, "_inbox_charged", False):
+            charged += self._inbox_bytes
+        if charged > 0:
+            self._endpoint._release_budget_soon(charged)
 
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id
@@ -890,7 +972,9 @@ class Connection:
             if not future.done():
                 future.set_exception(exc)
         self._requests.clear()
-        self._assemblers.clear()
+        if self._assemblers:
+            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._assemblers.clear()
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
         self._endpoint._on_connection_closed(self)

@@ -648,6 +648,8 @@ class Endpoint:
         refusal = None
         if len(self._live) >= self.config.max_connections:
             refusal = "endpoint at max_connections"
+        elif len(self._accept_queue) + len(self._half_open) >= self.config.max_accept_backlog:
+            refusal = "accept backlog full"
         elif self._incoming_per_ip[host] >= self.config.max_connections_per_ip:
             refusal = "too many connections from this address"
         validator = self._validator
@@ -759,6 +761,22 @@ class Endpoint:
                 if conn._budgeted:
                     self._mark_dirty(conn)
 
+    def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
+        """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
+        cost of open streams) to the receive budget, if it has room (or ``force``)."""
+        budget = self._budget
+        if not force and budget.reserved + nbytes > budget.limit:
+            return False
+        budget.reserved += nbytes
+        return True
+
+    def _release_budget_soon(self, nbytes: int) -> None:
+        """``_release_budget`` from a finalizer (which may run in any thread, or after the
+        loop closed): the count at once, the wake-up on the loop."""
+        self._budget.release(nbytes)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+            self._loop.call_soon_threadsafe(self._release_budget, 0)
+
     def _on_handshake(self, conn: Connection) -> None:
         conn._handshake_done = True
         self._maybe_established(conn)
@@ -857,7 +875,10 @@ class Endpoint:
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
-            self._release_budget(conn._quic.reservation())  # may wake starved ones
+            # unread messages stay charged until the application reads them
+            kept = conn._keep_inbox_charged()
+            self._release_budget(conn._quic.reservation() - kept)  # may wake starved ones
+            conn._quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
         if not conn._is_client and conn in self._live:
             host = ip_key(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1

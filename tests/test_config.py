@@ -45,6 +45,8 @@ def test_hardening_limits_validated() -> None:
         {"max_connections_per_ip": 0},
         {"address_validation_threshold": -1},
         {"max_connections_per_ip": True},
+        {"max_accept_backlog": 0},
+        {"max_accept_backlog": 1.5},
     ):
         with pytest.raises(ValueError):
             qp2p.Config(**bad)

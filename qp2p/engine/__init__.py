@@ -286,6 +286,10 @@ class EngineConnection(Protocol):
         """qp2p's transport parameters the peer advertised (``NO_PARAMETERS`` until its
         transport parameters arrived, and for peers that are not qp2p)."""
 
+    def peer_max_datagram_frame_size(self) -> int | None:
+        """The largest DATAGRAM frame the peer accepts (its transport parameter), or
+        None before it is known or when the peer takes none."""
+
     # -- receive memory (qp2p's bound and credit policy)
     @property
     def held(self) -> int:

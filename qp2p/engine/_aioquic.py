@@ -96,7 +96,9 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         identity,
         is_client=is_client,
         idle_timeout=idle,
-        max_datagram_frame_size=65536,
+        # DATAGRAM frames no larger than our packets (a received one beyond it
+        # closes the connection: PROTOCOL_VIOLATION), not 64 KiB
+        max_datagram_frame_size=config.max_datagram_size,
         max_datagram_size=config.max_datagram_size,
         connection_id_length=CID_LENGTH,
         # the connection's credit starts small and is managed by
@@ -637,6 +639,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     def peer_parameters(self) -> PeerParameters:
         return self.peer_params
+
+    def peer_max_datagram_frame_size(self) -> int | None:
+        limit: int | None = self._remote_max_datagram_frame_size
+        return limit
 
     def release(self, nbytes: int) -> None:
         self.released += nbytes

@@ -116,7 +116,9 @@ def make_configuration(identity: Identity, config: Config, *, is_client: bool) -
         alpn_protocols=None,
         verify_mode=ssl.CERT_NONE,
         idle_timeout=idle,
-        max_datagram_frame_size=65536,
+        # DATAGRAM frames no larger than our packets (a received one beyond it
+        # closes the connection: PROTOCOL_VIOLATION), not 64 KiB
+        max_datagram_frame_size=config.max_datagram_size,
         max_datagram_size=config.max_datagram_size,
         # packets of exactly max_datagram_size, as on aioquic: no path MTU probing (qh3
         # 2.1's probes fail with "packet builder capacity exhausted" toward a peer that
@@ -566,6 +568,10 @@ class Qh3Connection(QuicConnection):
     def credit(self) -> int:
         """The core's fixed window (qh3 has no growing credit)."""
         return int(self._configuration.max_data)
+
+    def peer_max_datagram_frame_size(self) -> int | None:
+        limit: int | None = self._remote_max_datagram_frame_size
+        return limit
 
     def release(self, nbytes: int) -> None:
         self._released += nbytes
