@@ -101,6 +101,8 @@ class ConnectionStats(TypedDict):
     """Bytes of messages written to streams whose acknowledgement ``send`` still awaits."""
     buffered_bytes: int
     """Bytes received and held for this connection (unread messages, partial streams)."""
+    datagram_bytes_buffered: int
+    """Bytes of received datagrams waiting for ``recv_datagram`` (64 counted per datagram)."""
     queued_messages: int
     """Messages waiting for stream credit before they can be written."""
 
