@@ -450,7 +450,9 @@ class Endpoint:
             existing = self._pool.get(addr, expect_peer_id)
             if existing is not None:  # the peer dialled us meanwhile (simultaneous open)
                 return existing
-        quic = self._engine.new_client(self._client_config, self.config, self.trust, expect_peer_id)
+        quic = self._engine.new_client(
+            self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
+        )
         conn = Connection(self, quic, addr, is_client=True)
         conn._pooled = not private
         conn._ready = self._loop.create_future()
@@ -691,7 +693,8 @@ class Endpoint:
             self._unproven.append(now)
             return
         quic = self._engine.new_server(
-            self._server_config, self.config, self.trust, original_dcid, retry_scid
+            self._server_config, self.config, self.trust, original_dcid, retry_scid,
+            self.rendezvous,
         )
         conn = Connection(self, quic, addr, is_client=False)
         self._register(conn, header.dcid)

@@ -101,12 +101,15 @@ class Punching:
 
     def is_registered(self, conn: Connection) -> bool:
         """``conn`` is a connection we dialled to a rendezvous we registered with. Until
-        the endpoint registers with one, every peer it dialled counts (API.md's target
-        reaches its rendezvous with plain ``connect_to``); what any introducer can make
-        us send stays bounded (``AMPLIFICATION``) either way."""
+        the endpoint registers with one, a peer it dialled that advertised itself as a
+        rendezvous (``engine.TP_RENDEZVOUS``) counts: API.md's target reaches its
+        rendezvous with plain ``connect_to``. A peer that claims it falsely can make us
+        send no more than ``AMPLIFICATION`` times what it sent us."""
         if not conn._is_client:
             return False
-        return not self.registered or (conn.remote_addr[0], conn.remote_addr[1]) in self.registered
+        if self.registered:
+            return (conn.remote_addr[0], conn.remote_addr[1]) in self.registered
+        return conn._quic.peer_parameters().rendezvous
 
     def forget(self, conn: Connection) -> None:
         """``conn`` is gone: drop everything kept for it (running trains then stop)."""

@@ -21,7 +21,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceived
 
 import qp2p
-from qp2p import holepunch, wire
+from qp2p import engine, holepunch, wire
 from qp2p.errors import ProtocolError
 from tests.conftest import FAST
 from tests.test_bad_input import frame
@@ -65,12 +65,22 @@ async def watch(sinks: list[Sink], seconds: float) -> None:
 async def raw_rendezvous(
     on_handshake: Callable[[QuicConnectionProtocol], None] | None = None,
     answer: bytes | None = None,
+    advertise: bool = True,
 ) -> AsyncIterator[tuple[str, int]]:
     """A stock aioquic server playing a rendezvous: on handshake it runs
-    ``on_handshake``; it answers every INTRODUCE_REQUEST with ``ok`` and ``answer``."""
+    ``on_handshake``; it answers every INTRODUCE_REQUEST with ``ok`` and ``answer``;
+    ``advertise``: it claims to be one (qp2p's ``TP_RENDEZVOUS`` parameter)."""
     ident = qp2p.Identity.generate()
+    claim = engine.encode_transport_parameters(None, False, rendezvous=True)
 
     class Rendezvous(QuicConnectionProtocol):
+        def __init__(self, quic: Any, **kwargs: Any) -> None:
+            super().__init__(quic, **kwargs)
+            if advertise:  # a stock server's parameters, plus the claim
+                own = quic._serialize_transport_parameters
+                quic._serialize_transport_parameters = lambda: own() + claim
+
+
         def quic_event_received(self, event: QuicEvent) -> None:
             if isinstance(event, HandshakeCompleted) and on_handshake is not None:
                 on_handshake(self)
@@ -104,13 +114,14 @@ def introduce(payloads: list[bytes]) -> Callable[[QuicConnectionProtocol], None]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled"])
+@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled", "not_a_rendezvous"])
 async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
     """A rendezvous sends 200 INTRODUCTION frames naming 20 raw sockets (and a few names
     we must never send to: a host name, the unspecified and a multicast address). Only a
     rendezvous we registered with is heard at all ("merely_dialled": the target registered
-    with another one; "dialled": it registered with none, so every peer it dialled may
-    introduce), and then what reaches the sockets stays within 3x what the rendezvous
+    with another one; "dialled": it registered with none, so a peer it dialled that claims
+    to be a rendezvous may introduce; "not_a_rendezvous": a peer it dialled that makes no
+    such claim), and then what reaches the sockets stays within 3x what the rendezvous
     sent us: one probe train at a time (each introduction replaces the last after its
     first probe), none for names."""
     sinks = [Sink() for _ in range(20)]
@@ -119,7 +130,8 @@ async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
     payloads += [b"localhost:%d" % named.addr[1], b"0.0.0.0:%d" % named.addr[1],
                  b"224.0.0.1:%d" % named.addr[1]]
     try:
-        async with raw_rendezvous(on_handshake=introduce(payloads)) as addr, \
+        async with raw_rendezvous(on_handshake=introduce(payloads),
+                                  advertise=how != "not_a_rendezvous") as addr, \
                 await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as target:
             if how == "registered":
                 conn = await target.register_with(addr)
@@ -135,7 +147,7 @@ async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
             print(f"\n[{impl}] {how}: the rendezvous sent us {received} bytes, the named "
                   f"sockets got {sum(s.packets for s in sinks)} probes, {got} bytes")
             assert named.packets == 0
-            if how == "merely_dialled":
+            if how in ("merely_dialled", "not_a_rendezvous"):
                 assert got == 0
                 return
             assert 0 < got <= holepunch.AMPLIFICATION * received

@@ -24,16 +24,20 @@ def test_parameter_round_trip() -> None:
     # among other parameters, and absent or truncated
     data = engine.encode_transport_parameters(100, True)
     other = bytes([0x04, 0x02, 0x40, 0x10])  # initial_max_data = 16
-    assert engine.parse_peer_parameters(other + data + other) == (100, True)
+    assert engine.parse_peer_parameters(other + data + other) == (100, True, False)
     assert engine.parse_peer_parameters(other) == engine.NO_PARAMETERS
-    assert engine.parse_peer_parameters(data[:-1]) == (100, False)  # flag cut
+    assert engine.parse_peer_parameters(data[:-1]) == (100, False, False)  # flag cut
     assert engine.parse_peer_parameters(data[:3]) == engine.NO_PARAMETERS
     assert engine.parse_peer_parameters(engine.encode_transport_parameters(None, True)) == (
-        None, True
+        None, True, False
     )
+    assert engine.local_transport_parameters(SMALL, rendezvous=True) != data
+    assert engine.parse_peer_parameters(
+        other + engine.local_transport_parameters(SMALL, rendezvous=True)
+    ) == (100, False, True)
     for size in (0, 63, 64, 2**14, 2**30, 2**32 - 17):  # every varint length
         data = engine.encode_transport_parameters(size, False)
-        assert engine.parse_peer_parameters(data) == (size, False)
+        assert engine.parse_peer_parameters(data) == (size, False, False)
 
 
 @pytest.mark.asyncio
@@ -102,10 +106,10 @@ def hide_limit(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
     limit it did not advertise, or one lowered since)."""
     original = engine.local_transport_parameters
 
-    def params(config: qp2p.Config) -> bytes:
+    def params(config: qp2p.Config, rendezvous: bool = False) -> bytes:
         if config.max_message_size == limit:
             return engine.encode_transport_parameters(None, True)
-        return original(config)
+        return original(config, rendezvous)
 
     monkeypatch.setattr(engine, "local_transport_parameters", params)
 
@@ -203,8 +207,8 @@ async def test_peer_without_parameters(impl: str, monkeypatch: pytest.MonkeyPatc
     receipts, and our sends to it complete on the QUIC ACK as before."""
     original = engine.local_transport_parameters
 
-    def params(config: qp2p.Config) -> bytes:
-        return b"" if config.max_message_size == 100 else original(config)
+    def params(config: qp2p.Config, rendezvous: bool = False) -> bytes:
+        return b"" if config.max_message_size == 100 else original(config, rendezvous)
 
     monkeypatch.setattr(engine, "local_transport_parameters", params)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
@@ -212,7 +216,7 @@ async def test_peer_without_parameters(impl: str, monkeypatch: pytest.MonkeyPatc
     try:
         conn, accepted = await connected(a, b)
         assert conn._quic.peer_parameters() == engine.NO_PARAMETERS
-        assert accepted._quic.peer_parameters() == (FAST.max_message_size, False)
+        assert accepted._quic.peer_parameters() == (FAST.max_message_size, False, False)
         for i in range(20):
             await asyncio.wait_for(conn.send(b"m%d" % i), 5)
         for i in range(20):

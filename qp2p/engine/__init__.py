@@ -96,6 +96,10 @@ TP_MAX_MESSAGE_SIZE = 0x71_70_4D_53
 #: when the STOP_SENDING is lost or never sent (qh3). Every qp2p endpoint reads receipts;
 #: qp2p's own endpoints advertise their limit instead, which needs no extra packets.
 TP_RECEIPTS = 0x71_70_52_43
+#: qp2p's flag parameter (empty, "qpRV") of an endpoint bound with ``rendezvous=True``: a
+#: target that never called ``register_with`` heeds introductions only from a peer it
+#: dialled that advertised this, so a plain peer it dialled cannot aim its probes.
+TP_RENDEZVOUS = 0x71_70_52_56
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
 ENGINES: dict[str, tuple[str, str]] = {
@@ -333,9 +337,15 @@ class Engine(Protocol):
         """The engine's configuration for one role (no ALPN; qp2p checks certificates)."""
 
     def new_client(
-        self, configuration: Any, config: Config, trust: Trust, expect_peer_id: PeerId | None
+        self,
+        configuration: Any,
+        config: Config,
+        trust: Trust,
+        expect_peer_id: PeerId | None,
+        rendezvous: bool = False,
     ) -> EngineConnection:
-        """A dialling engine whose handshake enforces ``trust``."""
+        """A dialling engine whose handshake enforces ``trust`` (``rendezvous``: advertise
+        ``TP_RENDEZVOUS``, as in ``new_server``)."""
 
     def new_server(
         self,
@@ -344,8 +354,10 @@ class Engine(Protocol):
         trust: Trust,
         original_dcid: bytes,
         retry_scid: bytes | None = None,
+        rendezvous: bool = False,
     ) -> EngineConnection:
-        """An accepting engine for a client whose first Initial used ``original_dcid``."""
+        """An accepting engine for a client whose first Initial used ``original_dcid``;
+        ``rendezvous``: advertise ``TP_RENDEZVOUS`` (the endpoint introduces peers)."""
 
     def refusal(self, header: LongHeader, datagram: bytes, reason: str) -> bytes | None:
         """An Initial carrying CONNECTION_CLOSE(CONNECTION_REFUSED, ``reason``) answering a
@@ -390,13 +402,16 @@ class PeerParameters(NamedTuple):
 
     max_message_size: int | None
     receipts: bool
+    rendezvous: bool = False
 
 
 #: A peer whose transport parameters carry none of qp2p's (or did not arrive yet).
 NO_PARAMETERS = PeerParameters(None, False)
 
 
-def encode_transport_parameters(max_message_size: int | None, receipts: bool) -> bytes:
+def encode_transport_parameters(
+    max_message_size: int | None, receipts: bool, rendezvous: bool = False
+) -> bytes:
     """qp2p's transport parameters, encoded to append to the engine's own."""
     out = b""
     if max_message_size is not None:
@@ -404,20 +419,22 @@ def encode_transport_parameters(max_message_size: int | None, receipts: bool) ->
         out += encode_varint(TP_MAX_MESSAGE_SIZE) + encode_varint(len(value)) + value
     if receipts:
         out += encode_varint(TP_RECEIPTS) + encode_varint(0)
+    if rendezvous:
+        out += encode_varint(TP_RENDEZVOUS) + encode_varint(0)
     return out
 
 
-def local_transport_parameters(config: Config) -> bytes:
+def local_transport_parameters(config: Config, rendezvous: bool = False) -> bytes:
     """What our endpoints advertise (the adapters append it in both roles): the limit,
-    so no receipts are needed."""
-    return encode_transport_parameters(config.max_message_size, False)
+    so no receipts are needed, and whether we serve as a rendezvous."""
+    return encode_transport_parameters(config.max_message_size, False, rendezvous)
 
 
 def parse_peer_parameters(data: bytes) -> PeerParameters:
     """qp2p's parameters among a peer's encoded transport parameters (the engine has
     validated the encoding; a malformed qp2p value counts as absent)."""
     limit: int | None = None
-    receipts = False
+    receipts = rendezvous = False
     pos = 0
     try:
         while pos < len(data):
@@ -430,10 +447,12 @@ def parse_peer_parameters(data: bytes) -> PeerParameters:
                 limit = value if end == pos + length else None
             elif param_id == TP_RECEIPTS:
                 receipts = length == 0
+            elif param_id == TP_RENDEZVOUS:
+                rendezvous = length == 0
             pos += length
     except IndexError:
         pass
-    return PeerParameters(limit, receipts)
+    return PeerParameters(limit, receipts, rendezvous)
 
 
 class LongHeader(NamedTuple):

@@ -717,6 +717,7 @@ def new_client(
     config: Config,
     trust: Trust,
     expect_peer_id: PeerId | None,
+    rendezvous: bool = False,
 ) -> FlowControlledQuicConnection:
     """A dialling engine whose handshake enforces ``trust`` (and the per-dial pin)."""
     quic = FlowControlledQuicConnection(
@@ -725,7 +726,7 @@ def new_client(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = _engine.local_transport_parameters(config)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
     set_stream_limits(quic, config)
     return quic
 
@@ -736,6 +737,7 @@ def new_server(
     trust: Trust,
     original_dcid: bytes,
     retry_scid: bytes | None = None,
+    rendezvous: bool = False,
 ) -> FlowControlledQuicConnection:
     """An accepting engine for a client whose first Initial used ``original_dcid``
     (and, after a Retry, whose token we issued with ``retry_scid``)."""
@@ -748,7 +750,7 @@ def new_server(
     quic.receive_window = config.max_buffered_bytes
     quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
     quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = _engine.local_transport_parameters(config)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
     set_stream_limits(quic, config)
     return quic
 

@@ -178,6 +178,7 @@ class Qh3Connection(QuicConnection):
         config: Config,
         trust: Trust,
         expect_peer_id: PeerId | None = None,
+        rendezvous: bool = False,
         **kwargs: Any,
     ) -> None:
         self._auth = Authenticator(trust, expect_peer_id)
@@ -186,7 +187,7 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
-        self._qp2p_parameters = _engine.local_transport_parameters(config)
+        self._qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
@@ -623,10 +624,12 @@ def new_client(
     config: Config,
     trust: Trust,
     expect_peer_id: PeerId | None,
+    rendezvous: bool = False,
 ) -> Qh3Connection:
     """A dialling engine whose handshake enforces ``trust`` (and the per-dial pin)."""
     return Qh3Connection(
-        configuration=configuration, config=config, trust=trust, expect_peer_id=expect_peer_id
+        configuration=configuration, config=config, trust=trust,
+        expect_peer_id=expect_peer_id, rendezvous=rendezvous,
     )
 
 
@@ -636,12 +639,14 @@ def new_server(
     trust: Trust,
     original_dcid: bytes,
     retry_scid: bytes | None = None,
+    rendezvous: bool = False,
 ) -> Qh3Connection:
     """An accepting engine for a client whose first Initial used ``original_dcid``."""
     return Qh3Connection(
         configuration=configuration,
         config=config,
         trust=trust,
+        rendezvous=rendezvous,
         original_destination_connection_id=original_dcid,
         retry_source_connection_id=retry_scid,
     )
