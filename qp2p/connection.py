@@ -245,10 +245,8 @@ class Connection:
         self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
         # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
         self._receipts: list[bytes] = []
-        # whether we promised the peer receipts (we advertised no limit; see engine.TP_RECEIPTS)
-        self._sends_receipts = engine.parse_peer_parameters(
-            engine.local_transport_parameters(endpoint.config)
-        ).receipts
+        # whether we promised the peer receipts (see engine.TP_RECEIPTS)
+        self._sends_receipts = quic.local_parameters().receipts
         # timer
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
@@ -300,8 +298,8 @@ class Connection:
         """Send one message on a new unidirectional stream.
 
         Returns once the peer acknowledged the whole stream, or, from a receiver that
-        advertises receipts instead of its limit (``engine.TP_RECEIPTS``), once its receipt
-        says it took the message. Raises ``ValueError`` for
+        advertises receipts (``engine.TP_RECEIPTS``: qp2p on qh3, or one that does not
+        advertise its limit), once its receipt says it took the message. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
         ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
         ``MessageRejected`` if the peer refused the message and
