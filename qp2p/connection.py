@@ -196,6 +196,7 @@ class Connection:
         self._max_pending = endpoint.config.max_pending_send_bytes
         #: the peer's (host, port); the engine keeps the socket's full address form
         self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
+        self._path = endpoint._path_of(self.remote_addr)
         #: the peer's id; None only for a peer that presented no certificate (only
         #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
@@ -269,6 +270,13 @@ class Connection:
         )
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def path(self) -> str:
+        """``"direct"``, or ``"relayed"`` when the packets travel through a relay
+        (``connect_via(..., allow_relay=True)`` without a direct path, or
+        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4."""
+        return self._path
 
     @property
     def is_closed(self) -> bool:
