@@ -197,6 +197,9 @@ class Connection:
         #: the peer's (host, port); the engine keeps the socket's full address form
         self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
         self._path = endpoint._path_of(self.remote_addr)
+        # the relayed path's placeholder address, in the socket's form: what the engine
+        # is told every packet comes from, also after a move to a direct path
+        self._placeholder = remote_addr if self._path == "relayed" else None
         #: the peer's id; None only for a peer that presented no certificate (only
         #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
@@ -275,8 +278,14 @@ class Connection:
     def path(self) -> str:
         """``"direct"``, or ``"relayed"`` when the packets travel through a relay
         (``connect_via(..., allow_relay=True)`` without a direct path, or
-        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4."""
+        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4, which
+        stays when a probe finds a direct path and the connection moves onto it
+        (``"direct"`` again, logged by ``qp2p.relay``)."""
         return self._path
+
+    def _set_path(self, path: str) -> None:
+        """The endpoint moved this relayed connection (``"direct"``)."""
+        self._path = path
 
     @property
     def is_closed(self) -> bool:

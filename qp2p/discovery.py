@@ -55,6 +55,12 @@ def on_control(
     if kind == wire.KIND_RELAY_ACCEPT and stream_id is None:
         relay.on_relay_accept(endpoint, relays, conn, header, payload)
         return
+    if kind == wire.KIND_PATH_CHECK and stream_id is None:
+        relay.on_path_check(endpoint, relays, conn, payload)
+        return
+    if kind == wire.KIND_PATH_OK and stream_id is None:
+        relay.on_path_ok(endpoint, relays, conn, payload)
+        return
     logger.debug("unexpected control frame kind %d from %s", kind, conn.remote_addr)
     if stream_id is not None:
         conn._quic.reject_stream(stream_id, wire.ERR_FRAME_REJECTED)

@@ -645,6 +645,8 @@ class Endpoint:
         """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
         if conn._terminated:
             return
+        if conn._placeholder is not None:  # relayed, or moved from a relay: the engine
+            addr = conn._placeholder  # keeps one address whichever way packets come
         quic = conn._quic
         try:
             if len(datagrams) == 1:
@@ -706,6 +708,9 @@ class Endpoint:
         one packet (tens of microseconds), never run TLS."""
         if relay_mod.is_wrapped(data):
             self._on_wrapped(data, addr, now)
+            return
+        if relay_mod.is_probe(data):
+            relay_mod.on_probe(self, self._relays, data, addr)
             return
         header = self._engine.parse_long_header(data)
         if header is None or header.version is None:
@@ -887,6 +892,8 @@ class Endpoint:
             self._accept_queue.append(conn)
             self._accept_signal.notify_all()
         logger.debug("connection %s with %s established", conn.remote_addr, peer_id)
+        if conn._placeholder is not None:
+            relay_mod.start_upgrade(self, self._relays, conn)
 
     def _check_engine_closed(self, conn: Connection) -> None:
         """Report a close as soon as the engine knows, not after draining ends."""
@@ -1068,8 +1075,8 @@ class Endpoint:
     def _send_raw(self, data: bytes, addr: Address) -> None:
         if addr[:2] in self._relays.paths:
             self._backlog.extend(self._relays.wrap([(data, addr)]))
-            return
-        self._backlog.append((data, addr))
+        else:
+            self._backlog.append((data, addr))
         if not self._writer_armed:
             self._send_backlog()
 

@@ -37,14 +37,21 @@ endpoint wraps what it sends there and unwraps what arrives from the relay.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from . import wire
-from .errors import ConnectionError, HolePunchFailed, MessageRejected, PeerAuthenticationError
+from . import holepunch, wire
+from .errors import (
+    ConnectionError,
+    HolePunchFailed,
+    MessageRejected,
+    PeerAuthenticationError,
+    ProtocolError,
+)
 from .identity import PeerId
 from .ratelog import RateLimitedLog
 
@@ -62,9 +69,13 @@ __all__ = [
     "SESSION_BURST",
     "SESSION_IDLE",
     "SESSION_RATE",
+    "UPGRADE_ATTEMPTS",
+    "UPGRADE_INTERVAL",
     "Relays",
     "connect_relayed",
+    "is_probe",
     "is_wrapped",
+    "start_upgrade",
 ]
 
 logger = logging.getLogger("qp2p.relay")
@@ -90,7 +101,24 @@ SESSION_IDLE = 60.0
 #: Relayed paths a peer keeps through one relay (offers beyond it are declined).
 MAX_PATHS_PER_RELAY = 16
 
+#: Moving a relayed connection to a direct path: each peer probes the other's address (as
+#: the relay saw it) with ``PROBE_MARKER`` + a 16-byte nonce on ``holepunch.PROBE_SCHEDULE``
+#: and tells the peer the nonce inside the connection (``KIND_PATH_CHECK``); a peer that got
+#: both answers ``KIND_PATH_OK``, and the prober then sends straight there. Tried every
+#: ``UPGRADE_INTERVAL`` seconds, ``UPGRADE_ATTEMPTS`` times, while the connection is relayed.
+PROBE_MARKER = 0x01
+PROBE_LEN = 1 + 16
+UPGRADE_INTERVAL = 5.0
+UPGRADE_ATTEMPTS = 12
+#: Nonces of raw probes remembered (and checks waiting for theirs), oldest dropped first.
+MAX_PROBES_SEEN = 256
+
 OK, ERR = b"ok", b"err"
+
+
+def is_probe(data: bytes) -> bool:
+    """The datagram is a direct-path probe (QUIC bit clear, exactly ``PROBE_LEN``)."""
+    return len(data) == PROBE_LEN and data[0] == PROBE_MARKER
 
 
 def is_wrapped(data: bytes) -> bool:
@@ -137,10 +165,29 @@ class _Offer:
             dialler, target, stream_id, timer)
 
 
+class _Path:
+    """One relayed path, on a peer: through which relay and session, the peer's address
+    as the relay saw it (where we probe for a direct path), and, once a probe proved it,
+    the direct address our packets now go to."""
+
+    __slots__ = ("attempt", "candidate", "direct", "nonce", "placeholder", "probed", "relay",
+                 "sid", "timer")
+
+    def __init__(self, relay: Connection, sid: bytes, placeholder: Address,
+                 candidate: Address | None) -> None:
+        self.relay, self.sid, self.placeholder, self.candidate = (
+            relay, sid, placeholder, candidate)
+        self.direct: Address | None = None
+        self.nonce: bytes | None = None  # our current probe's
+        self.probed: Address | None = None  # where it went
+        self.attempt = 0
+        self.timer: asyncio.TimerHandle | None = None  # the next attempt
+
+
 class Relays:
     """One endpoint's relay state: as a relay, the sessions it forwards and what it
     forwarded; as a peer, its relayed paths (placeholder address <-> relay connection and
-    session id)."""
+    session id) and the probes for a direct path."""
 
     def __init__(self, family: int, now: float, counters: dict[str, int]) -> None:
         self.family = family
@@ -153,15 +200,20 @@ class Relays:
         self.counters = counters
         for key in ("relayed_packets", "relayed_bytes", "relay_dropped"):
             counters.setdefault(key, 0)
-        # peer role
-        # placeholder (host, port) -> (relay, sid); the relayed connection's remote_addr
-        self.paths: dict[Any, tuple[Connection, bytes]] = {}
-        self.by_session: dict[bytes, tuple[Any, Connection]] = {}  # sid -> (placeholder, relay)
+        # peer role: placeholder (host, port), the relayed connection's remote_addr -> path
+        self.paths: dict[Any, _Path] = {}
+        self.by_session: dict[bytes, _Path] = {}
+        # direct-path probes: nonces seen on raw probes (-> source), and the peer's own
+        # checks waiting for their probe (-> path); both bounded
+        self.probes_seen: collections.OrderedDict[bytes, Address] = collections.OrderedDict()
+        self.checks: collections.OrderedDict[bytes, Connection] = collections.OrderedDict()
 
     # -- peer role: placeholder addresses --------------------------------------------
 
-    def add_path(self, relay: Connection, sid: bytes) -> Address:
-        """A new placeholder address for the path through ``relay``'s session ``sid``."""
+    def add_path(self, relay: Connection, sid: bytes,
+                 candidate: Address | None = None) -> Address:
+        """A new placeholder address for the path through ``relay``'s session ``sid``
+        (``candidate``: the peer's address as the relay sees it)."""
         while True:
             raw = os.urandom(6)
             host = str(ipaddress.IPv4Address(bytes([0xF0 | (raw[0] & 0x0F)]) + raw[1:4]))
@@ -173,37 +225,43 @@ class Relays:
                 addr = (host, port)
             if addr[:2] not in self.paths:
                 break
-        self.paths[addr[:2]] = (relay, sid)
-        self.by_session[sid] = (addr, relay)
+        path = _Path(relay, sid, addr, candidate)
+        self.paths[addr[:2]] = path
+        self.by_session[sid] = path
         return addr
 
     def drop_path(self, addr: Any) -> None:
-        entry = self.paths.pop(addr[:2], None)
-        if entry is not None:
-            self.by_session.pop(entry[1], None)
+        path = self.paths.pop(addr[:2], None)
+        if path is not None:
+            self.by_session.pop(path.sid, None)
+
+    def path_of(self, addr: Any) -> _Path | None:
+        return self.paths.get(addr[:2])
 
     def path_for(self, data: bytes, addr: Any) -> Any:
         """The placeholder address of the relayed path a wrapped datagram from ``addr``
         arrived on (it must come from that path's relay), or None."""
-        entry = self.by_session.get(bytes(data[1:HEADER_LEN]))
-        if entry is None or not _same(addr, entry[1].remote_addr):
+        path = self.by_session.get(bytes(data[1:HEADER_LEN]))
+        if path is None or not _same(addr, path.relay.remote_addr):
             return None
-        return entry[0]
+        return path.placeholder
 
     def paths_through(self, relay: Connection) -> int:
-        return sum(1 for r, _ in self.paths.values() if r is relay)
+        return sum(1 for p in self.paths.values() if p.relay is relay)
 
     def wrap(self, datagrams: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-        """``datagrams`` with those bound for a placeholder address wrapped for its relay."""
+        """``datagrams`` with those bound for a placeholder address wrapped for its relay,
+        or sent to the path's direct address once it has one."""
         paths = self.paths
         out = []
         for data, addr in datagrams:
-            entry = paths.get(addr[:2])
-            if entry is None:
+            path = paths.get(addr[:2])
+            if path is None:
                 out.append((data, addr))
+            elif path.direct is not None:
+                out.append((data, path.direct))
             else:
-                relay, sid = entry
-                out.append((b"\x00" + sid + data, relay.remote_addr))
+                out.append((b"\x00" + path.sid + data, path.relay.remote_addr))
         return out
 
     def is_relayed(self, addr: Any) -> bool:
@@ -219,9 +277,12 @@ class Relays:
             offer = self.offers.pop(sid)
             offer.timer.cancel()
         self.per_peer.pop(conn, None)
-        for addr in [a for a, (r, _) in self.paths.items() if r is conn]:
+        # paths through it end, except those that moved to a direct path
+        for addr in [a for a, p in self.paths.items() if p.relay is conn and p.direct is None]:
             self.drop_path(addr)
         self.drop_path(conn.remote_addr)  # a relayed connection itself
+        for nonce in [n for n, c in self.checks.items() if c is conn]:
+            del self.checks[nonce]
 
     def sweep(self, now: float, idle: float) -> None:
         """End the sessions that forwarded nothing for ``idle`` seconds (the relay cannot
@@ -300,9 +361,9 @@ def on_relay_request(endpoint: Endpoint, relays: Relays, conn: Connection, paylo
         _answer(endpoint, conn, stream_id, ERR, b"relay busy: too many sessions")
         return
     sid = os.urandom(SESSION_LEN)
-    offer_frame = endpoint._fp.encode_frame(
-        conn.peer_id.digest if conn.peer_id is not None else b"", b"", sid,
-        wire.KIND_RELAY_OFFER,
+    offer_frame = endpoint._fp.encode_frame(  # the session, and where the dialler is
+        conn.peer_id.digest if conn.peer_id is not None else b"", b"",
+        sid + wire.format_addr(conn.remote_addr), wire.KIND_RELAY_OFFER,
     )
     if target._send_nowait(offer_frame) is None:
         _answer(endpoint, conn, stream_id, ERR, b"target is gone")
@@ -337,7 +398,8 @@ def on_relay_accept(endpoint: Endpoint, relays: Relays, conn: Connection, header
         _answer(endpoint, offer.dialler, offer.stream_id, ERR, b"the target declined")
         return
     relays.sessions[sid] = _Session(offer.dialler, conn, endpoint._loop.time())
-    _answer(endpoint, offer.dialler, offer.stream_id, OK, sid)
+    _answer(endpoint, offer.dialler, offer.stream_id, OK,
+            sid + wire.format_addr(conn.remote_addr))
     logger.debug("relaying between %s and %s", offer.dialler.remote_addr, conn.remote_addr)
 
 
@@ -346,19 +408,21 @@ def on_relay_offer(endpoint: Endpoint, relays: Relays, conn: Connection, header:
     """Target side: the relay ``conn`` offers a session from the peer ``header``.
 
     ``registered``: ``conn`` is a relay we may take offers from (the introductions rule)."""
-    if len(payload) != SESSION_LEN:
+    if len(payload) < SESSION_LEN:
         return
-    sid = bytes(payload)
+    sid = bytes(payload[:SESSION_LEN])
+    candidate = _candidate(endpoint, conn, bytes(payload[SESSION_LEN:]))
     accept = (registered and endpoint._accepts_incoming() and not endpoint.is_closed
               and relays.paths_through(conn) < MAX_PATHS_PER_RELAY
               and sid not in relays.by_session)
     if accept:
-        addr = relays.add_path(conn, sid)
+        addr = relays.add_path(conn, sid, candidate)
         logger.debug("relayed path from %s through %s: %s", header.hex()[:16],
                      conn.remote_addr, addr)
 
         def unused() -> None:  # no connection came over the path: drop it
-            if relays.paths.get(addr[:2]) == (conn, sid) and not endpoint._has_connection(addr):
+            path = relays.path_of(addr)
+            if path is not None and path.sid == sid and not endpoint._has_connection(addr):
                 relays.drop_path(addr)
 
         endpoint._loop.call_later(2 * endpoint.config.handshake_timeout, unused)
@@ -403,10 +467,12 @@ async def connect_relayed(endpoint: Endpoint, relays: Relays, relay_addr: Addres
         raise HolePunchFailed(f"relay {relay_addr} did not answer in time") from exc
     if getattr(reply, "kind", None) != wire.KIND_RELAY_RESPONSE:
         raise HolePunchFailed(f"relay {relay_addr} answered with a user message")
-    if reply.header != OK or len(reply.payload) != SESSION_LEN:
+    if reply.header != OK or len(reply.payload) < SESSION_LEN:
         reason = bytes(reply.payload).decode("utf-8", "replace")[:200]
         raise HolePunchFailed(f"relay {relay_addr}: {reason}")
-    addr = relays.add_path(relay, bytes(reply.payload))
+    payload = bytes(reply.payload)
+    addr = relays.add_path(relay, payload[:SESSION_LEN],
+                           _candidate(endpoint, relay, payload[SESSION_LEN:]))
     try:
         conn = await endpoint._dial(addr, peer_id, remaining())
     except PeerAuthenticationError as exc:
@@ -418,3 +484,113 @@ async def connect_relayed(endpoint: Endpoint, relays: Relays, relay_addr: Addres
                               f"{exc}") from exc
     logger.info("connected to %s through relay %s", peer_id, wire.addr_text(relay.remote_addr))
     return conn
+
+
+def _candidate(endpoint: Endpoint, relay: Connection, text: bytes) -> Address | None:
+    """The peer's address as the relay saw it (where we probe for a direct path), if it
+    is one we may send to on the relay's word (``holepunch.numeric_target``)."""
+    if not text:
+        return None
+    try:
+        return holepunch.numeric_target(text, relay.remote_addr, endpoint._sock.family)
+    except ProtocolError:
+        return None
+
+
+# -- moving to a direct path ----------------------------------------------------------
+
+
+def start_upgrade(endpoint: Endpoint, relays: Relays, conn: Connection) -> None:
+    """``conn`` (relayed) is established: keep probing for a direct path."""
+    path = relays.path_of(conn.remote_addr)
+    if path is not None and path.candidate is not None and path.direct is None:
+        _attempt(endpoint, relays, conn, path)
+
+
+def _attempt(endpoint: Endpoint, relays: Relays, conn: Connection, path: _Path) -> None:
+    if (conn.is_closed or endpoint.is_closed or path.direct is not None
+            or path.attempt >= UPGRADE_ATTEMPTS or relays.path_of(conn.remote_addr) is not path
+            or path.candidate is None):
+        return
+    path.attempt += 1
+    if path.timer is not None:
+        path.timer.cancel()
+    nonce = os.urandom(PROBE_LEN - 1)
+    path.nonce, path.probed = nonce, path.candidate
+    conn._send_nowait(endpoint._fp.encode_frame(b"", b"", nonce, wire.KIND_PATH_CHECK))
+    probe = bytes([PROBE_MARKER]) + nonce
+    loop = endpoint._loop
+    for delay in holepunch.PROBE_SCHEDULE:
+        loop.call_later(delay, _probe, endpoint, path, nonce, probe)
+    path.timer = loop.call_later(UPGRADE_INTERVAL, _attempt, endpoint, relays, conn, path)
+
+
+def _probe(endpoint: Endpoint, path: _Path, nonce: bytes, probe: bytes) -> None:
+    if path.nonce == nonce and path.direct is None and path.probed is not None \
+            and not endpoint.is_closed:
+        endpoint._send_raw(probe, path.probed)
+
+
+def on_probe(endpoint: Endpoint, relays: Relays, data: bytes, addr: Address) -> None:
+    """A raw probe from ``addr``: remember its nonce; if the peer already told us it
+    (inside a relayed connection), the peer reaches us directly from ``addr``."""
+    nonce = bytes(data[1:])
+    seen = relays.probes_seen
+    if nonce in seen:
+        return
+    seen[nonce] = addr
+    if len(seen) > MAX_PROBES_SEEN:
+        seen.popitem(last=False)
+    conn = relays.checks.pop(nonce, None)
+    if conn is not None:
+        _confirm(endpoint, relays, conn, nonce, addr)
+
+
+def on_path_check(endpoint: Endpoint, relays: Relays, conn: Connection,
+                  payload: bytes) -> None:
+    """The peer of relayed ``conn`` says it probes us with ``payload``."""
+    if len(payload) != PROBE_LEN - 1 or relays.path_of(conn.remote_addr) is None:
+        return
+    nonce = bytes(payload)
+    addr = relays.probes_seen.get(nonce)
+    if addr is not None:
+        _confirm(endpoint, relays, conn, nonce, addr)
+        return
+    for old in [n for n, c in relays.checks.items() if c is conn]:
+        del relays.checks[old]  # one check waiting per connection
+    relays.checks[nonce] = conn
+    if len(relays.checks) > MAX_PROBES_SEEN:
+        relays.checks.popitem(last=False)
+
+
+def _confirm(endpoint: Endpoint, relays: Relays, conn: Connection, nonce: bytes,
+             addr: Address) -> None:
+    """The peer's probe came straight from ``addr``: tell it its direction works, and
+    probe back there (a symmetric NAT may have given it a port the relay never saw)."""
+    path = relays.path_of(conn.remote_addr)
+    if path is None or conn.is_closed:
+        return
+    if path.candidate is not None and str(addr[0]) != str(path.candidate[0]):
+        _peer_log.info("probe-elsewhere", "ignoring a direct-path probe from %s: the "
+                       "relay saw that peer at %s", wire.addr_text(addr),
+                       wire.addr_text(path.candidate))
+        return
+    conn._send_nowait(endpoint._fp.encode_frame(b"", b"", nonce, wire.KIND_PATH_OK))
+    if path.candidate is None or not _same(addr, path.candidate):
+        path.candidate = addr
+        if path.direct is None:  # our own probes went elsewhere: try there at once
+            _attempt(endpoint, relays, conn, path)
+
+
+def on_path_ok(endpoint: Endpoint, relays: Relays, conn: Connection, payload: bytes) -> None:
+    """The peer got our current probe straight: send to it directly from now on."""
+    path = relays.path_of(conn.remote_addr)
+    if (path is None or path.direct is not None or path.nonce is None
+            or bytes(payload) != path.nonce or path.probed is None):
+        return
+    path.direct = path.probed
+    conn._set_path("direct")
+    logger.info("connection with %s moved from relay %s to a direct path at %s",
+                conn.peer_id, wire.addr_text(path.relay.remote_addr),
+                wire.addr_text(path.direct))
+    endpoint._mark_dirty(conn)

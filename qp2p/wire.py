@@ -30,6 +30,8 @@ __all__ = [
     "KIND_INTRODUCE_REQUEST",
     "KIND_INTRODUCE_RESPONSE",
     "KIND_INTRODUCTION",
+    "KIND_PATH_CHECK",
+    "KIND_PATH_OK",
     "KIND_RECEIPT",
     "KIND_RELAY_ACCEPT",
     "KIND_RELAY_OFFER",
@@ -69,6 +71,10 @@ KIND_RELAY_REQUEST: Final = 7
 KIND_RELAY_OFFER: Final = 8
 KIND_RELAY_ACCEPT: Final = 9
 KIND_RELAY_RESPONSE: Final = 10
+# a relayed connection's peers, uni, inside it: "I probe you directly with this nonce";
+# "your probe with this nonce reached me directly" (qp2p/relay.py, moving to a direct path)
+KIND_PATH_CHECK: Final = 11
+KIND_PATH_OK: Final = 12
 
 # Application error codes on streams (RESET_STREAM / STOP_SENDING).
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
