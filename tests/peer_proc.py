@@ -1,22 +1,27 @@
 """A qp2p peer in its own process, for tests that kill, restart or namespace a peer.
 
-``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous]``: binds, prints
-``READY <host> <port> <peer_id>``, then echoes every message back (and answers every
-request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the user
-messages this peer has received. It exits when killed or when its stdin closes.
+``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous] [--port-mapping[=P,Q]]``:
+binds, prints ``READY <host> <port> <peer_id>``, then echoes every message back (and answers
+every request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the user
+messages this peer has received; ``public`` prints ``PUBLIC <host> <port>`` (or ``PUBLIC
+none``): its ``public_addr``. ``--port-mapping`` binds with ``Config(port_mapping=True)``,
+``--port-mapping=pcp,upnp`` with those protocols. It exits (closing the endpoint) when
+killed or when its stdin closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 
 import qp2p
 
 
-async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> None:
-    config = qp2p.Config(idle_timeout=idle_timeout)
+async def main(host: str, port: int, idle_timeout: float, rendezvous: bool,
+               port_mapping: bool | tuple[str, ...] = False) -> None:
+    config = qp2p.Config(idle_timeout=idle_timeout, port_mapping=port_mapping)
     received = 0
     async with await qp2p.Endpoint.bind((host, port), config=config,
                                         rendezvous=rendezvous) as ep:
@@ -48,10 +53,21 @@ async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> N
                 break
             if line.strip() == "count":
                 print("COUNT", received, flush=True)
+            elif line.strip() == "public":
+                public = ep.public_addr
+                print("PUBLIC", *(public[:2] if public else ["none"]), flush=True)
         acceptor.cancel()
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    mapping: bool | tuple[str, ...] = False
+    for flag in sys.argv[1:]:
+        if flag == "--port-mapping":
+            mapping = True
+        elif flag.startswith("--port-mapping="):
+            mapping = tuple(flag.split("=", 1)[1].split(","))
+    if "--log" in sys.argv:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     asyncio.run(main(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 10.0,
-                     "--rendezvous" in sys.argv))
+                     "--rendezvous" in sys.argv, mapping))
