@@ -11,17 +11,16 @@ Two details of the lab follow from the daemon:
   Its documented way out is ``ext_perform_stun=yes``: it asks a STUN server (with RFC 3489
   CHANGE-REQUEST) for its public address and enables mapping when the answers show no
   upstream NAT or filtering. So ``StunServer`` below answers on P's two addresses and two
-  ports each, and R's own input is not filtered (only forwarded traffic is, as on the NATs
-  of ``Lab.nat``).
-* Filtering: R's forward chain drops inbound packets of no known flow, like
-  ``Lab.nat(drop_unsolicited=True)``, but lives in miniupnpd's own table and jumps to its
+  ports each, and R's input accepts the STUN server's answers (the one exception to
+  dropping unsolicited inbound packets, as ``Lab.nat`` does).
+* Filtering: R's input and forward chains drop inbound packets of no known flow, like
+  ``Lab.nat(drop_unsolicited=True)``, but live in miniupnpd's own table and jumps to its
   chain first, so a mapping the daemon makes (a DNAT rule plus a forward accept) lets
   unsolicited packets through, and nothing else does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import select
 import shutil
 import socket
@@ -138,6 +137,12 @@ def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter
         f'    iifname "{out_if}" ct state established,related accept\n'
         f'    iifname "{out_if}" jump miniupnpd\n'
         f'    iifname "{out_if}" counter drop\n  }}\n'
+        "  chain input {\n    type filter hook input priority filter; policy accept;\n"
+        f'    iifname "{out_if}" ct state established,related accept\n'
+        # the daemon's STUN check needs the server's answers from its other address/port
+        f'    iifname "{out_if}" ip saddr {{ 198.18.0.10, 198.18.0.11 }} '
+        f'udp sport {{ {STUN_PORTS[0]}, {STUN_PORTS[1]} }} accept\n'
+        f'    iifname "{out_if}" counter drop\n  }}\n'
         "  chain miniupnpd {\n  }\n"
         "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
         "    jump prerouting_miniupnpd\n  }\n"
@@ -186,6 +191,4 @@ def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter
                                           for line in router.log):
         router.close()
         raise RuntimeError("miniupnpd did not start serving:\n" + "\n".join(router.log))
-    with contextlib.suppress(Exception):
-        pass
     return router
