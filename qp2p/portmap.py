@@ -53,7 +53,8 @@ _PCP_MAX = 1100             # RFC 6887 §7: PCP messages are at most 1100 bytes
 _HTTP_TIMEOUT = 5
 _SSDP_TIMEOUT = 2.0
 _MIN_RENEW = 1.0            # a gateway granting tiny leases cannot make us spin
-_RETRY_AFTER_LOSS = 60.0    # after a lost mapping, look again this much later
+_RETRY_FIRST = 60.0         # no mapping (none offered, or lost): look again after this,
+_RETRY_MAX = 1800.0         # doubling up to this
 _IGD_SERVICES = (
     "urn:schemas-upnp-org:service:WANIPConnection:2",
     "urn:schemas-upnp-org:service:WANIPConnection:1",
@@ -233,6 +234,8 @@ class _NatPmp:
         return Mapping(self.name, (self.external_ip, eport), internal, granted)
 
     async def unmap(self, mapping: Mapping) -> None:
+        if self.external_ip is None:  # stopped while asking: the delete needs no address
+            self.external_ip = mapping.external[0]
         await self.map(mapping.internal, 0, 0)
 
 
@@ -458,6 +461,8 @@ class PortMapper:
         #: how many times the current protocol's lease was renewed (tests, stats)
         self.renewals = 0
         self._client: Any = None
+        # a map request in flight: stop() deletes it too, as the gateway may have granted it
+        self._inflight: tuple[Any, Mapping] | None = None
         self._cleanup: list[Callable[[], Any]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -473,10 +478,11 @@ class PortMapper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.mapping is not None and self._client is not None:
-            mapping = self.mapping
+        client, mapping = ((self._client, self.mapping) if self.mapping is not None
+                           else self._inflight or (None, None))
+        if client is not None and mapping is not None:
             try:
-                await asyncio.wait_for(self._client.unmap(mapping), sum(_TRIES) + 1)
+                await asyncio.wait_for(client.unmap(mapping), sum(_TRIES) + 1)
                 logger.info("port mapping removed: %s %s:%d", mapping.protocol,
                             *mapping.external)
             except (Exception, asyncio.TimeoutError) as exc:
@@ -501,6 +507,7 @@ class PortMapper:
         self._client = None
 
     async def _run(self) -> None:
+        wait = _RETRY_FIRST
         while True:
             try:
                 await self._map_and_renew()
@@ -508,9 +515,25 @@ class PortMapper:
                 raise
             except Exception as exc:  # quiet by contract: a gateway can't hurt us
                 logger.debug("port mapping failed: %r", exc)
+            if self.mapping is not None:
+                wait = _RETRY_FIRST  # it worked once: the router is worth asking again soon
             self._set(None)
             await self._close_clients()
-            await asyncio.sleep(_RETRY_AFTER_LOSS)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _RETRY_MAX)
+
+    async def _try(self, client: Any, internal: tuple[str, int]) -> Mapping:
+        """``client.map`` for our port, remembered as in flight while it runs."""
+        self._inflight = (client, Mapping(client.name, ("0.0.0.0", self.port), internal, 0))
+        try:
+            mapping: Mapping = await client.map(internal, self.port, self.lifetime)
+        except asyncio.CancelledError:
+            raise  # still in flight: stop() deletes it
+        except BaseException:
+            self._inflight = None
+            raise
+        self._inflight = None
+        return mapping
 
     async def _map_and_renew(self) -> None:
         gateway = self._gateway or default_gateway()
@@ -564,7 +587,7 @@ class PortMapper:
                 if client.name not in want or not answered:
                     continue
                 try:
-                    mapping = await client.map(internal, self.port, self.lifetime)
+                    mapping = await self._try(client, internal)
                 except _Refused as exc:
                     logger.debug("port mapping: %s refused: %s", client.name, exc)
                     if not exc.unsupported_version:
@@ -585,7 +608,7 @@ class PortMapper:
             igd = _Igd(gateway, internal[0])
             self._cleanup.append(igd.close)
             try:
-                mapping = await igd.map(internal, self.port, self.lifetime)
+                mapping = await self._try(igd, internal)
             except (_Refused, _NoAnswer) as exc:
                 logger.debug("port mapping: upnp: %s", exc)
                 await self._close_clients()

@@ -274,14 +274,19 @@ async def test_hostile_gateway_pcp(lab: Lab, impl: str) -> None:
 
 @pytest.mark.asyncio
 async def test_hostile_gateway_natpmp(lab: Lab, impl: str) -> None:
-    """NAT-PMP: the external address and the mapping are taken only from well-formed
-    replies to the request made; a version-0 'unsupported' is not a grant."""
+    """A NAT-PMP-only gateway answers PCP with "unsupported version": NAT-PMP follows.
+    Its external address and mapping are taken only from well-formed replies to the
+    request made."""
     net = behind_nat(lab)
     gw = FakeGateway(net.r, "198.18.1.1")
-    peer = Peer(net.c, impl, "--port-mapping=natpmp")
+    peer = Peer(net.c, impl, "--port-mapping=pcp,natpmp")
     try:
         assert peer.public_addr() is None
         req, src = await asyncio.to_thread(gw.recv)
+        assert req[:2] == b"\x02\x01"  # PCP first
+        gw.sock.sendto(struct.pack("!BBHI", 0, 0x81, 1, 7), src)  # RFC 6886 §3.5
+        while (req := (await asyncio.to_thread(gw.recv))[0])[0] == 2:
+            pass  # PCP retransmissions
         assert req == b"\x00\x00"  # external address first
         for lie in [struct.pack("!BBHI4s", 0, 0x81, 0, 1, socket.inet_aton("6.6.6.6")),
                     struct.pack("!BBHI4s", 1, 0x80, 0, 1, socket.inet_aton("6.6.6.6")),
@@ -305,6 +310,28 @@ async def test_hostile_gateway_natpmp(lab: Lab, impl: str) -> None:
         gw.spoof.sendto(struct.pack("!BBHIHHI", 0, 0x81, 0, 1, iport, 666, 600), src)
         gw.sock.sendto(struct.pack("!BBHIHHI", 0, 0x81, 0, 1, iport, 4243, 600), src)
         assert await peer.wait_public_addr() == ("198.18.0.1", 4243)
+    finally:
+        peer.close()
+        gw.close()
+
+
+@pytest.mark.asyncio
+async def test_close_during_the_request_deletes_it(lab: Lab, impl: str) -> None:
+    """Closed before the gateway answered: the gateway may have granted it all the same,
+    so the close sends the delete (PCP: lifetime 0, the same nonce)."""
+    net = behind_nat(lab)
+    gw = FakeGateway(net.r, "198.18.1.1")
+    peer = Peer(net.c, impl, "--port-mapping=pcp")
+    try:
+        req, src = await asyncio.to_thread(gw.recv)
+        assert struct.unpack_from("!I", req, 4)[0] > 0
+        peer.proc.stdin.close()  # type: ignore[union-attr]
+        while True:
+            delete, _ = await asyncio.to_thread(gw.recv)
+            if struct.unpack_from("!I", delete, 4)[0] == 0:
+                break
+        assert delete[24:42] == req[24:42]  # nonce, protocol, internal port
+        gw.sock.sendto(pcp_reply(delete, ext="198.18.0.1", eport=0, lifetime=0), src)
     finally:
         peer.close()
         gw.close()
