@@ -47,14 +47,15 @@ def router(lab: Lab, tmp_path: Path) -> Iterator[UpnpRouter]:
 class Peer:
     """tests/peer_proc.py inside ``host``, on this test's implementation and engine."""
 
-    def __init__(self, host: Host, impl: str, *flags: str) -> None:
+    def __init__(self, host: Host, impl: str, *flags: str, stderr: int | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": pythonpath()}
         env.pop("QP2P_NO_EXTENSIONS", None)
         if impl == "python":
             env["QP2P_NO_EXTENSIONS"] = "1"
         self.proc = host.popen(sys.executable, str(ROOT / "tests" / "peer_proc.py"),
                                "0.0.0.0", "0", "30", *flags, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, cwd=CWD, env=env)
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=CWD,
+                               env=env)
         line = self._line().split()
         assert line and line[0] == "READY", line
         self.port = int(line[2])
@@ -335,6 +336,51 @@ async def test_close_during_the_request_deletes_it(lab: Lab, impl: str) -> None:
     finally:
         peer.close()
         gw.close()
+
+
+@pytest.mark.asyncio
+async def test_ssdp_answer_from_another_lan_host_is_ignored(lab: Lab, impl: str) -> None:
+    """A LAN host that answers the IGD search with its own description URL is not the
+    gateway: the peer neither fetches that URL nor maps anything."""
+    net = behind_nat(lab)
+    evil = lab.host("evil")
+    lab.attach(evil, net.private, "198.18.1.20")
+    evil.route("default", via="198.18.1.1")
+    ssdp = evil.socket()
+    ssdp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ssdp.bind(("0.0.0.0", 1900))
+    ssdp.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                    socket.inet_aton("239.255.255.250") + socket.inet_aton("198.18.1.20"))
+    ssdp.settimeout(10)
+    http = evil.socket(type=socket.SOCK_STREAM)
+    http.bind(("198.18.1.20", 0))
+    http.listen()
+    http.setblocking(False)
+    location = f"http://198.18.1.20:{http.getsockname()[1]}/rootDesc.xml"
+    peer = Peer(net.c, impl, "--port-mapping=upnp", "--log", stderr=subprocess.PIPE)
+    try:
+        search, src = await asyncio.to_thread(ssdp.recvfrom, 2048)
+        assert search.startswith(b"M-SEARCH") and src[0] == PEER
+        ssdp.sendto(("HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nEXT:\r\n"
+                     f"LOCATION: {location}\r\nSERVER: test UPnP/1.1\r\n"
+                     "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+                     "USN: uuid:0f0f0f0f-0000-4000-8000-000000000000::"
+                     "urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n"
+                     ).encode(), src)
+        assert peer.proc.stderr is not None
+        lines = []
+        while "no IGD answered SSDP" not in (line := await asyncio.to_thread(
+                peer.proc.stderr.readline)):
+            assert line, "the peer exited"
+            lines.append(line)
+        assert any("ignored SSDP answer from 198.18.1.20" in x for x in lines), lines
+        with pytest.raises(BlockingIOError):
+            http.accept()  # nobody came for the description
+        assert peer.public_addr() is None
+    finally:
+        peer.close()
+        ssdp.close()
+        http.close()
 
 
 @pytest.mark.asyncio
