@@ -5,8 +5,8 @@ binds, prints ``READY <host> <port> <peer_id>``, then echoes every message back 
 every request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the user
 messages this peer has received; ``public`` prints ``PUBLIC <host> <port>`` (or ``PUBLIC
 none``): its ``public_addr``. ``--port-mapping`` binds with ``Config(port_mapping=True)``,
-``--port-mapping=pcp,upnp`` with those protocols. It exits (closing the endpoint) when
-killed or when its stdin closes.
+``--port-mapping=pcp,upnp`` with those protocols; ``--uvloop`` runs on uvloop. It exits
+(closing the endpoint) when killed or when its stdin closes.
 """
 
 from __future__ import annotations
@@ -69,5 +69,9 @@ if __name__ == "__main__":
             mapping = tuple(flag.split("=", 1)[1].split(","))
     if "--log" in sys.argv:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    asyncio.run(main(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 10.0,
-                     "--rendezvous" in sys.argv, mapping))
+    run = asyncio.run
+    if "--uvloop" in sys.argv:
+        import uvloop
+        run = uvloop.run
+    run(main(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 10.0,
+             "--rendezvous" in sys.argv, mapping))

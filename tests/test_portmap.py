@@ -45,13 +45,17 @@ def router(lab: Lab, tmp_path: Path) -> Iterator[UpnpRouter]:
 
 
 class Peer:
-    """tests/peer_proc.py inside ``host``, on this test's implementation and engine."""
+    """tests/peer_proc.py inside ``host``, on this test's implementation and engine; on
+    uvloop with qh3 and asyncio with aioquic (so the four implementation x engine runs
+    cover both loops too: the port mapping runs in this process)."""
 
     def __init__(self, host: Host, impl: str, *flags: str, stderr: int | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": pythonpath()}
         env.pop("QP2P_NO_EXTENSIONS", None)
         if impl == "python":
             env["QP2P_NO_EXTENSIONS"] = "1"
+        if os.environ.get("QP2P_ENGINE") == "qh3":
+            flags = (*flags, "--uvloop")
         self.proc = host.popen(sys.executable, str(ROOT / "tests" / "peer_proc.py"),
                                "0.0.0.0", "0", "30", *flags, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=CWD,
