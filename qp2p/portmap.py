@@ -187,9 +187,39 @@ def _natpmp_result(data: bytes, op: int, length: int) -> int | None:
     code = struct.unpack_from("!H", data, 2)[0]
     if code == 0 and len(data) != length:
         return None
-    if code != 0 and len(data) not in (length, 8, 12, 16):
+    if code != 0 and len(data) not in (8, length):  # RFC 6886 §3.5: 8 bytes, or the full reply
         return None
     return int(code)
+
+
+def parse_natpmp_address(data: bytes) -> str | None:
+    """A NAT-PMP external-address reply: the address, or ``None`` when ``data`` is not
+    one. Raises ``_Refused`` for a well-formed error reply."""
+    code = _natpmp_result(data, 0, 12)
+    if code is None:
+        return None
+    if code:
+        raise _Refused(f"NAT-PMP external address: result {code}",
+                       unsupported_version=code == 1)
+    return socket.inet_ntoa(data[8:12])
+
+
+def parse_natpmp_map(data: bytes, port: int, lifetime: int) -> tuple[int, int] | None:
+    """A NAT-PMP UDP-mapping reply for internal ``port``: ``(external port, lifetime)``,
+    or ``None`` when ``data`` is not one. Raises ``_Refused`` for an error reply (or a
+    grant of nothing when ``lifetime`` asked for something)."""
+    code = _natpmp_result(data, 1, 16)
+    if code is None:
+        return None
+    if len(data) == 16:
+        iport, eport, granted = struct.unpack_from("!HHI", data, 8)
+        if iport != port:
+            return None  # an answer for some other request
+    if code:
+        raise _Refused(f"NAT-PMP map: result {code}", unsupported_version=code == 1)
+    if lifetime and (eport == 0 or granted == 0):
+        raise _Refused("NAT-PMP map: gateway granted nothing")
+    return eport, granted
 
 
 class _NatPmp:
@@ -202,35 +232,14 @@ class _NatPmp:
     async def map(self, internal: tuple[str, int], external_port: int,
                   lifetime: int) -> Mapping:
         if self.external_ip is None:
-            def accept_addr(data: bytes) -> str | None:
-                code = _natpmp_result(data, 0, 12)
-                if code is None:
-                    return None
-                if code:
-                    raise _Refused(f"NAT-PMP external address: result {code}",
-                                   unsupported_version=code == 1)
-                return socket.inet_ntoa(data[8:12])
-            ip = await _exchange(self.udp, self.transport, b"\x00\x00", accept_addr)
+            ip = await _exchange(self.udp, self.transport, b"\x00\x00", parse_natpmp_address)
             if not _usable_external(ip):
                 raise _Refused(f"NAT-PMP gateway reports external address {ip}")
             self.external_ip = ip
         port = internal[1]
         request = struct.pack("!BBHHHI", 0, 1, 0, port, external_port, lifetime)
-
-        def accept_map(data: bytes) -> tuple[int, int] | None:
-            code = _natpmp_result(data, 1, 16)
-            if code is None:
-                return None
-            if code:
-                raise _Refused(f"NAT-PMP map: result {code}", unsupported_version=code == 1)
-            iport, eport, granted = struct.unpack_from("!HHI", data, 8)
-            if iport != port:
-                return None  # an answer for some other request
-            if lifetime and (eport == 0 or granted == 0):
-                raise _Refused("NAT-PMP map: gateway granted nothing")
-            return eport, granted
-
-        eport, granted = await _exchange(self.udp, self.transport, request, accept_map)
+        eport, granted = await _exchange(self.udp, self.transport, request,
+                                         lambda data: parse_natpmp_map(data, port, lifetime))
         return Mapping(self.name, (self.external_ip, eport), internal, granted)
 
     async def unmap(self, mapping: Mapping) -> None:
@@ -243,10 +252,51 @@ class _NatPmp:
 
 _PCP_MAP = 1
 _PCP_UNSUPP_VERSION = 1
+_V4MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
 def _v4mapped(ip: str) -> bytes:
-    return b"\x00" * 10 + b"\xff\xff" + socket.inet_aton(ip)
+    return _V4MAPPED + socket.inet_aton(ip)
+
+
+def pcp_map_request(nonce: bytes, internal: tuple[str, int], external_port: int,
+                    lifetime: int) -> bytes:
+    """A PCP MAP request (RFC 6887 §11.1) for UDP ``internal``, external address any."""
+    ip, port = internal
+    return (struct.pack("!BBHI", 2, _PCP_MAP, 0, lifetime) + _v4mapped(ip) + nonce
+            + struct.pack("!B3xHH", 17, port, external_port) + _v4mapped("0.0.0.0"))
+
+
+def parse_pcp_map(data: bytes, nonce: bytes, port: int,
+                  lifetime: int) -> tuple[str, int, int] | None:
+    """A PCP MAP reply to our request (``nonce``, UDP, internal ``port``): ``(external
+    address, external port, lifetime)``, or ``None`` when ``data`` is not one. Raises
+    ``_Refused`` for an error reply with our nonce, for "unsupported version" (which
+    carries no nonce: a PCP server may answer it with the header alone, a NAT-PMP one
+    with its own 8-byte error), and for a grant of nothing."""
+    if len(data) >= 4 and data[0] != 2:
+        if data[0] == 0 and len(data) == 8 and data[1] >= 128 and data[2:4] == b"\x00\x01":
+            raise _Refused("PCP: gateway speaks NAT-PMP only", unsupported_version=True)
+        return None
+    if len(data) < 24 or len(data) > _PCP_MAX or len(data) % 4 or data[1] != 0x80 | _PCP_MAP:
+        return None
+    code = data[3]
+    if code == _PCP_UNSUPP_VERSION:
+        raise _Refused("PCP: unsupported version", unsupported_version=True)
+    if len(data) < 60 or data[24:36] != nonce:
+        return None  # not the answer to our request (RFC 6887 §11.3)
+    proto, iport, eport = struct.unpack_from("!B3xHH", data, 36)
+    if proto != 17 or iport != port:
+        return None
+    if code:
+        raise _Refused(f"PCP map: result {code}")
+    granted = struct.unpack_from("!I", data, 4)[0]
+    if data[44:56] != _V4MAPPED:
+        return None  # an IPv6 external address for an IPv4 request
+    ext = socket.inet_ntoa(data[56:60])
+    if lifetime and (eport == 0 or granted == 0 or not _usable_external(ext)):
+        raise _Refused(f"PCP map: unusable grant {ext}:{eport} for {granted}s")
+    return ext, eport, granted
 
 
 class _Pcp:
@@ -256,43 +306,13 @@ class _Pcp:
         self.udp, self.transport = udp, transport
         self.nonce = os.urandom(12)  # one per mapping: renewals and delete reuse it
 
-    async def map(self, internal: tuple[str, int], external_port: int, lifetime: int,
-                  external_ip: str = "0.0.0.0") -> Mapping:
-        ip, port = internal
-        request = (struct.pack("!BBHI", 2, _PCP_MAP, 0, lifetime) + _v4mapped(ip)
-                   + self.nonce + struct.pack("!B3xHH", 17, port, external_port)
-                   + _v4mapped(external_ip))
-
-        def accept(data: bytes) -> tuple[str, int, int] | None:
-            if len(data) >= 4 and data[0] != 2:
-                # a NAT-PMP-only gateway answers version 0 "unsupported version"
-                if data[0] == 0 and data[1] >= 128 and data[3] == 1:
-                    raise _Refused("PCP: gateway speaks NAT-PMP only", unsupported_version=True)
-                return None
-            if len(data) < 60 or len(data) > _PCP_MAX or len(data) % 4:
-                return None
-            if data[1] != 0x80 | _PCP_MAP:
-                return None
-            code = data[3]
-            granted = struct.unpack_from("!I", data, 4)[0]
-            if code == _PCP_UNSUPP_VERSION:
-                raise _Refused("PCP: unsupported version", unsupported_version=True)
-            if data[24:36] != self.nonce:
-                return None  # not the answer to our request (RFC 6887 §11.3)
-            proto, iport, eport = struct.unpack_from("!B3xHH", data, 36)
-            if proto != 17 or iport != port:
-                return None
-            if code:
-                raise _Refused(f"PCP map: result {code}")
-            raw_ext = data[44:60]
-            if raw_ext[:12] != b"\x00" * 10 + b"\xff\xff":
-                return None  # an IPv6 external address for an IPv4 request
-            ext = socket.inet_ntoa(raw_ext[12:])
-            if lifetime and (eport == 0 or granted == 0 or not _usable_external(ext)):
-                raise _Refused(f"PCP map: unusable grant {ext}:{eport} for {granted}s")
-            return ext, eport, granted
-
-        ext, eport, granted = await _exchange(self.udp, self.transport, request, accept)
+    async def map(self, internal: tuple[str, int], external_port: int,
+                  lifetime: int) -> Mapping:
+        request = pcp_map_request(self.nonce, internal, external_port, lifetime)
+        port = internal[1]
+        ext, eport, granted = await _exchange(
+            self.udp, self.transport, request,
+            lambda data: parse_pcp_map(data, self.nonce, port, lifetime))
         return Mapping(self.name, (ext, eport), internal, granted)
 
     async def unmap(self, mapping: Mapping) -> None:
