@@ -187,7 +187,7 @@ def test_lease_is_renewed(router: UpnpRouter) -> None:
         "from pathlib import Path\n"
         "from qp2p.portmap import PortMapper\n"
         "def expiry():\n"
-        "    return [int(l.split(':')[4]) for l in Path(sys.argv[2]).read_text().split()\n"
+        "    return [int(l.split(':')[4]) for l in Path(sys.argv[2]).read_text().splitlines()\n"
         "            if l.startswith('UDP:')]\n"
         "async def main(proto):\n"
         "    m = PortMapper(40000, protocols=(proto,), lifetime=4)\n"
