@@ -17,7 +17,7 @@ all: build
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip "setuptools>=77" wheel "Cython>=3,<4"
-	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev,qh3]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev,qh3,portmap]'
 	touch $(STAMP)
 
 $(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd

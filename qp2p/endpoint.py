@@ -36,6 +36,7 @@ from .errors import (
 )
 from .identity import Identity, PeerId, Trust
 from .pool import Pool
+from .portmap import PROTOCOLS, Mapping, PortMapper
 from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
@@ -217,6 +218,10 @@ class Endpoint:
         )
         self._relays = relay_mod.Relays(sock.family, self._loop.time(), self.stats_counters)
         self._loop.add_reader(self._fd, self._on_readable)
+        self._portmap: PortMapper | None = None
+        self._mapped_addr: wire.Address | None = None
+        if config.port_mapping:
+            self._start_port_mapping()
 
     # ------------------------------------------------------------------ construction
 
@@ -1137,8 +1142,28 @@ class Endpoint:
         if self._closed:
             raise EndpointClosed("endpoint is closed")
 
+    def _start_port_mapping(self) -> None:
+        protocols = PROTOCOLS if self.config.port_mapping is True else self.config.port_mapping
+        assert isinstance(protocols, tuple)
+        ip = self.local_addr[0]
+        self._portmap = PortMapper(
+            self.local_addr[1], protocols=protocols,
+            internal_ip=ip if ipaddress.ip_address(ip).version == 4 else None,
+            on_change=self._on_port_mapping)
+        self._portmap.start()
+
+    def _on_port_mapping(self, mapping: Mapping | None) -> None:
+        if mapping is not None:
+            self.public_addr = mapping.external
+        elif self._mapped_addr is not None and self.public_addr == self._mapped_addr:
+            self.public_addr = None
+        self._mapped_addr = mapping.external if mapping is not None else None
+
     async def _close(self) -> None:
         self._closed = True
+        # the lease is deleted alongside the connections' close (bounded: one delete)
+        unmap = (asyncio.ensure_future(self._portmap.stop())
+                 if self._portmap is not None else None)
         self._accept_signal.notify_all()  # waiting accept() calls raise EndpointClosed
         for conn in list(self._live):
             if conn._ready is not None and not conn._ready.done():  # a dial in flight
@@ -1158,4 +1183,6 @@ class Endpoint:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
         self._sock.close()
+        if unmap is not None:
+            await unmap
         logger.debug("endpoint %s closed", self.local_addr)
