@@ -20,12 +20,12 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-from . import _speedups, discovery, holepunch, wire
+from . import _speedups, services, wire
 from . import engine as quic_engine
 from .config import Config
-from .connection import Connection
+from .connection import Connection, ControlMessage, Driver
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -37,14 +37,16 @@ from .pool import Pool
 from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
+from .wire import SockAddr
+
+if TYPE_CHECKING:
+    from .services.host import ControlHandler, FirstFlight
 
 __all__ = ["Endpoint", "EndpointBinding"]
 
 logger = logging.getLogger("qp2p.endpoint")
 #: Lines a peer can trigger: one per cause per interval, with counts.
 _peer_log = RateLimitedLog(logger)
-
-Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Address
 
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
@@ -190,7 +192,6 @@ class Endpoint:
         self._unproven: collections.deque[float] = collections.deque(
             maxlen=config.address_validation_threshold)
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
-        self._punching = holepunch.Punching()
         self.local_addr: wire.Address = sock.getsockname()[:2]
         self.public_addr: wire.Address | None = None
         self._pool = Pool()
@@ -200,7 +201,7 @@ class Endpoint:
         self._accept_signal = Signal(self._loop)
         self._dirty: dict[Connection, None] = {}
         self._flush_scheduled = False
-        self._backlog: list[tuple[bytes, Address]] = []
+        self._backlog: list[tuple[bytes, SockAddr]] = []
         self._backlog_pos = 0
         self._writer_armed = False
         self._closed = False
@@ -211,6 +212,21 @@ class Endpoint:
              "handshakes_timed_out"),
             0,
         )
+        # what each connection asks of us, and the services with their control kinds
+        self._driver = Driver(
+            config=config, loop=self._loop, fp=self._fp, budget=self._budget,
+            local_addr=self.local_addr, mark_dirty=self._mark_dirty,
+            release_budget=self._release_budget, charge_budget=self._charge_budget,
+            release_budget_soon=self._release_budget_soon, close=self._close_and_flush,
+            closed=self._on_connection_closed, control=self._on_control,
+        )
+        self._control_handlers: dict[int, ControlHandler] = {}
+        self._gone_callbacks: list[Callable[[Connection], None]] = []
+        self._host = _Host(
+            self, self._loop, self._pool, sock.family, self._resolve, self._dial, self._adopt,
+            self._send_raw, self._control_handlers, self._gone_callbacks,
+        )
+        self._services = services.start(self._host)
         self._loop.add_reader(self._fd, self._on_readable)
 
     # ------------------------------------------------------------------ construction
@@ -336,7 +352,7 @@ class Endpoint:
         targets = list(addrs)
         if not targets:
             raise ValueError("connect_to_any needs at least one address")
-        return await discovery.race(self, targets)
+        return await services.race.race(self._host, targets)
 
     async def accept(self) -> Connection:
         """The next incoming connection (after its handshake and authentication)."""
@@ -358,7 +374,7 @@ class Endpoint:
         """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
         self._check_open()
         conn = await self.connect_to(peer_addr)
-        observed = await discovery.echo(conn)
+        observed = await services.echo.echo(conn)
         self.public_addr = observed
         return observed
 
@@ -366,7 +382,7 @@ class Endpoint:
         """True if a peer at ``addr`` completes a handshake and answers a ping within
         ``timeout`` (default ``config.handshake_timeout``); never raises for a dead peer."""
         self._check_open()
-        return await discovery.is_reachable(self, addr, timeout)
+        return await self._services.echo.is_reachable(addr, timeout)
 
     async def connect_via(
         self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str
@@ -376,9 +392,9 @@ class Endpoint:
         self._check_open()
         peer = _as_peer_id(peer_id)
         assert peer is not None
-        return await holepunch.connect_via(self, rendezvous_addr, peer)
+        return await self._services.holepunch.connect_via(rendezvous_addr, peer)
 
-    async def register_with(self, rendezvous_addr: Address | str) -> Connection:
+    async def register_with(self, rendezvous_addr: wire.Address | str) -> Connection:
         """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
         and honour its introductions: the target side of ``connect_via``. Keep the
         connection open (``keep_alive_interval``) for as long as peers should reach us
@@ -386,8 +402,7 @@ class Endpoint:
         any other peer are ignored (before that, any peer it dialled may introduce,
         within the probe bound), so no other peer can make us probe an address."""
         self._check_open()
-        self._punching.register(await self._resolve(rendezvous_addr))
-        return await self.connect_to(rendezvous_addr)
+        return await self._services.holepunch.register_with(rendezvous_addr)
 
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
@@ -401,7 +416,7 @@ class Endpoint:
 
     # ------------------------------------------------------------------ dialling
 
-    async def _resolve(self, addr: Address | str) -> Address:
+    async def _resolve(self, addr: SockAddr | str) -> SockAddr:
         """``addr`` in the socket's own address form; ``ConnectionError`` if it has none."""
         try:
             host, port = wire.to_address(addr)
@@ -420,7 +435,7 @@ class Endpoint:
                 raise ConnectionError(f"cannot resolve {host!r}: {exc}") from exc
             if not infos:
                 raise ConnectionError(f"cannot resolve {host!r}") from None
-            resolved: Address = tuple(infos[0][4])
+            resolved: SockAddr = tuple(infos[0][4])
             return resolved
         if self._sock.family == socket.AF_INET6:
             # the socket's own address form: recvfrom reports (host, port, flow, scope) and
@@ -433,18 +448,19 @@ class Endpoint:
 
     async def _dial(
         self,
-        addr: Address,
+        addr: SockAddr,
         expect_peer_id: PeerId | None,
         timeout: float,
-        punch: bool = False,
+        *,
         private: bool = False,
+        first_flight: FirstFlight | None = None,
     ) -> Connection:
         """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth.
 
-        ``punch``: resend the first flight every few tens of ms until the peer answers
-        (hole punching: the far NAT drops it until the peer's probes open a mapping).
-        ``private``: a fresh connection kept out of the pool until :meth:`_adopt` (for
-        probes and races, which may close it again)."""
+        ``first_flight``: takes the first flight's datagrams and sends them itself (hole
+        punching resends them on a short timer: the far NAT drops them until the peer's
+        probes open a mapping). ``private``: a fresh connection kept out of the pool
+        until :meth:`_adopt` (for probes and races, which may close it again)."""
         self._check_open()
         if not private:
             existing = self._pool.get(addr, expect_peer_id)
@@ -453,18 +469,18 @@ class Endpoint:
         quic = self._engine.new_client(
             self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
         )
-        conn = Connection(self, quic, addr, is_client=True)
+        conn = Connection(self._driver, quic, addr, is_client=True)
         conn._pooled = not private
         conn._ready = self._loop.create_future()
         self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
         self._register(conn, quic.host_cid)
-        if punch:
-            first_flight = quic.datagrams_to_send(now)
-            conn._stats["packets_sent"] += len(first_flight)
+        if first_flight is not None:
+            datagrams = quic.datagrams_to_send(now)
+            conn._stats["packets_sent"] += len(datagrams)
             self._arm_timer(conn, quic.get_timer())
-            self._resend_first_flight(conn, first_flight)
+            first_flight(conn, datagrams)
         else:
             self._mark_dirty(conn)
         try:
@@ -478,28 +494,6 @@ class Endpoint:
             self._abandon(conn, "dial cancelled")
             raise
         return conn
-
-    def _resend_first_flight(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]], sent: int = 0,
-        interval: float = holepunch.PUNCH_RESEND_INTERVAL, started: float | None = None,
-    ) -> None:
-        """Resend a punching dial's first flight until the peer answers: every
-        ``PUNCH_RESEND_INTERVAL`` for ``PUNCH_FAST_PERIOD``, then twice as long each
-        time, ``PUNCH_MAX_RESENDS`` times at most (a wrong address is not flooded)."""
-        if conn._closed is not None or conn._stats["packets_received"] or self._closed:
-            return
-        now = self._loop.time()
-        started = now if started is None else started
-        for data, addr in datagrams:
-            self._send_raw(data, addr)
-        sent += 1
-        if sent >= holepunch.PUNCH_MAX_RESENDS:
-            return
-        if now - started >= holepunch.PUNCH_FAST_PERIOD:
-            interval *= 2
-        self._loop.call_later(
-            interval, self._resend_first_flight, conn, datagrams, sent, interval, started
-        )
 
     def _adopt(self, conn: Connection) -> None:
         """Pool a privately dialled connection (the winner of a race)."""
@@ -535,7 +529,7 @@ class Endpoint:
             # in one call (qh3 takes them as a batch), then its events are handled
             run: list[bytes] = []
             run_conn: Connection | None = None
-            run_addr: Address | None = None
+            run_addr: SockAddr | None = None
             for data, addr in batch:
                 conn = table.lookup(data)
                 if conn is None:
@@ -623,7 +617,7 @@ class Endpoint:
         else:
             conn._handle_event(event)
 
-    def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
+    def _on_unknown(self, data: bytes, addr: SockAddr, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped.
 
         Everything before ``quic_engine.new_server`` is cheap and keeps no state: an unproven
@@ -696,7 +690,7 @@ class Endpoint:
             self._server_config, self.config, self.trust, original_dcid, retry_scid,
             self.rendezvous,
         )
-        conn = Connection(self, quic, addr, is_client=False)
+        conn = Connection(self._driver, quic, addr, is_client=False)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
         try:
@@ -874,7 +868,8 @@ class Endpoint:
 
     def _forget(self, conn: Connection) -> None:
         self._end_half_open(conn)
-        self._punching.forget(conn)
+        for gone in self._gone_callbacks:
+            gone(conn)
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
@@ -900,16 +895,15 @@ class Endpoint:
 
     # ------------------------------------------------------------------ control messages
 
-    def _on_control(
-        self,
-        conn: Connection,
-        kind: int,
-        header: bytes,
-        dst: bytes,
-        payload: bytes,
-        stream_id: int | None,
-    ) -> None:
-        discovery.on_control(self, conn, kind, header, dst, payload, stream_id)
+    def _on_control(self, conn: Connection, msg: ControlMessage) -> None:
+        """Route a peer's control frame to the service registered for its kind."""
+        handler = self._control_handlers.get(msg.kind)
+        if handler is not None:
+            handler(conn, msg)
+            return
+        logger.debug("unexpected control frame kind %d from %s", msg.kind, conn.remote_addr)
+        if msg.stream_id is not None:
+            conn.refuse_control(msg.stream_id)
 
     # ------------------------------------------------------------------ send path
 
@@ -970,7 +964,7 @@ class Endpoint:
                 self._writer_armed = True
                 self._loop.add_writer(self._fd, self._send_backlog)
 
-    def _send_one_by_one(self, out: list[tuple[bytes, Address]], start: int) -> tuple[int, int]:
+    def _send_one_by_one(self, out: list[tuple[bytes, SockAddr]], start: int) -> tuple[int, int]:
         """Fallback for a batch that raised: skip (and count) each datagram that fails."""
         errors = 0
         for pos in range(start, len(out)):
@@ -983,7 +977,7 @@ class Endpoint:
                 errors += 1
         return len(out), errors
 
-    def _send_raw(self, data: bytes, addr: Address) -> None:
+    def _send_raw(self, data: bytes, addr: SockAddr) -> None:
         self._backlog.append((data, addr))
         if not self._writer_armed:
             self._send_backlog()
@@ -1041,6 +1035,10 @@ class Endpoint:
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 
+    def _close_and_flush(self, conn: Connection, reason: str, local_reason: str) -> None:
+        self._close_connection(conn, reason, local_reason)
+        self._flush()
+
     def _check_open(self) -> None:
         if self._closed:
             raise EndpointClosed("endpoint is closed")
@@ -1067,3 +1065,90 @@ class Endpoint:
             self._writer_armed = False
         self._sock.close()
         logger.debug("endpoint %s closed", self.local_addr)
+
+
+class _Host:
+    """The endpoint as its services see it (:class:`~qp2p.services.host.ServiceHost`):
+    the few things they may ask, handed over by the endpoint at bind."""
+
+    __slots__ = ("_dial", "_endpoint", "_family", "_gone", "_handlers", "_loop", "_pool",
+                 "_resolve", "_send_raw", "adopt")
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        loop: asyncio.AbstractEventLoop,
+        pool: Pool,
+        family: int,
+        resolve: Callable[[wire.Address | SockAddr | str], Coroutine[Any, Any, SockAddr]],
+        dial: Callable[..., Coroutine[Any, Any, Connection]],
+        adopt: Callable[[Connection], None],
+        send_raw: Callable[[bytes, SockAddr], None],
+        handlers: dict[int, ControlHandler],
+        gone: list[Callable[[Connection], None]],
+    ) -> None:
+        self._endpoint = endpoint  # for its public API only
+        self._loop = loop
+        self._pool = pool
+        self._family = family
+        self._resolve = resolve
+        self._dial = dial
+        self.adopt = adopt
+        self._send_raw = send_raw
+        self._handlers = handlers
+        self._gone = gone
+
+    @property
+    def config(self) -> Config:
+        return self._endpoint.config
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
+    def family(self) -> int:
+        return self._family
+
+    @property
+    def is_closed(self) -> bool:
+        return self._endpoint.is_closed
+
+    @property
+    def rendezvous(self) -> bool:
+        return self._endpoint.rendezvous
+
+    def connections(self) -> list[Connection]:
+        return self._pool.all_open()
+
+    def pooled(self, addr: SockAddr, expect_peer_id: PeerId | None = None) -> Connection | None:
+        return self._pool.get(addr, expect_peer_id)
+
+    async def resolve(self, addr: wire.Address | SockAddr | str) -> SockAddr:
+        return await self._resolve(addr)
+
+    async def connect(self, addr: wire.Address | SockAddr | str) -> Connection:
+        return await self._endpoint.connect_to(addr)
+
+    async def dial(
+        self,
+        addr: SockAddr,
+        expect_peer_id: PeerId | None,
+        timeout: float,
+        *,
+        private: bool = False,
+        first_flight: FirstFlight | None = None,
+    ) -> Connection:
+        return await self._dial(addr, expect_peer_id, timeout, private=private,
+                                first_flight=first_flight)
+
+    def send_raw(self, data: bytes, addr: SockAddr) -> None:
+        self._send_raw(data, addr)
+
+    def on_control(self, kind: int, handler: ControlHandler) -> None:
+        if kind in self._handlers:
+            raise ValueError(f"control kind {kind} already has a service")
+        self._handlers[kind] = handler
+
+    def on_connection_gone(self, callback: Callable[[Connection], None]) -> None:
+        self._gone.append(callback)
