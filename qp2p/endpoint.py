@@ -570,10 +570,7 @@ class Endpoint:
                 quic.receive_datagram(datagrams[0], addr, now)
             else:
                 quic.receive_datagrams(datagrams, addr, now)
-            event = quic.next_event()
-            while event is not None:
-                self._on_event(conn, event)
-                event = quic.next_event()
+            self._drain_events(conn, quic)
         except Exception:  # a bug for one connection must not stop the endpoint
             _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 
@@ -591,14 +588,18 @@ class Endpoint:
         now that the application released some."""
         quic = conn._quic
         try:
-            event = quic.next_event()
-            while event is not None:
-                self._on_event(conn, event)
-                event = quic.next_event()
+            self._drain_events(conn, quic)
         except Exception:  # a bug for one connection must not stop the endpoint
             logger.exception("error handling events from %s", conn.remote_addr)
         if not conn._terminated:
             self._after_events(conn)
+
+    def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
+        """Handle every event ``conn``'s engine has ready, in order."""
+        event = quic.next_event()
+        while event is not None:
+            self._on_event(conn, event)
+            event = quic.next_event()
 
     def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
@@ -715,10 +716,7 @@ class Endpoint:
         )
         conn._stats["packets_received"] += 1
         conn._stats["bytes_received"] += len(data)
-        event = quic.next_event()
-        while event is not None:
-            self._on_event(conn, event)
-            event = quic.next_event()
+        self._drain_events(conn, quic)
         self._dirty[conn] = None
 
     def _unproven_recently(self, now: float) -> int:
@@ -1013,10 +1011,7 @@ class Endpoint:
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
         quic.handle_timer(now)
-        event = quic.next_event()
-        while event is not None:
-            self._on_event(conn, event)
-            event = quic.next_event()
+        self._drain_events(conn, quic)
         if not conn._terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
