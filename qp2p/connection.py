@@ -200,15 +200,9 @@ class Connection:
         #: the peer's id; None only for a peer that presented no certificate (only
         #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
-        self._cids: set[bytes] = set()
         self._established = False
-        self._handshake_done = False  # TLS done; dialler still waits for confirmation
-        self._ready: asyncio.Future[None] | None = None  # set for dialled connections
-        self._handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
-        self._pooled = True  # False for private probes until adopted
         self._keepalive: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
-        self._terminated = False
         # receive side
         self._assemblers: dict[int, Any] = {}
         # streams we rejected whose FIN/reset hasn't arrived yet -> bytes seen on them: their
@@ -225,10 +219,8 @@ class Connection:
         # its budget, until recv() hands them over (or this object is collected)
         self._inbox_charged = False
         self._inbox_signal = Signal(self._loop)
-        # flow control (see the engine adapters): the bound on what we hold;
-        # _budgeted while the endpoint budget counts us
+        # flow control (see the engine adapters): the bound on what we hold
         self._window = config.max_buffered_bytes
-        self._budgeted = False
         quic.attach_budget(driver.budget, self)
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_bytes = 0  # payload bytes queued in _datagrams
@@ -250,9 +242,6 @@ class Connection:
         self._sends_receipts = engine.parse_peer_parameters(
             engine.local_transport_parameters(config)
         ).receipts
-        # timer
-        self._timer: asyncio.Handle | None = None
-        self._timer_at: float | None = None
         # counters for stats()
         self._stats = dict.fromkeys(
             (
@@ -887,8 +876,7 @@ class Connection:
         if nbytes <= 0:
             return
         self._quic.release(nbytes)
-        if self._budgeted:
-            self._driver.release_budget(nbytes)
+        self._driver.release_credit(self, nbytes)
         # MAX_DATA goes out once the peer has used half its credit; a blocked peer sends
         # nothing we would answer with a packet, so flush for it now
         if self._quic.credit_low():
@@ -1055,6 +1043,8 @@ class Driver:
     #: bytes held outside the engine's credit go back to the budget / are charged to it
     #: (``force``: even over its limit); ``release_budget_soon`` is safe in a finalizer
     release_budget: Callable[[int], None]
+    #: stream data no longer held: back to the budget while it counts the connection
+    release_credit: Callable[[Connection, int], None]
     charge_budget: Callable[[int, bool], bool]
     release_budget_soon: Callable[[int], None]
     #: close gracefully (``reason`` for the peer, the other for our ConnectionClosed)

@@ -197,6 +197,8 @@ class Endpoint:
         self._pool = Pool()
         self._handshaking: set[Connection] = set()
         self._live: set[Connection] = set()  # every connection the engine still drives
+        # what we keep per connection to drive it, from its creation until it is forgotten
+        self._drives: dict[Connection, _Drive] = {}
         self._accept_queue: collections.deque[Connection] = collections.deque()
         self._accept_signal = Signal(self._loop)
         self._dirty: dict[Connection, None] = {}
@@ -216,7 +218,8 @@ class Endpoint:
         self._driver = Driver(
             config=config, loop=self._loop, fp=self._fp, budget=self._budget,
             local_addr=self.local_addr, mark_dirty=self._mark_dirty,
-            release_budget=self._release_budget, charge_budget=self._charge_budget,
+            release_budget=self._release_budget, release_credit=self._release_credit,
+            charge_budget=self._charge_budget,
             release_budget_soon=self._release_budget_soon, close=self._close_and_flush,
             closed=self._on_connection_closed, control=self._on_control,
         )
@@ -470,8 +473,9 @@ class Endpoint:
             self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
         )
         conn = Connection(self._driver, quic, addr, is_client=True)
-        conn._pooled = not private
-        conn._ready = self._loop.create_future()
+        drive = self._drives[conn] = _Drive(quic)
+        drive.pooled = not private
+        ready = drive.ready = self._loop.create_future()
         self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
@@ -479,12 +483,12 @@ class Endpoint:
         if first_flight is not None:
             datagrams = quic.datagrams_to_send(now)
             conn._stats["packets_sent"] += len(datagrams)
-            self._arm_timer(conn, quic.get_timer())
+            self._arm_timer(conn, drive, quic.get_timer())
             first_flight(conn, datagrams)
         else:
             self._mark_dirty(conn)
         try:
-            await asyncio.wait_for(asyncio.shield(conn._ready), timeout)
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
         except asyncio.TimeoutError:
             self._abandon(conn, "handshake timed out")
             raise asyncio.TimeoutError(
@@ -497,14 +501,16 @@ class Endpoint:
 
     def _adopt(self, conn: Connection) -> None:
         """Pool a privately dialled connection (the winner of a race)."""
-        if not conn._pooled and conn._closed is None:
-            conn._pooled = True
+        drive = self._drives.get(conn)
+        if drive is not None and not drive.pooled and not conn.is_closed:
+            drive.pooled = True
             self._pool.add(conn)
 
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
-        if not conn._terminated:
-            conn._quic.shutdown(wire.CLOSE_NORMAL, reason)
+        drive = self._drives.get(conn)
+        if drive is not None and not drive.terminated:
+            drive.quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
             conn._set_closed(ConnectionClosed(reason))
@@ -555,16 +561,19 @@ class Endpoint:
             if len(batch) < RECV_BATCH:
                 break
         self.stats_counters["datagrams_received"] += received
+        drives = self._drives
         for conn in list(dirty):
-            if not conn._terminated:
-                self._after_events(conn)
+            drive = drives.get(conn)
+            if drive is not None and not drive.terminated:
+                self._after_events(conn, drive)
         self._flush()
 
     def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
         """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
-        if conn._terminated:
+        drive = self._drives.get(conn)
+        if drive is None or drive.terminated:
             return
-        quic = conn._quic
+        quic = drive.quic
         try:
             if len(datagrams) == 1:
                 quic.receive_datagram(datagrams[0], addr, now)
@@ -574,25 +583,24 @@ class Endpoint:
         except Exception:  # a bug for one connection must not stop the endpoint
             _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 
-    def _after_events(self, conn: Connection) -> None:
+    def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
         acknowledged sends, an engine that started closing."""
-        if not conn._established and conn._handshake_done:
+        if drive.handshake_done and not drive.established:
             self._maybe_established(conn)
         conn._check_receive_stall()
         conn._check_acks()
         self._check_engine_closed(conn)
 
-    def _drain_held_events(self, conn: Connection) -> None:
+    def _drain_held_events(self, conn: Connection, drive: _Drive) -> None:
         """Events the engine held back while receive memory was full (qh3): pull them
         now that the application released some."""
-        quic = conn._quic
         try:
-            self._drain_events(conn, quic)
+            self._drain_events(conn, drive.quic)
         except Exception:  # a bug for one connection must not stop the endpoint
             logger.exception("error handling events from %s", conn.remote_addr)
-        if not conn._terminated:
-            self._after_events(conn)
+        if not drive.terminated:
+            self._after_events(conn, drive)
 
     def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
         """Handle every event ``conn``'s engine has ready, in order."""
@@ -609,7 +617,7 @@ class Endpoint:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
-            conn._cids.discard(cid)
+            self._drives[conn].cids.discard(cid)
             self._table.remove(cid)
         elif kind is quic_engine.HandshakeDone:
             self._on_handshake(conn)
@@ -692,6 +700,7 @@ class Endpoint:
             self.rendezvous,
         )
         conn = Connection(self._driver, quic, addr, is_client=False)
+        drive = self._drives[conn] = _Drive(quic)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
         try:
@@ -706,12 +715,13 @@ class Endpoint:
             self.stats_counters["dropped_unknown"] += 1
             self._table.remove(header.dcid)
             self._table.remove(quic.host_cid)
+            del self._drives[conn]
             return
         self._handshaking.add(conn)
         self._half_open.add(conn)
         self._incoming_per_ip[host] += 1
         self._track(conn)
-        conn._handshake_deadline = self._loop.call_later(
+        drive.handshake_deadline = self._loop.call_later(
             self.config.handshake_timeout, self._handshake_expired, conn
         )
         conn._stats["packets_received"] += 1
@@ -731,8 +741,10 @@ class Endpoint:
     def _handshake_expired(self, conn: Connection) -> None:
         """An incoming handshake that did not finish in time: drop it (a half-open flood
         must not hold state for long)."""
-        conn._handshake_deadline = None
-        if conn in self._half_open and conn._closed is None:
+        drive = self._drives.get(conn)
+        if drive is not None:
+            drive.handshake_deadline = None
+        if conn in self._half_open and not conn.is_closed:
             self.stats_counters["handshakes_timed_out"] += 1
             _peer_log.info("handshake-timeout", "incoming handshake from %s timed out",
                            wire.addr_text(conn.remote_addr))
@@ -741,8 +753,9 @@ class Endpoint:
     def _track(self, conn: Connection) -> None:
         """``conn`` is now driven by this endpoint: count it and its receive credit."""
         self._live.add(conn)
-        conn._budgeted = True
-        self._budget.reserved += conn._quic.reservation()
+        drive = self._drives[conn]
+        drive.budgeted = True
+        self._budget.reserved += drive.quic.reservation()
 
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
@@ -753,8 +766,16 @@ class Endpoint:
         if starved and budget.limit - budget.reserved >= WAKE_STARVED_BYTES:
             for conn in list(itertools.islice(starved, WAKE_STARVED_AT_ONCE)):
                 del starved[conn]
-                if conn._budgeted:
+                drive = self._drives.get(conn)
+                if drive is not None and drive.budgeted:
                     self._mark_dirty(conn)
+
+    def _release_credit(self, conn: Connection, nbytes: int) -> None:
+        """``conn`` no longer holds ``nbytes`` of stream data: back to the budget, while
+        the budget still counts the connection's engine."""
+        drive = self._drives.get(conn)
+        if drive is not None and drive.budgeted:
+            self._release_budget(nbytes)
 
     def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
         """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
@@ -773,7 +794,7 @@ class Endpoint:
             self._loop.call_soon_threadsafe(self._release_budget, 0)
 
     def _on_handshake(self, conn: Connection) -> None:
-        conn._handshake_done = True
+        self._drives[conn].handshake_done = True
         self._maybe_established(conn)
 
     def _maybe_established(self, conn: Connection) -> None:
@@ -781,19 +802,21 @@ class Endpoint:
         dialler that means the handshake is *confirmed* (the acceptor checked our
         certificate and sent HANDSHAKE_DONE), so a peer that rejects us never yields
         a connection."""
-        if conn._is_client and not conn._quic.handshake_confirmed():
+        drive = self._drives[conn]
+        if conn.dialled and not drive.quic.handshake_confirmed():
             return
         try:
-            peer_id = conn._quic.authenticated_peer()
+            peer_id = drive.quic.authenticated_peer()
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
+        drive.established = True
         conn._on_established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
-        if conn._pooled:
+        if drive.pooled:
             self._pool.add(conn)
-        ready = conn._ready
+        ready = drive.ready
         if ready is not None:
             if not ready.done():
                 ready.set_result(None)
@@ -804,20 +827,21 @@ class Endpoint:
 
     def _check_engine_closed(self, conn: Connection) -> None:
         """Report a close as soon as the engine knows, not after draining ends."""
-        if conn._closed is None and conn._quic.is_closed():
-            event = conn._quic.close_event()
-            self._fail(conn, event)
+        quic = self._drives[conn].quic
+        if not conn.is_closed and quic.is_closed():
+            self._fail(conn, quic.close_event())
 
     def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
-        conn._terminated = True
+        self._drives[conn].terminated = True
         self._fail(conn, event)
         self._forget(conn)
 
     def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
-        auth_error = conn._quic.rejection()
-        ready = conn._ready
+        drive = self._drives[conn]
+        auth_error = drive.quic.rejection()
+        ready = drive.ready
         if ready is not None and not ready.done():
             if auth_error is not None:
                 ready.set_exception(auth_error)
@@ -826,7 +850,7 @@ class Endpoint:
                 prefix = quic_engine.AUTH_REASON_PREFIX
                 detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
                 where = wire.addr_text(conn.remote_addr)
-                by_peer = conn._quic.closed_by_peer()
+                by_peer = drive.quic.closed_by_peer()
                 if by_peer is None:
                     text = f"authentication with the peer at {where} failed ({detail})"
                 elif by_peer:
@@ -854,38 +878,45 @@ class Endpoint:
         self._handshaking.discard(conn)
 
     def _register(self, conn: Connection, cid: bytes) -> None:
-        conn._cids.add(cid)
+        self._drives[conn].cids.add(cid)
         self._table.add(cid, conn)
 
     def _end_half_open(self, conn: Connection) -> None:
         if conn in self._half_open:
             self._half_open.discard(conn)
-            if conn._handshake_deadline is not None:
-                conn._handshake_deadline.cancel()
-                conn._handshake_deadline = None
+            drive = self._drives[conn]
+            if drive.handshake_deadline is not None:
+                drive.handshake_deadline.cancel()
+                drive.handshake_deadline = None
 
     def _forget(self, conn: Connection) -> None:
+        """Stop driving ``conn`` (closed, lost or dropped): release everything we keep
+        for it. Idempotent."""
+        drive = self._drives.get(conn)
+        if drive is None:
+            return
         self._end_half_open(conn)
+        del self._drives[conn]
         for gone in self._gone_callbacks:
             gone(conn)
-        if conn._budgeted:
-            conn._budgeted = False
+        if drive.budgeted:
+            drive.budgeted = False
             self._budget.starved.pop(conn, None)
             # unread messages stay charged until the application reads them
             kept = conn._keep_inbox_charged()
-            self._release_budget(conn._quic.reservation() - kept)  # may wake starved ones
-            conn._quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
-        if not conn._is_client and conn in self._live:
+            self._release_budget(drive.quic.reservation() - kept)  # may wake starved ones
+            drive.quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
+        if not conn.dialled and conn in self._live:
             host = ip_key(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1
             if self._incoming_per_ip[host] <= 0:
                 del self._incoming_per_ip[host]
-        for cid in conn._cids:
+        for cid in drive.cids:
             self._table.remove(cid)
-        conn._cids.clear()
-        if conn._timer is not None:
-            conn._timer.cancel()
-            conn._timer = None
+        drive.cids.clear()
+        if drive.timer is not None:
+            drive.timer.cancel()
+            drive.timer = None
         self._dirty.pop(conn, None)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
@@ -921,13 +952,15 @@ class Endpoint:
         out = self._backlog
         dirty = list(self._dirty)
         self._dirty.clear()
+        drives = self._drives
         for conn in dirty:
-            if conn._terminated:
+            drive = drives.get(conn)
+            if drive is None or drive.terminated:
                 continue
-            quic = conn._quic
+            quic = drive.quic
             if quic.has_pending_events():
-                self._drain_held_events(conn)
-                if conn._terminated:
+                self._drain_held_events(conn, drive)
+                if drive.terminated:
                     continue
             if conn._receipts:
                 conn._flush_receipts()
@@ -937,7 +970,7 @@ class Endpoint:
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
                 stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
-            self._arm_timer(conn, quic.get_timer())
+            self._arm_timer(conn, drive, quic.get_timer())
         if out and not self._writer_armed:
             self._send_backlog()
 
@@ -982,37 +1015,40 @@ class Endpoint:
 
     # ------------------------------------------------------------------ timers
 
-    def _arm_timer(self, conn: Connection, when: float | None) -> None:
-        if when == conn._timer_at:
+    def _arm_timer(self, conn: Connection, drive: _Drive, when: float | None) -> None:
+        if when == drive.timer_at:
             return
-        if conn._timer is not None:
-            conn._timer.cancel()
-        conn._timer_at = when
+        if drive.timer is not None:
+            drive.timer.cancel()
+        drive.timer_at = when
         if when is None:
-            conn._timer = None
+            drive.timer = None
             return
         delay = when - _now()
         # uvloop's timers have 1 ms granularity: a pacing wait of a few µs must not
         # become a whole millisecond
-        conn._timer = (
+        drive.timer = (
             self._loop.call_soon(self._on_timer, conn)
             if delay < TIMER_GRANULARITY
             else self._loop.call_later(delay, self._on_timer, conn)
         )
 
     def _on_timer(self, conn: Connection) -> None:
-        deadline = conn._timer_at
-        conn._timer = None
-        conn._timer_at = None
-        if conn._terminated:
+        drive = self._drives.get(conn)
+        if drive is None:
             return
-        quic = conn._quic
+        deadline = drive.timer_at
+        drive.timer = None
+        drive.timer_at = None
+        if drive.terminated:
+            return
+        quic = drive.quic
         now = _now()
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
         quic.handle_timer(now)
         self._drain_events(conn, quic)
-        if not conn._terminated:
+        if not drive.terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
 
@@ -1020,7 +1056,10 @@ class Endpoint:
 
     def _close_connection(self, conn: Connection, reason: str, local_reason: str) -> None:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
-        quic = conn._quic
+        drive = self._drives.get(conn)
+        if drive is None:  # no longer driven: closed already
+            return
+        quic = drive.quic
         now = _now()
         if conn._receipts:
             conn._flush_receipts()  # the peer's sends that reached us complete
@@ -1042,17 +1081,18 @@ class Endpoint:
         self._closed = True
         self._accept_signal.notify_all()  # waiting accept() calls raise EndpointClosed
         for conn in list(self._live):
-            if conn._ready is not None and not conn._ready.done():  # a dial in flight
-                conn._ready.set_exception(EndpointClosed("endpoint closed during the dial"))
-                conn._ready.exception()
-            if conn._closed is None:
+            ready = self._drives[conn].ready
+            if ready is not None and not ready.done():  # a dial in flight
+                ready.set_exception(EndpointClosed("endpoint closed during the dial"))
+                ready.exception()
+            if not conn.is_closed:
                 self._close_connection(conn, "endpoint closed", "endpoint closed")
         self._flush()
         deadline = self._loop.time() + CLOSE_FLUSH_TIMEOUT
         while self._backlog and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
         for conn in list(self._live):
-            conn._terminated = True
+            self._drives[conn].terminated = True
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         if self._writer_armed:
@@ -1060,6 +1100,27 @@ class Endpoint:
             self._writer_armed = False
         self._sock.close()
         logger.debug("endpoint %s closed", self.local_addr)
+
+
+class _Drive:
+    """What the endpoint keeps to drive one connection (nobody else reads it): its
+    engine, connection IDs and timer, its dial or handshake state, its budget standing."""
+
+    __slots__ = ("budgeted", "cids", "established", "handshake_deadline", "handshake_done",
+                 "pooled", "quic", "ready", "terminated", "timer", "timer_at")
+
+    def __init__(self, quic: quic_engine.EngineConnection) -> None:
+        self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
+        self.cids: set[bytes] = set()  # our connection IDs for it in the table
+        self.timer: asyncio.Handle | None = None
+        self.timer_at: float | None = None  # the engine deadline the timer is armed for
+        self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
+        self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
+        self.handshake_done = False  # TLS done; a dialler still waits for confirmation
+        self.established = False  # handed to the user (or its dialler)
+        self.pooled = True  # False for private probes and race dials until adopted
+        self.budgeted = False  # the receive budget counts its engine's reservation
+        self.terminated = False  # the engine is done: nothing more to feed or send
 
 
 class _Host:
