@@ -42,6 +42,7 @@ test-fast: build
 lint: $(STAMP)
 	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py
 	$(BIN)/mypy --strict qp2p
+	$(BIN)/python tools/check_structure.py  # no import cycles, no new private reaches
 
 # the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too
 docs: $(STAMP)
