@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
@@ -581,7 +582,7 @@ class Endpoint:
                 self._on_event(conn, event)
                 event = quic.next_event()
         except Exception:  # a bug for one connection must not stop the endpoint
-            _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
+            self._engine_failed(conn, "handling its datagrams")
 
     def _after_events(self, conn: Connection) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
@@ -602,7 +603,7 @@ class Endpoint:
                 self._on_event(conn, event)
                 event = quic.next_event()
         except Exception:  # a bug for one connection must not stop the endpoint
-            logger.exception("error handling events from %s", conn.remote_addr)
+            self._engine_failed(conn, "handling its held events")
         if not conn._terminated:
             self._after_events(conn)
 
@@ -821,6 +822,29 @@ class Endpoint:
         self._fail(conn, event)
         self._forget(conn)
 
+    def _engine_failed(self, conn: Connection, during: str) -> None:
+        """An engine call for ``conn`` raised (called from its ``except`` block): a bug in
+        the engine or its adapter, after which that engine's state can't be trusted. Close
+        this connection with the reason (CONNECTION_CLOSE if the engine still builds one)
+        and keep serving the others."""
+        exc = sys.exc_info()[1]
+        reason = f"internal error {during}: {type(exc).__name__}: {exc}"
+        _peer_log.log(logging.ERROR, "engine-error", "closing the connection to %s: %s",
+                      wire.addr_text(conn.remote_addr), reason, exc_info=True)
+        if conn._terminated:
+            return
+        conn._terminated = True
+        quic = conn._quic
+        try:
+            quic.shutdown(wire.CLOSE_INTERNAL_ERROR, reason)
+            self._backlog.extend(quic.datagrams_to_send(_now()))
+        except Exception:  # the engine can't even close: the peer's idle timeout will
+            logger.debug("no CONNECTION_CLOSE for %s", conn.remote_addr, exc_info=True)
+        self._fail(conn, quic_engine.Terminated(wire.CLOSE_INTERNAL_ERROR, None, reason))
+        self._forget(conn)
+        if self._backlog and not self._writer_armed:
+            self._send_backlog()
+
     def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
@@ -937,15 +961,20 @@ class Endpoint:
                 self._drain_held_events(conn)
                 if conn._terminated:
                     continue
-            if conn._receipts:
-                conn._flush_receipts()
-            datagrams = quic.datagrams_to_send(now)
+            try:
+                if conn._receipts:
+                    conn._flush_receipts()
+                datagrams = quic.datagrams_to_send(now)
+                timer = quic.get_timer()
+            except Exception:  # one broken connection must not stop the others' flush
+                self._engine_failed(conn, "building its packets")
+                continue
             if datagrams:
                 out.extend(datagrams)
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
                 stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
-            self._arm_timer(conn, quic.get_timer())
+            self._arm_timer(conn, timer)
         if out and not self._writer_armed:
             self._send_backlog()
 
@@ -1018,11 +1047,15 @@ class Endpoint:
         now = _now()
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
-        quic.handle_timer(now)
-        event = quic.next_event()
-        while event is not None:
-            self._on_event(conn, event)
+        try:
+            quic.handle_timer(now)
             event = quic.next_event()
+            while event is not None:
+                self._on_event(conn, event)
+                event = quic.next_event()
+        except Exception:  # a bug for one connection must not stop the endpoint
+            self._engine_failed(conn, "handling its timer")
+            return
         if not conn._terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
@@ -1033,10 +1066,14 @@ class Endpoint:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
         quic = conn._quic
         now = _now()
-        if conn._receipts:
-            conn._flush_receipts()  # the peer's sends that reached us complete
-        quic.ack_now(now)
-        self._backlog.extend(quic.datagrams_to_send(now))
+        try:
+            if conn._receipts:
+                conn._flush_receipts()  # the peer's sends that reached us complete
+            quic.ack_now(now)
+            self._backlog.extend(quic.datagrams_to_send(now))
+        except Exception:
+            self._engine_failed(conn, "closing")
+            return
         quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
