@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
@@ -665,7 +666,7 @@ class Endpoint:
                 quic.receive_datagrams(datagrams, addr, now)
             self._drain_events(conn, quic)
         except Exception:  # a bug for one connection must not stop the endpoint
-            _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
+            self._engine_failed(conn, "handling its datagrams")
 
     def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
@@ -682,7 +683,7 @@ class Endpoint:
         try:
             self._drain_events(conn, drive.quic)
         except Exception:  # a bug for one connection must not stop the endpoint
-            logger.exception("error handling events from %s", conn.remote_addr)
+            self._engine_failed(conn, "handling its held events")
         if not drive.terminated:
             self._after_events(conn, drive)
 
@@ -926,6 +927,30 @@ class Endpoint:
         self._fail(conn, event)
         self._forget(conn)
 
+    def _engine_failed(self, conn: Connection, during: str) -> None:
+        """An engine call for ``conn`` raised (called from its ``except`` block): a bug in
+        the engine or its adapter, after which that engine's state can't be trusted. Close
+        this connection with the reason (CONNECTION_CLOSE if the engine still builds one)
+        and keep serving the others."""
+        exc = sys.exc_info()[1]
+        reason = f"internal error {during}: {type(exc).__name__}: {exc}"
+        _peer_log.log(logging.ERROR, "engine-error", "closing the connection to %s: %s",
+                      wire.addr_text(conn.remote_addr), reason, exc_info=True)
+        drive = self._drives.get(conn)
+        if drive is None or drive.terminated:
+            return
+        drive.terminated = True
+        quic = drive.quic
+        try:
+            quic.shutdown(wire.CLOSE_INTERNAL_ERROR, reason)
+            self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(_now())))
+        except Exception:  # the engine can't even close: the peer's idle timeout will
+            logger.debug("no CONNECTION_CLOSE for %s", conn.remote_addr, exc_info=True)
+        self._fail(conn, quic_engine.Terminated(wire.CLOSE_INTERNAL_ERROR, None, reason))
+        self._forget(conn)
+        if self._backlog and not self._writer_armed:
+            self._send_backlog()
+
     def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
@@ -1054,9 +1079,14 @@ class Endpoint:
                 self._drain_held_events(conn, drive)
                 if drive.terminated:
                     continue
-            if conn._receipts:
-                conn._flush_receipts()
-            datagrams = quic.datagrams_to_send(now)
+            try:
+                if conn._receipts:
+                    conn._flush_receipts()
+                datagrams = quic.datagrams_to_send(now)
+                timer = quic.get_timer()
+            except Exception:  # one broken connection must not stop the others' flush
+                self._engine_failed(conn, "building its packets")
+                continue
             if datagrams:
                 if relay_paths and conn.remote_addr in relay_paths:
                     datagrams = self._relays.wrap(datagrams)
@@ -1064,7 +1094,7 @@ class Endpoint:
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
                 stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
-            self._arm_timer(conn, drive, quic.get_timer())
+            self._arm_timer(conn, drive, timer)
         if out and not self._writer_armed:
             self._send_backlog()
 
@@ -1143,8 +1173,12 @@ class Endpoint:
         now = _now()
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
-        quic.handle_timer(now)
-        self._drain_events(conn, quic)
+        try:
+            quic.handle_timer(now)
+            self._drain_events(conn, quic)
+        except Exception:  # a bug for one connection must not stop the endpoint
+            self._engine_failed(conn, "handling its timer")
+            return
         if not drive.terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
@@ -1158,10 +1192,14 @@ class Endpoint:
             return
         quic = drive.quic
         now = _now()
-        if conn._receipts:
-            conn._flush_receipts()  # the peer's sends that reached us complete
-        quic.ack_now(now)
-        self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
+        try:
+            if conn._receipts:
+                conn._flush_receipts()  # the peer's sends that reached us complete
+            quic.ack_now(now)
+            self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
+        except Exception:
+            self._engine_failed(conn, "closing")
+            return
         quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
