@@ -52,6 +52,9 @@ RECV_BATCHES_PER_TURN = 16
 SOCKET_BUFFER_BYTES = 4 * 2**20
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
+# the two events each message or datagram brings, looked up once (the receive loop)
+_STREAM_DATA = quic_engine.StreamData
+_DATAGRAM = quic_engine.Datagram
 #: The engine's clock. Not ``loop.time()``: uvloop caches it in whole milliseconds, which
 #: turns aioquic's microsecond pacing into millisecond stalls.
 _now = time.monotonic
@@ -576,10 +579,18 @@ class Endpoint:
                 quic.receive_datagram(datagrams[0], addr, now)
             else:
                 quic.receive_datagrams(datagrams, addr, now)
-            event = quic.next_event()
+            next_event = quic.next_event
+            event = next_event()
             while event is not None:
-                self._on_event(conn, event)
-                event = quic.next_event()
+                kind = type(event)
+                # the per-message and per-datagram events go straight to the connection
+                if kind is _STREAM_DATA:
+                    conn._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+                elif kind is _DATAGRAM:
+                    conn._on_datagram(event.data)  # type: ignore[attr-defined]
+                else:
+                    self._on_event(conn, event)
+                event = next_event()
         except Exception:  # a bug for one connection must not stop the endpoint
             _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 

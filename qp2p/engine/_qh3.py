@@ -263,17 +263,19 @@ class Qh3Connection(QuicConnection):
         endpoint's budget is spent and this connection holds its floor of it (as on
         aioquic, every connection may keep ``INITIAL_MAX_DATA``). A closing connection
         drains: its peer can send no more."""
+        held = self._pulled - self._released - self._exempt
+        budget = self._budget
+        if held < self._window and (
+            budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
+        ):
+            return True  # the common case, asked per event: no look at the core's state
         if self._close_event is not None or (
             self._core is not None and self._core.state in _CLOSING_STATES
         ):
             return True  # closing: the peer sends no more, its close must get through
-        held = self._pulled - self._released - self._exempt
-        if held >= self._window:
-            return False
-        budget = self._budget
-        if budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit:
-            return True
-        budget.starved[self._owner] = None  # woken when memory is released
+        if held < self._window:
+            assert budget is not None
+            budget.starved[self._owner] = None  # woken when memory is released
         return False
 
     def _drain_core(self) -> None:
@@ -294,24 +296,30 @@ class Qh3Connection(QuicConnection):
         core = self._core
         if core is None or not self._gate_open():
             return None
-        native = core.next_event()
-        if native is None:
-            return None
-        kind = native[0]
-        if kind == "stream_data":
-            sid, data, fin = native[1], native[2], native[3]
-            self._on_pulled(sid, len(data), fin)
-            return StreamData(sid, data, fin)
-        if kind == "stream_finished":
-            self._unfinished.discard(native[1])
-        elif kind == "stream_reset":
+        next_native = core.next_event
+        while True:
+            # the kinds every message or datagram brings come first; stream_finished and
+            # streams_available (twice and once per message) loop here, not in the caller
+            native = next_native()
+            if native is None:
+                return None
+            kind = native[0]
+            if kind == "stream_data":
+                sid, data, fin = native[1], native[2], native[3]
+                self._on_pulled(sid, len(data), fin)
+                return StreamData(sid, data, fin)
+            if kind == "datagram":
+                return Datagram(native[1])
+            if kind == "stream_finished":
+                self._unfinished.discard(native[1])
+            elif kind != "streams_available" and kind != "connection_credit":
+                break
+        if kind == "stream_reset":
             self._end_peer_stream(native[1])
             return StreamReset(native[1], native[2])
         elif kind == "stop_sending":
             self._unfinished.discard(native[1])
             return StopSending(native[1], native[2])
-        elif kind == "datagram":
-            return Datagram(native[1])
         elif kind == "connection_id_issued":
             return CidIssued(native[1])
         elif kind == "connection_id_retired":
@@ -325,7 +333,8 @@ class Qh3Connection(QuicConnection):
             self._peer_token = native[1]
         elif kind in ("peer_closed", "protocol_error", "connection_terminated"):
             return self._on_closing(native)
-        # "streams_available": the core's stream_limits say the same, asked when needed
+        # streams_available (skipped above): the core's stream_limits say the same, asked
+        # when needed
         return _NOTHING
 
     def _on_crypto(self, native: tuple[Any, ...]) -> None:
@@ -494,11 +503,15 @@ class Qh3Connection(QuicConnection):
         return 1 << 62  # the core does not expose the peer's credit (README)
 
     def send_datagram(self, data: bytes) -> None:
+        # the facade's send_datagram_frame, without its two extra calls per datagram
+        core = self._core
+        if core is None:
+            raise AssertionError("connection has not been started")
         try:
-            self.send_datagram_frame(data)
-        except QuicConnectionError:
-            if not self._core_closed():
-                raise  # e.g. larger than the peer takes
+            core.send_datagram(data)
+        except RuntimeError as exc:
+            if not self._core_closed():  # e.g. larger than the peer takes
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
             # closing: an unreliable datagram is simply not sent
 
     def ping(self) -> None:
