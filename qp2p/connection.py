@@ -312,7 +312,7 @@ class Connection:
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future)
-        pending.receipt = self._peer_parameters().receipts
+        pending.receipt = (self._peer_params or self._peer_parameters()).receipts
         self._queue_uni.append(pending)
         self._pump()
         try:
@@ -406,8 +406,9 @@ class Connection:
             self._raise_if_closed()
             await self._datagram_signal.wait()
         data = self._datagrams.popleft()
-        self._datagram_bytes -= len(data)
-        self._endpoint._release_budget(len(data) + DATAGRAM_COST)
+        size = len(data)
+        self._datagram_bytes -= size
+        self._endpoint._release_budget(size + DATAGRAM_COST)
         return data
 
     async def datagrams(self) -> AsyncIterator[bytes]:
@@ -493,10 +494,11 @@ class Connection:
             header = wire.as_bytes("header", header)
         if type(dst) is not bytes:
             dst = wire.as_bytes("dst", dst)
-        wire.check_message(header, dst, payload, self._max_message_size)
+        if not payload or len(header) + len(dst) + len(payload) > self._max_message_size:
+            wire.check_message(header, dst, payload, self._max_message_size)  # raises
         # the peer's own limit, when it advertised one: refused here, before a byte is
         # sent, rather than sent for the peer to reject
-        peer_limit = self._peer_parameters().max_message_size
+        peer_limit = (self._peer_params or self._peer_parameters()).max_message_size
         if peer_limit is not None and peer_limit < self._max_message_size:
             wire.check_message(header, dst, payload, peer_limit, "the peer's max_message_size")
         if self._closed is not None:
@@ -705,7 +707,9 @@ class Connection:
                 continue
             del self._unacked[sid]
             self._unacked_bytes -= pending.size
-            self._stop_sending_on(sid)  # the peer took it whole: all of it was sent
+            size = self._sending.pop(sid, None)  # the peer took it whole: all was sent
+            if size is not None:
+                self._sending_bytes -= size
             if not pending.future.done():
                 pending.future.set_result(None)
         if self._queue_uni or self._queue_bidi or self._queue_reply:
@@ -715,7 +719,9 @@ class Connection:
         """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
         tell the peer, if we promised receipts and it is a qp2p peer (sent at the next
         flush)."""
-        if not self._sends_receipts or self._quic.peer_parameters() == engine.NO_PARAMETERS:
+        if not self._sends_receipts or (
+            self._peer_params or self._peer_parameters()
+        ) == engine.NO_PARAMETERS:
             return
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
             self._receipts.append(wire.encode_receipt(sid, code))
@@ -896,22 +902,24 @@ class Connection:
         stats = self._stats
         stats["datagrams_received"] += 1
         queue = self._datagrams
-        cost = len(data) + DATAGRAM_COST
-        freed = 0
-        while queue and self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > (
-            DATAGRAM_QUEUE_BYTES
-        ):  # unreliable: the oldest go first
-            old = queue.popleft()
-            self._datagram_bytes -= len(old)
-            freed += len(old) + DATAGRAM_COST
-            stats["datagrams_dropped"] += 1
-        if freed:
-            self._endpoint._release_budget(freed)
+        size = len(data)
+        cost = size + DATAGRAM_COST
+        if self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > DATAGRAM_QUEUE_BYTES:
+            freed = 0
+            while queue and self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > (
+                DATAGRAM_QUEUE_BYTES
+            ):  # unreliable: the oldest go first
+                old = queue.popleft()
+                self._datagram_bytes -= len(old)
+                freed += len(old) + DATAGRAM_COST
+                stats["datagrams_dropped"] += 1
+            if freed:
+                self._endpoint._release_budget(freed)
         if cost > DATAGRAM_QUEUE_BYTES or not self._endpoint._charge_budget(cost):
             stats["datagrams_dropped"] += 1
             return
         queue.append(data)
-        self._datagram_bytes += len(data)
+        self._datagram_bytes += size
         self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:

@@ -296,25 +296,23 @@ class Qh3Connection(QuicConnection):
         core = self._core
         if core is None or not self._gate_open():
             return None
-        next_native = core.next_event
-        while True:
-            # the kinds every message or datagram brings come first; stream_finished and
-            # streams_available (twice and once per message) loop here, not in the caller
-            native = next_native()
-            if native is None:
-                return None
-            kind = native[0]
-            if kind == "stream_data":
-                sid, data, fin = native[1], native[2], native[3]
-                self._on_pulled(sid, len(data), fin)
-                return StreamData(sid, data, fin)
-            if kind == "datagram":
-                return Datagram(native[1])
-            if kind == "stream_finished":
-                self._unfinished.discard(native[1])
-            elif kind != "streams_available" and kind != "connection_credit":
-                break
-        if kind == "stream_reset":
+        native = core.next_event()
+        if native is None:
+            return None
+        return self._translate(native)
+
+    def _translate(self, native: tuple[Any, ...]) -> Event:
+        """The qp2p event for one native event (``_NOTHING`` for those that make none)."""
+        kind = native[0]
+        if kind == "stream_data":
+            sid, data, fin = native[1], native[2], native[3]
+            self._on_pulled(sid, len(data), fin)
+            return StreamData(sid, data, fin)
+        if kind == "datagram":
+            return Datagram(native[1])
+        if kind == "stream_finished":
+            self._unfinished.discard(native[1])
+        elif kind == "stream_reset":
             self._end_peer_stream(native[1])
             return StreamReset(native[1], native[2])
         elif kind == "stop_sending":
@@ -327,14 +325,14 @@ class Qh3Connection(QuicConnection):
         elif kind == "crypto_data":
             self._on_crypto(native)
         elif kind == "handshake_done":
+            assert self._core is not None
             self._handshake_confirmed = True
-            core.handshake_confirmed()
+            self._core.handshake_confirmed()
         elif kind == "new_token":
             self._peer_token = native[1]
         elif kind in ("peer_closed", "protocol_error", "connection_terminated"):
             return self._on_closing(native)
-        # streams_available (skipped above): the core's stream_limits say the same, asked
-        # when needed
+        # "streams_available": the core's stream_limits say the same, asked when needed
         return _NOTHING
 
     def _on_crypto(self, native: tuple[Any, ...]) -> None:
@@ -394,11 +392,14 @@ class Qh3Connection(QuicConnection):
         local = (sid & 1) == (0 if self._is_client else 1)
         if local:
             return
-        if sid in self._rejected:
-            self._rejected[sid] += nbytes
+        rejected = self._rejected
+        if rejected and sid in rejected:
+            rejected[sid] += nbytes
             self._exempt += nbytes
-        if fin:
-            self._end_peer_stream(sid)
+        if fin:  # _end_peer_stream, inlined (once per message)
+            self._peer_streams.pop(sid, None)
+            if rejected:
+                self._exempt -= rejected.pop(sid, 0)
         else:
             self._peer_streams[sid] = self._peer_streams.get(sid, 0) + nbytes
 
@@ -434,7 +435,8 @@ class Qh3Connection(QuicConnection):
 
     def next_event(self) -> Event | None:  # type: ignore[override]
         while True:
-            event = super().next_event()  # the facade's own: TLS and negotiation events
+            # the facade's own (TLS and negotiation events): its next_event, inlined
+            event = self._events.popleft() if self._events else None
             if event is not None:
                 kind = type(event)
                 if kind is events.HandshakeCompleted:
@@ -442,9 +444,36 @@ class Qh3Connection(QuicConnection):
                 if kind is events.ConnectionTerminated:
                     return _terminated(event)  # type: ignore[arg-type]
                 continue
-            mine = self._early.popleft() if self._early else self._pull_one()
-            if mine is None:
+            if self._early:
+                return self._early.popleft()
+            core = self._core
+            if core is None:
                 return None
+            held = self._pulled - self._released - self._exempt
+            budget = self._budget
+            if not (held < self._window and (
+                budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
+            )) and not self._gate_open():  # the gate's common case first, without a call
+                return None
+            next_native = core.next_event
+            while True:
+                # what every message and datagram brings, handled here (per event):
+                # stream_finished and streams_available come twice and once per message
+                native = next_native()
+                if native is None:
+                    return None
+                kind = native[0]
+                if kind == "stream_data":
+                    sid, data, fin = native[1], native[2], native[3]
+                    self._on_pulled(sid, len(data), fin)
+                    return StreamData(sid, data, fin)
+                if kind == "datagram":
+                    return Datagram(native[1])
+                if kind == "stream_finished":
+                    self._unfinished.discard(native[1])
+                elif kind != "streams_available" and kind != "connection_credit":
+                    break
+            mine = self._translate(native)
             if mine is not _NOTHING:
                 return mine
 
@@ -464,7 +493,19 @@ class Qh3Connection(QuicConnection):
         if end_stream:
             self._unfinished.add(stream_id)  # until the core reports it acknowledged
         try:
-            self.send_stream_data(stream_id, data, end_stream)
+            core = self._core
+            if self._handshake_complete and core is not None and type(data) is bytes:
+                # the facade's send_stream_data for bytes after the handshake, without
+                # its four extra calls per message (same bookkeeping, same errors)
+                self._record_local_stream(stream_id)
+                try:
+                    core.send_stream(stream_id, data, end_stream)
+                except RuntimeError as exc:
+                    raise QuicConnectionError(
+                        QuicErrorCode.INTERNAL_ERROR, None, str(exc)
+                    ) from exc
+            else:
+                self.send_stream_data(stream_id, data, end_stream)
         except QuicConnectionError as exc:
             if self._core_closed():
                 return  # never acknowledged: its waiter fails with the close
