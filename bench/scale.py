@@ -123,6 +123,22 @@ async def server_main(args: argparse.Namespace) -> None:
     commands = await stdin_commands()
     ep = await qp2p.Endpoint.bind((HOST, 0), config=make_config(args.max_connections))
     counts = {"accepted": 0, "messages": 0, "bytes": 0, "requests": 0, "serve_errors": 0}
+    # time the server spends in the cyclic garbage collector (it walks every tracked object
+    # of a full collection: thousands of connections make that long)
+    gc_time = {"gc_s": 0.0, "gc_full": 0, "gc_full_max_s": 0.0}
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+            return
+        spent = time.perf_counter() - gc_start[0]
+        gc_time["gc_s"] += spent
+        if info["generation"] == 2:
+            gc_time["gc_full"] += 1
+            gc_time["gc_full_max_s"] = max(gc_time["gc_full_max_s"], spent)
+
+    gc.callbacks.append(on_gc)
     tasks: set[asyncio.Task[None]] = set()
 
     async def serve(conn: qp2p.Connection) -> None:
@@ -157,7 +173,7 @@ async def server_main(args: argparse.Namespace) -> None:
                 break
             cmd = json.loads(line)
             if cmd["cmd"] == "status":
-                status: dict[str, Any] = dict(counts, t=time.monotonic(),
+                status: dict[str, Any] = dict(counts, **gc_time, t=time.monotonic(),
                                               open=len(ep.connections()),
                                               endpoint=dict(ep.stats_counters))
                 if cmd.get("heap") and tracemalloc.is_tracing():
@@ -540,6 +556,9 @@ async def load_phase(
         "serve_errors": after["serve_errors"],
         "server_cpu_pct": cpu_s,
         "server_cpu_wait_pct": cpu_server.wait_pct,
+        "server_gc_s": after["gc_s"] - before["gc_s"],
+        "server_gc_full": after["gc_full"] - before["gc_full"],
+        "server_gc_full_max_s": after["gc_full_max_s"],
         "clients_cpu_pct": cpu_c,
         "clients_cpu_wait_pct": cpu_clients.wait_pct,
         "server_datagrams_in_per_msg": dgrams_in / received if received else None,
@@ -565,6 +584,7 @@ async def harness(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.seconds / len(sizes)
     result: dict[str, Any] = {
         "clients": n, "client_procs": procs, "impl": qp2p.implementation, "loop": args.loop,
+        "engine": os.environ.get("QP2P_ENGINE") or "auto",
         "sizes": sizes, "seconds_per_size": seconds, "dial_concurrency": args.dial_concurrency,
         "loadavg_before": os.getloadavg()[0],
     }
@@ -704,7 +724,7 @@ def table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     add = rows.append
     add(("setup", f"{r['clients']} client endpoints in {r['client_procs']} processes, "
-                  f"{r['impl']} fast path, {r['loop']}"))
+                  f"{r['impl']} fast path, {r['loop']}, engine {r.get('engine', 'auto')}"))
     if "server_rss_kib_start" in r:
         add(("server RSS, no connections", f"{r['server_rss_kib_start'] / 1024:.1f} MiB"))
     if "server_rss_kib_after_warmup" in r:
@@ -744,6 +764,11 @@ def table(r: dict[str, Any]) -> str:
              f"server {ph['server_cpu_pct']:.0f}% (+{ph['server_cpu_wait_pct']:.0f}% waiting "
              f"for a CPU), clients {ph['clients_cpu_pct']:.0f}% "
              f"(+{ph['clients_cpu_wait_pct']:.0f}% waiting)"))
+        if "server_gc_s" in ph:
+            add(("  server garbage collector", f"{ph['server_gc_s']:.2f} s in the phase, "
+                                               f"{ph['server_gc_full']} full collections "
+                                               f"(longest {1000 * ph['server_gc_full_max_s']:.0f}"
+                                               " ms)"))
         if ph["server_datagrams_in_per_msg"] is not None:
             add(("  server datagrams per message", f"{ph['server_datagrams_in_per_msg']:.2f} in, "
                                                    f"{ph['server_datagrams_out_per_msg']:.2f} out"))
@@ -772,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="64,1024", help="message sizes, comma-separated")
     ap.add_argument("--impl", choices=["cython", "python"], default="cython")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--engine", choices=["auto", "qh3", "aioquic"], default="auto",
+                    help="QP2P_ENGINE for the server and the clients (auto: qh3 when installed)")
     ap.add_argument("--dial-concurrency", type=int, default=16,
                     help="dials in flight per client process")
     ap.add_argument("--probe-interval", type=float, default=1.5,
@@ -800,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", help=argparse.SUPPRESS)
     ap.add_argument("--max-connections", type=int, default=10_000, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.role == "harness" and args.engine != "auto":
+        os.environ["QP2P_ENGINE"] = args.engine  # inherited by every child
 
     if args.role != "harness":
         die_with_parent(args.parent)
