@@ -110,6 +110,17 @@ def run_loop(loop_name: str, coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def freeze_heap() -> int:
+    """``gc.freeze()``: what exists now (thousands of connections' objects) is left out of
+    every later collection. Without it each full collection walks all of them (hundreds
+    of ms at 10,000 connections, several times a minute under load). Returns the number
+    of objects the collector tracked."""
+    gc.collect()
+    tracked = len(gc.get_objects())
+    gc.freeze()
+    return tracked
+
+
 # ---------------------------------------------------------------------- server process
 
 
@@ -189,6 +200,8 @@ async def server_main(args: argparse.Namespace) -> None:
                     profiler.dump_stats(cmd["path"])
                     profiler = None
                 emit("profile")
+            elif cmd["cmd"] == "freeze":
+                emit("frozen", tracked=freeze_heap())
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -261,6 +274,8 @@ async def clients_main(args: argparse.Namespace) -> None:
                 emit("stopped", sent=sent[0], unfinished=len(pending),
                      errors=len(send_errors), first_errors=send_errors[:5],
                      stuck=stuck_stats)
+            elif cmd["cmd"] == "freeze":
+                emit("frozen", tracked=freeze_heap())
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -665,6 +680,13 @@ async def harness(args: argparse.Namespace) -> dict[str, Any]:
         if heap0 is not None and "traced" in idle:
             result["idle"]["heap_kib_per_conn"] = (idle["traced"] - heap0) / 1024 / max(ok, 1)
         log(f"{idle['open']} open, RSS {result['idle']['server_rss_kib'] / 1024:.1f} MiB")
+        if args.gc_freeze:  # after the memory reading: gc.collect() would move it
+            frozen = await server.ask("frozen", 60, cmd="freeze")
+            result["idle"]["server_gc_tracked"] = frozen["tracked"]
+            for c in clients:
+                await c.send(cmd="freeze")
+            for c in clients:
+                await c.expect("frozen", 60)
 
         result["load"] = []
         for size in sizes:
@@ -752,6 +774,11 @@ def table(r: dict[str, Any]) -> str:
              + (" (inflated by tracemalloc's own records)" if "heap_kib_per_conn" in idle else "")))
         if "heap_kib_per_conn" in idle:
             add(("  Python heap per conn (tracemalloc)", f"{idle['heap_kib_per_conn']:.1f} KiB"))
+        if "server_gc_tracked" in idle:
+            add(("  objects the GC tracks, frozen",
+                 f"{idle['server_gc_tracked']:,} in the server = "
+                 f"{idle['server_gc_tracked'] / max(idle['open'], 1):.0f} per connection "
+                 "(gc.freeze() once all are connected; --no-gc-freeze to compare)"))
     for ph in r.get("load", []):
         name = f"load {ph['size']} B"
         rate = (f"{ph['msgs_per_s']:,.0f} msg/s, {ph['mib_per_s']:.2f} MiB/s"
@@ -809,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds the N connections sit idle before the memory reading")
     ap.add_argument("--stop-timeout", type=float, default=30.0,
                     help="seconds a sender may take to finish its last send after the load")
+    ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                    help="do not gc.freeze() the server and clients once all are connected")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace the server's Python heap (slows the server down)")
     ap.add_argument("--profile", metavar="PATH",

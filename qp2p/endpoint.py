@@ -49,6 +49,11 @@ Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Add
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
 RECV_BATCHES_PER_TURN = 16
+#: Datagrams read ahead of handling them, at most (then the kernel's buffer holds the rest).
+RX_QUEUE_MAX = 65536
+#: Queued datagrams handled per loop turn: few enough that the socket is read again soon
+#: (new peers' handshakes overtake the queue only when they are read).
+RX_DRAIN_PER_TURN = 256
 SOCKET_BUFFER_BYTES = 4 * 2**20
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
@@ -206,6 +211,9 @@ class Endpoint:
         self._backlog: list[tuple[bytes, Address]] = []
         self._backlog_pos = 0
         self._writer_armed = False
+        # datagrams read from the socket, not handled yet (see _on_readable)
+        self._rx_queue: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._rx_drain_scheduled = False
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
@@ -522,48 +530,80 @@ class Endpoint:
     # ------------------------------------------------------------------ receive path
 
     def _on_readable(self) -> None:
+        """Drain the socket: datagrams of handshakes (unknown connection IDs, connections
+        not yet established) are handled at once, the rest queue in arrival order and are
+        handled ``RECV_BATCH * RECV_BATCHES_PER_TURN`` per loop turn. Emptying the kernel
+        queue first is what lets a new peer's handshake overtake the traffic of thousands
+        of busy connections instead of waiting behind all of it (and keeps the kernel
+        from dropping what it cannot hold)."""
         fp = self._fp
         table = self._table
         sock = self._sock
-        now = _now()
-        dirty = self._dirty
-        received = 0
-        for _ in range(RECV_BATCHES_PER_TURN):
+        queue = self._rx_queue
+        urgent: list[tuple[bytes, Address]] = []
+        while len(queue) < RX_QUEUE_MAX:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
-            # consecutive datagrams for one connection from one address enter its engine
-            # in one call (qh3 takes them as a batch), then its events are handled
-            run: list[bytes] = []
-            run_conn: Connection | None = None
-            run_addr: Address | None = None
-            for data, addr in batch:
-                conn = table.lookup(data)
-                if conn is None:
-                    try:
-                        self._on_unknown(data, addr, now)
-                    except Exception:  # a bug for one datagram must not stop the endpoint
-                        _peer_log.exception("new-datagram-error",
-                                            "error handling a new datagram from %s", addr)
-                    continue
-                stats = conn._stats
-                stats["packets_received"] += 1
-                stats["bytes_received"] += len(data)
-                if conn is run_conn and addr == run_addr:
-                    run.append(data)
-                    continue
-                if run_conn is not None:
-                    self._feed(run_conn, run, run_addr, now)
-                run, run_conn, run_addr = [data], conn, addr
-                dirty[conn] = None
-            if run_conn is not None:
-                self._feed(run_conn, run, run_addr, now)
-            received += len(batch)
+            for item in batch:
+                conn = table.lookup(item[0])
+                if conn is None or not conn._established:
+                    urgent.append(item)  # all of a connection's packets take one lane
+                else:
+                    queue.append(item)
             if len(batch) < RECV_BATCH:
                 break
-        self.stats_counters["datagrams_received"] += received
+        if urgent:
+            self._handle_datagrams(urgent)
+        self._drain_rx_queue()
+
+    def _drain_rx_queue(self) -> None:
+        """Handle up to one turn's worth of the queued datagrams; the rest next turn."""
+        self._rx_drain_scheduled = False
+        queue = self._rx_queue
+        if not queue:
+            return
+        n = min(len(queue), RX_DRAIN_PER_TURN)
+        popleft = queue.popleft
+        self._handle_datagrams([popleft() for _ in range(n)])
+        if queue and not self._rx_drain_scheduled:
+            self._rx_drain_scheduled = True
+            self._loop.call_soon(self._drain_rx_queue)
+
+    def _handle_datagrams(self, batch: list[tuple[bytes, Address]]) -> None:
+        """Give each datagram to its connection (or ``_on_unknown``), then send."""
+        table = self._table
+        now = _now()
+        dirty = self._dirty
+        # consecutive datagrams for one connection from one address enter its engine
+        # in one call (qh3 takes them as a batch), then its events are handled
+        run: list[bytes] = []
+        run_conn: Connection | None = None
+        run_addr: Address | None = None
+        for data, addr in batch:
+            conn = table.lookup(data)
+            if conn is None:
+                try:
+                    self._on_unknown(data, addr, now)
+                except Exception:  # a bug for one datagram must not stop the endpoint
+                    _peer_log.exception("new-datagram-error",
+                                        "error handling a new datagram from %s", addr)
+                continue
+            stats = conn._stats
+            stats["packets_received"] += 1
+            stats["bytes_received"] += len(data)
+            if conn is run_conn and addr == run_addr:
+                run.append(data)
+                continue
+            if run_conn is not None:
+                self._feed(run_conn, run, run_addr, now)
+            run, run_conn, run_addr = [data], conn, addr
+            dirty[conn] = None
+        if run_conn is not None:
+            self._feed(run_conn, run, run_addr, now)
+        self.stats_counters["datagrams_received"] += len(batch)
         for conn in list(dirty):
             if not conn._terminated:
                 self._after_events(conn)
@@ -765,7 +805,7 @@ class Endpoint:
 
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
-        budget.release(nbytes)
+        budget.reserved -= nbytes  # budget.release, without the call (per message, datagram)
         # connections waiting for credit may get some now: wake a few, oldest first, once
         # there is enough to be worth a packet (not the whole herd on every read)
         starved = budget.starved
@@ -955,7 +995,10 @@ class Endpoint:
                 out.extend(datagrams)
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
-                stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
+                nbytes = 0
+                for data, _addr in datagrams:  # a plain loop: no generator per connection
+                    nbytes += len(data)
+                stats["bytes_sent"] += nbytes
             self._arm_timer(conn, quic.get_timer())
         if out and not self._writer_armed:
             self._send_backlog()
@@ -1073,6 +1116,7 @@ class Endpoint:
             conn._terminated = True
             self._forget(conn)
         self._loop.remove_reader(self._fd)
+        self._rx_queue.clear()
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
