@@ -196,6 +196,7 @@ class Connection:
         self._max_pending = endpoint.config.max_pending_send_bytes
         #: the peer's (host, port); the engine keeps the socket's full address form
         self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
+        self._path = endpoint._path_of(self.remote_addr)
         #: the peer's id; None only for a peer that presented no certificate (only
         #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
@@ -247,10 +248,8 @@ class Connection:
         self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
         # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
         self._receipts: list[bytes] = []
-        # whether we promised the peer receipts (we advertised no limit; see engine.TP_RECEIPTS)
-        self._sends_receipts = engine.parse_peer_parameters(
-            engine.local_transport_parameters(endpoint.config)
-        ).receipts
+        # whether we promised the peer receipts (see engine.TP_RECEIPTS)
+        self._sends_receipts = quic.local_parameters().receipts
         # timer
         self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
@@ -273,6 +272,13 @@ class Connection:
         )
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def path(self) -> str:
+        """``"direct"``, or ``"relayed"`` when the packets travel through a relay
+        (``connect_via(..., allow_relay=True)`` without a direct path, or
+        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4."""
+        return self._path
 
     @property
     def is_closed(self) -> bool:
@@ -302,8 +308,8 @@ class Connection:
         """Send one message on a new unidirectional stream.
 
         Returns once the peer acknowledged the whole stream, or, from a receiver that
-        advertises receipts instead of its limit (``engine.TP_RECEIPTS``), once its receipt
-        says it took the message. Raises ``ValueError`` for
+        advertises receipts (``engine.TP_RECEIPTS``: qp2p on qh3, or one that does not
+        advertise its limit), once its receipt says it took the message. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
         ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
         ``MessageRejected`` if the peer refused the message and

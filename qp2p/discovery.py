@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import holepunch, wire
+from . import holepunch, relay, wire
 from .errors import ConnectionError, ProtocolError
 from .wire import format_addr, parse_addr
 
@@ -43,6 +43,17 @@ def on_control(
         return
     if kind == wire.KIND_INTRODUCTION and stream_id is None:
         holepunch.on_introduction(endpoint, conn, payload)
+        return
+    relays = endpoint._relays
+    if kind == wire.KIND_RELAY_REQUEST and stream_id is not None:
+        relay.on_relay_request(endpoint, relays, conn, payload, stream_id)
+        return
+    if kind == wire.KIND_RELAY_OFFER and stream_id is None:
+        relay.on_relay_offer(endpoint, relays, conn, header, payload,
+                             endpoint._punching.is_registered(conn))
+        return
+    if kind == wire.KIND_RELAY_ACCEPT and stream_id is None:
+        relay.on_relay_accept(endpoint, relays, conn, header, payload)
         return
     logger.debug("unexpected control frame kind %d from %s", kind, conn.remote_addr)
     if stream_id is not None:

@@ -24,12 +24,14 @@ from typing import Any, ParamSpec
 
 from . import _speedups, discovery, holepunch, wire
 from . import engine as quic_engine
+from . import relay as relay_mod
 from .config import Config
 from .connection import Connection
 from .errors import (
     ConnectionClosed,
     ConnectionError,
     EndpointClosed,
+    HolePunchFailed,
     PeerAuthenticationError,
 )
 from .identity import Identity, PeerId, Trust
@@ -175,6 +177,7 @@ class Endpoint:
         trust: Trust,
         accept_incoming: bool,
         rendezvous: bool,
+        relay: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -183,7 +186,8 @@ class Endpoint:
         self.identity = identity
         self.trust = trust
         self._accept_incoming = accept_incoming
-        self.rendezvous = rendezvous
+        self.rendezvous = rendezvous or relay
+        self.relay = relay
         self._fp = _speedups.impl
         self._table = self._fp.ConnectionTable(quic_engine.CID_LENGTH)
         self._engine = quic_engine.resolve(config.engine)
@@ -222,6 +226,7 @@ class Endpoint:
              "handshakes_timed_out"),
             0,
         )
+        self._relays = relay_mod.Relays(sock.family, self._loop.time(), self.stats_counters)
         self._loop.add_reader(self._fd, self._on_readable)
 
     # ------------------------------------------------------------------ construction
@@ -236,6 +241,7 @@ class Endpoint:
         trust: Trust | None = None,
         accept_incoming: bool = True,
         rendezvous: bool = False,
+        relay: bool = False,
     ) -> Endpoint:
         """Bind one UDP socket at ``addr`` and serve QUIC on it.
 
@@ -245,7 +251,11 @@ class Endpoint:
 
         ``identity`` defaults to a fresh self-signed ECDSA P-256 one; ``trust`` to
         ``Trust.any()`` (encrypted, any peer). ``accept_incoming=False`` makes a
-        dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions.
+        dial-only node; ``rendezvous=True`` lets connected peers ask it for introductions;
+        ``relay=True`` (implies ``rendezvous``) also forwards the packets of peers it
+        introduced that found no direct path (``connect_via(..., allow_relay=True)``,
+        :meth:`connect_relayed`), opaque and end-to-end encrypted, within the limits in
+        ``qp2p.relay``.
         """
         config = config or Config()
         quic_engine.resolve(config.engine)  # a missing engine fails before any socket exists
@@ -265,7 +275,7 @@ class Endpoint:
             sock.close()
             raise
         return cls(sock, config, identity or Identity.generate(), trust or Trust.any(),
-                   accept_incoming, rendezvous)
+                   accept_incoming, rendezvous, relay)
 
     async def __aenter__(self) -> Endpoint:
         return self
@@ -380,22 +390,52 @@ class Endpoint:
         return await discovery.is_reachable(self, addr, timeout)
 
     async def connect_via(
-        self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str
+        self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str,
+        allow_relay: bool = True,
     ) -> Connection:
         """A direct connection to ``peer_id`` through both NATs, introduced by the
-        rendezvous endpoint at ``rendezvous_addr`` (hole punching)."""
+        rendezvous endpoint at ``rendezvous_addr`` (hole punching). When no direct path
+        can be made and ``allow_relay`` is true, a connection relayed by the rendezvous
+        if it relays (``relay=True``; ``conn.path == "relayed"``), still end-to-end
+        encrypted; otherwise ``HolePunchFailed``."""
         self._check_open()
         peer = _as_peer_id(peer_id)
         assert peer is not None
-        return await holepunch.connect_via(self, rendezvous_addr, peer)
+        try:
+            return await holepunch.connect_via(self, rendezvous_addr, peer)
+        except HolePunchFailed as exc:
+            if not allow_relay or not exc.no_direct_path:
+                raise
+            punch_error = exc
+        logger.info("no direct path to %s: trying a relayed connection", peer)
+        try:
+            return await relay_mod.connect_relayed(
+                self, self._relays, rendezvous_addr, peer, self.config.hole_punch_timeout)
+        except HolePunchFailed as exc:
+            raise HolePunchFailed(f"{punch_error}; and no relay: {exc}") from exc
+
+    async def connect_relayed(
+        self, relay_addr: wire.Address | str, peer_id: PeerId | str
+    ) -> Connection:
+        """A connection to ``peer_id`` whose packets travel through the relay endpoint at
+        ``relay_addr`` (bound with ``relay=True``; the peer must be connected to it, as
+        for ``connect_via``), without trying a direct path first. TLS and authentication
+        stay end to end: the relay forwards opaque packets. ``HolePunchFailed`` when the
+        relay refuses or the handshake through it fails."""
+        self._check_open()
+        peer = _as_peer_id(peer_id)
+        assert peer is not None
+        return await relay_mod.connect_relayed(
+            self, self._relays, relay_addr, peer, self.config.hole_punch_timeout)
 
     async def register_with(self, rendezvous_addr: Address | str) -> Connection:
         """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
         and honour its introductions: the target side of ``connect_via``. Keep the
         connection open (``keep_alive_interval``) for as long as peers should reach us
         through it. Once an endpoint registered with a rendezvous, introductions from
-        any other peer are ignored (before that, any peer it dialled may introduce,
-        within the probe bound), so no other peer can make us probe an address."""
+        any other peer are ignored (before that, any peer it dialled that advertises
+        itself as a rendezvous may introduce, within the probe bound), so no other peer
+        can make us probe an address."""
         self._check_open()
         self._punching.register(await self._resolve(rendezvous_addr))
         return await self.connect_to(rendezvous_addr)
@@ -609,6 +649,41 @@ class Endpoint:
                 self._after_events(conn)
         self._flush()
 
+    def _on_wrapped(self, data: bytes, addr: Address, now: float) -> None:
+        """A relay-wrapped datagram: forward it (we relay its session), or take the QUIC
+        datagram inside when it came over one of our relayed paths."""
+        relays = self._relays
+        if relay_mod.forward(self, relays, data, addr, now):
+            return
+        placeholder = relays.path_for(data, addr)
+        inner = bytes(data[relay_mod.HEADER_LEN:])
+        if placeholder is None or relay_mod.is_wrapped(inner):
+            self.stats_counters["dropped_unknown"] += 1
+            return
+        conn = self._table.lookup(inner)
+        if conn is None:
+            self._on_unknown(inner, placeholder, now)
+            return
+        stats = conn._stats
+        stats["packets_received"] += 1
+        stats["bytes_received"] += len(inner)
+        self._feed(conn, [inner], placeholder, now)
+        if not conn._terminated:
+            self._after_events(conn)
+            self._mark_dirty(conn)
+
+    def _accepts_incoming(self) -> bool:
+        """Whether this endpoint takes incoming connections (``accept_incoming``)."""
+        return self._accept_incoming
+
+    def _has_connection(self, addr: Address) -> bool:
+        """A pooled connection to ``addr`` exists."""
+        return self._pool.get(addr) is not None
+
+    def _path_of(self, addr: Address) -> str:
+        """``"relayed"`` for a relayed path's placeholder address, else ``"direct"``."""
+        return "relayed" if self._relays.is_relayed(addr) else "direct"
+
     def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
         """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
         if conn._terminated:
@@ -680,6 +755,9 @@ class Endpoint:
         Everything before ``quic_engine.new_server`` is cheap and keeps no state: an unproven
         source can make us parse a header, check a token, derive Initial keys and decrypt
         one packet (tens of microseconds), never run TLS."""
+        if relay_mod.is_wrapped(data):
+            self._on_wrapped(data, addr, now)
+            return
         header = self._engine.parse_long_header(data)
         if header is None or header.version is None:
             self.stats_counters["dropped_unknown"] += 1
@@ -926,6 +1004,7 @@ class Endpoint:
     def _forget(self, conn: Connection) -> None:
         self._end_half_open(conn)
         self._punching.forget(conn)
+        self._relays.forget(conn)
         if conn._budgeted:
             conn._budgeted = False
             self._budget.starved.pop(conn, None)
@@ -978,6 +1057,7 @@ class Endpoint:
             return
         now = _now()
         out = self._backlog
+        relay_paths = self._relays.paths
         dirty = list(self._dirty)
         self._dirty.clear()
         for conn in dirty:
@@ -992,6 +1072,8 @@ class Endpoint:
                 conn._flush_receipts()
             datagrams = quic.datagrams_to_send(now)
             if datagrams:
+                if relay_paths and conn.remote_addr in relay_paths:
+                    datagrams = self._relays.wrap(datagrams)
                 out.extend(datagrams)
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
@@ -1038,6 +1120,9 @@ class Endpoint:
         return len(out), errors
 
     def _send_raw(self, data: bytes, addr: Address) -> None:
+        if addr[:2] in self._relays.paths:
+            self._backlog.extend(self._relays.wrap([(data, addr)]))
+            return
         self._backlog.append((data, addr))
         if not self._writer_armed:
             self._send_backlog()
@@ -1090,7 +1175,7 @@ class Endpoint:
         if conn._receipts:
             conn._flush_receipts()  # the peer's sends that reached us complete
         quic.ack_now(now)
-        self._backlog.extend(quic.datagrams_to_send(now))
+        self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
         quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)

@@ -43,11 +43,15 @@ class ConnectionError(Qp2pError, builtins.ConnectionError):
 
 
 class HolePunchFailed(ConnectionError):
-    """``Endpoint.connect_via`` could not form a direct connection; ``reason`` says why."""
+    """``Endpoint.connect_via`` (or ``connect_relayed``) could not form a connection;
+    ``reason`` says why. ``no_direct_path`` is true when the rendezvous introduced the
+    peer but no direct path formed (the case a relay helps with)."""
 
-    def __init__(self, reason: str, errors: Mapping[Any, BaseException] | None = None) -> None:
+    def __init__(self, reason: str, errors: Mapping[Any, BaseException] | None = None,
+                 *, no_direct_path: bool = False) -> None:
         super().__init__(reason, errors)
         self.reason = reason
+        self.no_direct_path = no_direct_path
 
 
 class MessageRejected(Qp2pError):

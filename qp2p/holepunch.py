@@ -314,5 +314,5 @@ async def connect_via(
     except (asyncio.TimeoutError, ConnectionError) as exc:
         raise HolePunchFailed(
             f"no direct path to {peer_id} at {wire.addr_text(target)} within {budget:g}s "
-            "(are both NATs endpoint-independent?)"
+            "(are both NATs endpoint-independent?)", no_direct_path=True,
         ) from exc

@@ -31,6 +31,10 @@ __all__ = [
     "KIND_INTRODUCE_RESPONSE",
     "KIND_INTRODUCTION",
     "KIND_RECEIPT",
+    "KIND_RELAY_ACCEPT",
+    "KIND_RELAY_OFFER",
+    "KIND_RELAY_REQUEST",
+    "KIND_RELAY_RESPONSE",
     "KIND_USER",
     "Address",
     "SockAddr",
@@ -58,6 +62,13 @@ KIND_INTRODUCTION: Final = 5  # rendezvous -> target: "a peer wants to punch to 
 # is (stream id, code) varint pairs, one per message the sender sent on a unidirectional
 # stream: code 0 = accepted (whole, into the receiver's memory), else the rejection's code
 KIND_RECEIPT: Final = 6
+# relayed connections (qp2p/relay.py): dialler -> relay, bidi, payload the target's peer
+# id; relay -> target, uni, header the dialler's peer id, payload the session id; target ->
+# relay, uni, header ok/err, payload the session id; the relay's answer to the request
+KIND_RELAY_REQUEST: Final = 7
+KIND_RELAY_OFFER: Final = 8
+KIND_RELAY_ACCEPT: Final = 9
+KIND_RELAY_RESPONSE: Final = 10
 
 # Application error codes on streams (RESET_STREAM / STOP_SENDING).
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit

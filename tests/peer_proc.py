@@ -1,9 +1,10 @@
 """A qp2p peer in its own process, for tests that kill, restart or namespace a peer.
 
-``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous]``: binds, prints
-``READY <host> <port> <peer_id>``, then echoes every message back (and answers every
-request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the user
-messages this peer has received. It exits when killed or when its stdin closes.
+``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous] [--relay]``: binds,
+prints ``READY <host> <port> <peer_id>``, then echoes every message back (and answers
+every request with its payload). Each line ``count`` on stdin prints ``COUNT <n>``: the
+user messages this peer has received; ``relayed`` prints ``RELAYED <bytes>``: what it
+forwarded as a relay. It exits when killed or when its stdin closes.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 import qp2p
 
 
-async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> None:
+async def main(host: str, port: int, idle_timeout: float, rendezvous: bool,
+               relay: bool) -> None:
     config = qp2p.Config(idle_timeout=idle_timeout)
     received = 0
     async with await qp2p.Endpoint.bind((host, port), config=config,
-                                        rendezvous=rendezvous) as ep:
+                                        rendezvous=rendezvous, relay=relay) as ep:
         print("READY", ep.local_addr[0], ep.local_addr[1], ep.peer_id, flush=True)
 
         async def serve(conn: qp2p.Connection) -> None:
@@ -48,10 +50,12 @@ async def main(host: str, port: int, idle_timeout: float, rendezvous: bool) -> N
                 break
             if line.strip() == "count":
                 print("COUNT", received, flush=True)
+            elif line.strip() == "relayed":
+                print("RELAYED", ep.stats_counters["relayed_bytes"], flush=True)
         acceptor.cancel()
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     asyncio.run(main(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 10.0,
-                     "--rendezvous" in sys.argv))
+                     "--rendezvous" in sys.argv, "--relay" in sys.argv))

@@ -467,10 +467,9 @@ async def test_peers_starved_by_the_endpoint_budget_still_finish(impl: str) -> N
             print(f"\n[{impl}] starved peers: {len(returned)} sent, {len(rejected)} rejected, "
                   f"{len(arrived)} arrived")
             assert len(returned) + len(rejected) == count * len(conns)
-            if server.engine == "aioquic":
-                assert sorted(arrived) == sorted(returned)  # exactly once, nothing else
-            else:  # qh3: a shed stream may have been acknowledged already (README)
-                assert set(arrived) <= returned and len(arrived) == len(set(arrived))
+            # exactly once, nothing else (on qh3 thanks to receipts: its core may have
+            # acknowledged a stream qp2p then shed)
+            assert sorted(arrived) == sorted(returned)
             assert server._budget.reserved <= (cfg.max_endpoint_buffered_bytes
                                                + len(conns) * engine.INITIAL_MAX_DATA)
         finally:
@@ -480,7 +479,9 @@ async def test_peers_starved_by_the_endpoint_budget_still_finish(impl: str) -> N
 
 async def test_small_messages_cost_one_packet_each_way(impl: str) -> None:
     """Returning credit must not make every ACK ack-eliciting: one packet per small
-    message each way (MAX_DATA goes out only once the peer used half its credit)."""
+    message each way (MAX_DATA goes out only once the peer used half its credit). On qh3
+    the receiver also sends a receipt per message (engine.TP_RECEIPTS), which the sender
+    acknowledges: at most about two packets each way, one send at a time."""
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server, \
             await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as client:
         conn = await client.connect_to(server.local_addr)
@@ -500,7 +501,10 @@ async def test_small_messages_cost_one_packet_each_way(impl: str) -> None:
         sent = conn.stats()["packets_sent"] - sent0
         acks = accepted.stats()["packets_sent"] - acks0
         reader.cancel()
-        assert sent <= 1.2 * count and acks <= 1.2 * count, (sent, acks)
+        per_message = 1.2 if server.engine == "aioquic" else 2.4
+        print(f"\n[{impl}] one send at a time: {sent / count:.2f} packets per message out, "
+              f"{acks / count:.2f} back")
+        assert sent <= per_message * count and acks <= per_message * count, (sent, acks)
 
 
 async def test_starved_connection_resumes_when_another_closes(impl: str) -> None:

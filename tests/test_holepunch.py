@@ -25,10 +25,13 @@ CFG = qp2p.Config(hole_punch_timeout=4.0, handshake_timeout=3.0,
 class Rendezvous:
     """A rendezvous peer as a subprocess inside a namespace."""
 
-    def __init__(self, host: Host, addr: str, rendezvous: bool = True) -> None:
+    def __init__(self, host: Host, addr: str, rendezvous: bool = True,
+                 relay: bool = False) -> None:
         argv = [sys.executable, str(ROOT / "tests" / "peer_proc.py"), addr, "0", "30"]
         if rendezvous:
             argv.append("--rendezvous")
+        if relay:
+            argv.append("--relay")
         self.proc = host.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                cwd=CWD, env={**os.environ, "PYTHONPATH": pythonpath()})
         assert self.proc.stdout is not None
@@ -42,6 +45,14 @@ class Rendezvous:
         self.proc.stdin.flush()
         word, count = self.proc.stdout.readline().split()
         assert word == "COUNT"
+        return int(count)
+
+    def relayed_bytes(self) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("relayed\n")
+        self.proc.stdin.flush()
+        word, count = self.proc.stdout.readline().split()
+        assert word == "RELAYED"
         return int(count)
 
     def kill(self) -> None:
@@ -113,7 +124,7 @@ async def test_symmetric_nat_fails_cleanly(lab: Lab, impl: str) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(qp2p.HolePunchFailed) as info:
-            await a.connect_via(rdv.addr, b.peer_id)
+            await a.connect_via(rdv.addr, b.peer_id)  # this rendezvous does not relay
         elapsed = loop.time() - start
         print(f"symmetric NAT: HolePunchFailed after {elapsed:.2f}s: {info.value.reason}")
         assert elapsed <= CFG.hole_punch_timeout + 1.0
@@ -122,6 +133,35 @@ async def test_symmetric_nat_fails_cleanly(lab: Lab, impl: str) -> None:
         # nothing half-open: each side holds only its rendezvous connection
         assert [c.remote_addr for c in a.connections()] == [rdv.addr]
         assert b.connections() == [rb]
+    finally:
+        rdv.kill()
+        await a.close()
+        await b.close()
+
+
+async def test_symmetric_nats_connect_through_a_relay(lab: Lab, impl: str) -> None:
+    """Both peers behind symmetric NATs: punching cannot work, so ``connect_via`` falls
+    back to the rendezvous relaying (``relay=True``): a relayed, end-to-end encrypted
+    connection that carries every message; the relay delivers none to itself."""
+    net = double_nat(lab, mode="fully-random")
+    rdv = Rendezvous(net.p, "198.18.0.10", relay=True)
+    a, b = await bind_in(net.c1), await bind_in(net.c2)
+    try:
+        await b.connect_to(rdv.addr)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        conn = await a.connect_via(rdv.addr, b.peer_id)
+        elapsed = loop.time() - start
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        assert conn.path == accepted.path == "relayed"
+        assert conn.peer_id == b.peer_id and accepted.peer_id == a.peer_id
+        first = loop.time()
+        await exchange(conn, accepted, 1)
+        print(f"symmetric NATs: relayed after {elapsed:.2f}s (punching gave up), first "
+              f"message {1000 * (loop.time() - first):.0f} ms later")
+        await exchange(conn, accepted, 100)
+        assert rdv.user_messages() == 0
+        assert rdv.relayed_bytes() > 100 * 20
     finally:
         rdv.kill()
         await a.close()

@@ -290,6 +290,10 @@ class EngineConnection(Protocol):
         """qp2p's transport parameters the peer advertised (``NO_PARAMETERS`` until its
         transport parameters arrived, and for peers that are not qp2p)."""
 
+    def local_parameters(self) -> PeerParameters:
+        """qp2p's transport parameters this engine advertises (so the connection knows
+        whether it promised receipts)."""
+
     def peer_max_datagram_frame_size(self) -> int | None:
         """The largest DATAGRAM frame the peer accepts (its transport parameter), or
         None before it is known or when the peer takes none."""
@@ -424,10 +428,13 @@ def encode_transport_parameters(
     return out
 
 
-def local_transport_parameters(config: Config, rendezvous: bool = False) -> bytes:
+def local_transport_parameters(
+    config: Config, rendezvous: bool = False, receipts: bool = False
+) -> bytes:
     """What our endpoints advertise (the adapters append it in both roles): the limit,
-    so no receipts are needed, and whether we serve as a rendezvous."""
-    return encode_transport_parameters(config.max_message_size, False, rendezvous)
+    whether we serve as a rendezvous, and receipts where the adapter needs them (qh3:
+    its core acknowledges data qp2p may still shed or reject unseen)."""
+    return encode_transport_parameters(config.max_message_size, receipts, rendezvous)
 
 
 def parse_peer_parameters(data: bytes) -> PeerParameters:

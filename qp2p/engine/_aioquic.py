@@ -640,6 +640,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def peer_parameters(self) -> PeerParameters:
         return self.peer_params
 
+    def local_parameters(self) -> PeerParameters:
+        return parse_peer_parameters(self.qp2p_parameters)
+
     def peer_max_datagram_frame_size(self) -> int | None:
         limit: int | None = self._remote_max_datagram_frame_size
         return limit

@@ -187,7 +187,12 @@ class Qh3Connection(QuicConnection):
             config.max_concurrent_uni_streams,
         )
         self._window = config.max_buffered_bytes
-        self._qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
+        # receipts too: the core acknowledges stream data before qp2p pulls it, so a
+        # message qp2p then sheds (memory) or rejects unseen (no STOP_SENDING after the
+        # FIN) would otherwise count as delivered at a qp2p sender
+        self._qp2p_parameters = _engine.local_transport_parameters(
+            config, rendezvous, receipts=True
+        )
         self._peer_streams: dict[int, int] = {}  # peer's unfinished streams -> bytes pulled
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
@@ -614,6 +619,9 @@ class Qh3Connection(QuicConnection):
     def peer_parameters(self) -> PeerParameters:
         bridge = self._tls
         return bridge.peer_params if isinstance(bridge, _Bridge) else NO_PARAMETERS
+
+    def local_parameters(self) -> PeerParameters:
+        return parse_peer_parameters(self._qp2p_parameters)
 
     @property
     def held(self) -> int:
