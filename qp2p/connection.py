@@ -230,6 +230,7 @@ class Connection:
         self._window = endpoint.config.max_buffered_bytes
         self._budgeted = False
         quic.attach_budget(endpoint._budget, self)
+        self._budget = endpoint._budget  # charged per received datagram (_on_datagram)
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_limit = -1  # max_datagram_payload, once it is fixed (established)
         self._peer_params: engine.PeerParameters | None = None  # fixed once established
@@ -701,7 +702,7 @@ class Connection:
     def _on_receipts(self, payload: bytes) -> None:
         """The peer's receipts for our unidirectional streams: each completes its send,
         or fails it with the peer's rejection code."""
-        for sid, code in wire.parse_receipts(payload):
+        for sid, code in self._fp.parse_receipts(payload):
             pending = self._unacked.get(sid)
             if pending is None or not pending.receipt:
                 continue  # not ours, cancelled, or already failed by STOP_SENDING
@@ -730,7 +731,7 @@ class Connection:
         ) == engine.NO_PARAMETERS:
             return
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
-            self._receipts.append(wire.encode_receipt(sid, code))
+            self._receipts.append(self._fp.encode_receipt(sid, code))
             self._endpoint._mark_dirty(self)
 
     def _flush_receipts(self) -> None:
@@ -921,9 +922,11 @@ class Connection:
                 stats["datagrams_dropped"] += 1
             if freed:
                 self._endpoint._release_budget(freed)
-        if cost > DATAGRAM_QUEUE_BYTES or not self._endpoint._charge_budget(cost):
+        budget = self._budget  # the endpoint's _charge_budget, inlined (per datagram)
+        if cost > DATAGRAM_QUEUE_BYTES or budget.reserved + cost > budget.limit:
             stats["datagrams_dropped"] += 1
             return
+        budget.reserved += cost
         queue.append(data)
         self._datagram_bytes += size
         self._datagram_signal.notify_all()
