@@ -67,6 +67,26 @@ def entry_counts(stats: pstats.Stats) -> list[tuple[str, int]]:
     return sorted(out, key=lambda item: -item[1])
 
 
+def _delivered(scenario: str, result: dict[str, Any]) -> tuple[int, str]:
+    """How much the run delivered, and what: messages, datagrams or MiB."""
+    extra = result.get("extra", {})
+    if scenario == "messages":
+        return int(extra.get("messages_received") or 0), "message"
+    if scenario == "datagrams":
+        return int(extra.get("datagrams_received") or 0), "datagram"
+    return int(extra.get("messages_received") or 0), "1 MiB message"
+
+
+def _short(filename: str) -> str:
+    """A profile entry's file, from the package directory on."""
+    for marker in ("site-packages/", "/qp2p/", "/bench/"):
+        at = filename.find(marker)
+        if at >= 0:
+            return filename[at + len(marker):] if marker == "site-packages/" else (
+                filename[at + 1:])
+    return filename
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", choices=["cython", "python"], default="cython")
@@ -140,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== top {args.top} by {order} ===")
         print(text[start:].rstrip() if start >= 0 else text.rstrip())
     stats = pstats.Stats(profiler)
+    units, unit = _delivered(args.scenario, result)
+    if units:
+        print(f"\n=== top {args.top} by own time, per {unit} ({units:,} delivered) ===")
+        table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+        rows = sorted(table.items(), key=lambda kv: -kv[1][2])[: args.top]
+        for (filename, line, func), (_cc, ncalls, tottime, _ct, _callers) in rows:
+            where = f"{_short(filename)}:{line}({func})"
+            print(f"  {1e6 * tottime / units:7.2f} µs  {ncalls / units:5.2f} calls  {where}")
     print("\n=== engine and socket entries (calls) ===")
     for name, calls in entry_counts(stats):
         print(f"  {name:<40} {calls:>9,}")

@@ -34,6 +34,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -82,6 +83,20 @@ def die_with_parent(parent: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def ensure_fds(needed: int) -> None:
+    """Each client endpoint is its own UDP socket (one file descriptor): raise the soft
+    limit to the hard one if ``needed`` (plus some slack) does not fit, else fail clearly.
+    The server needs one socket whatever the number of connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 64
+    if want <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and want > hard:
+        raise SystemExit(f"{needed} endpoints need {want} file descriptors, the hard limit is "
+                         f"{hard}: use more --procs or raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 async def stdin_commands() -> asyncio.StreamReader:
@@ -220,6 +235,7 @@ async def clients_main(args: argparse.Namespace) -> None:
     import qp2p
 
     check_impl(args.impl)
+    ensure_fds(args.count)
     commands = await stdin_commands()
     host, port = args.server.rsplit(":", 1)
     server = (host, int(port))
