@@ -34,6 +34,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -84,6 +85,20 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def ensure_fds(needed: int) -> None:
+    """Each client endpoint is its own UDP socket (one file descriptor): raise the soft
+    limit to the hard one if ``needed`` (plus some slack) does not fit, else fail clearly.
+    The server needs one socket whatever the number of connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 64
+    if want <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and want > hard:
+        raise SystemExit(f"{needed} endpoints need {want} file descriptors, the hard limit is "
+                         f"{hard}: use more --procs or raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def stdin_commands() -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -110,6 +125,17 @@ def run_loop(loop_name: str, coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def freeze_heap() -> int:
+    """``gc.freeze()``: what exists now (thousands of connections' objects) is left out of
+    every later collection. Without it each full collection walks all of them (hundreds
+    of ms at 10,000 connections, several times a minute under load). Returns the number
+    of objects the collector tracked."""
+    gc.collect()
+    tracked = len(gc.get_objects())
+    gc.freeze()
+    return tracked
+
+
 # ---------------------------------------------------------------------- server process
 
 
@@ -123,6 +149,22 @@ async def server_main(args: argparse.Namespace) -> None:
     commands = await stdin_commands()
     ep = await qp2p.Endpoint.bind((HOST, 0), config=make_config(args.max_connections))
     counts = {"accepted": 0, "messages": 0, "bytes": 0, "requests": 0, "serve_errors": 0}
+    # time the server spends in the cyclic garbage collector (it walks every tracked object
+    # of a full collection: thousands of connections make that long)
+    gc_time = {"gc_s": 0.0, "gc_full": 0, "gc_full_max_s": 0.0}
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+            return
+        spent = time.perf_counter() - gc_start[0]
+        gc_time["gc_s"] += spent
+        if info["generation"] == 2:
+            gc_time["gc_full"] += 1
+            gc_time["gc_full_max_s"] = max(gc_time["gc_full_max_s"], spent)
+
+    gc.callbacks.append(on_gc)
     tasks: set[asyncio.Task[None]] = set()
 
     async def serve(conn: qp2p.Connection) -> None:
@@ -157,7 +199,7 @@ async def server_main(args: argparse.Namespace) -> None:
                 break
             cmd = json.loads(line)
             if cmd["cmd"] == "status":
-                status: dict[str, Any] = dict(counts, t=time.monotonic(),
+                status: dict[str, Any] = dict(counts, **gc_time, t=time.monotonic(),
                                               open=len(ep.connections()),
                                               endpoint=dict(ep.stats_counters))
                 if cmd.get("heap") and tracemalloc.is_tracing():
@@ -173,6 +215,8 @@ async def server_main(args: argparse.Namespace) -> None:
                     profiler.dump_stats(cmd["path"])
                     profiler = None
                 emit("profile")
+            elif cmd["cmd"] == "freeze":
+                emit("frozen", tracked=freeze_heap())
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -191,6 +235,7 @@ async def clients_main(args: argparse.Namespace) -> None:
     import qp2p
 
     check_impl(args.impl)
+    ensure_fds(args.count)
     commands = await stdin_commands()
     host, port = args.server.rsplit(":", 1)
     server = (host, int(port))
@@ -245,6 +290,8 @@ async def clients_main(args: argparse.Namespace) -> None:
                 emit("stopped", sent=sent[0], unfinished=len(pending),
                      errors=len(send_errors), first_errors=send_errors[:5],
                      stuck=stuck_stats)
+            elif cmd["cmd"] == "freeze":
+                emit("frozen", tracked=freeze_heap())
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -540,6 +587,9 @@ async def load_phase(
         "serve_errors": after["serve_errors"],
         "server_cpu_pct": cpu_s,
         "server_cpu_wait_pct": cpu_server.wait_pct,
+        "server_gc_s": after["gc_s"] - before["gc_s"],
+        "server_gc_full": after["gc_full"] - before["gc_full"],
+        "server_gc_full_max_s": after["gc_full_max_s"],
         "clients_cpu_pct": cpu_c,
         "clients_cpu_wait_pct": cpu_clients.wait_pct,
         "server_datagrams_in_per_msg": dgrams_in / received if received else None,
@@ -565,6 +615,7 @@ async def harness(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.seconds / len(sizes)
     result: dict[str, Any] = {
         "clients": n, "client_procs": procs, "impl": qp2p.implementation, "loop": args.loop,
+        "engine": os.environ.get("QP2P_ENGINE") or "auto",
         "sizes": sizes, "seconds_per_size": seconds, "dial_concurrency": args.dial_concurrency,
         "loadavg_before": os.getloadavg()[0],
     }
@@ -645,6 +696,13 @@ async def harness(args: argparse.Namespace) -> dict[str, Any]:
         if heap0 is not None and "traced" in idle:
             result["idle"]["heap_kib_per_conn"] = (idle["traced"] - heap0) / 1024 / max(ok, 1)
         log(f"{idle['open']} open, RSS {result['idle']['server_rss_kib'] / 1024:.1f} MiB")
+        if args.gc_freeze:  # after the memory reading: gc.collect() would move it
+            frozen = await server.ask("frozen", 60, cmd="freeze")
+            result["idle"]["server_gc_tracked"] = frozen["tracked"]
+            for c in clients:
+                await c.send(cmd="freeze")
+            for c in clients:
+                await c.expect("frozen", 60)
 
         result["load"] = []
         for size in sizes:
@@ -704,7 +762,7 @@ def table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     add = rows.append
     add(("setup", f"{r['clients']} client endpoints in {r['client_procs']} processes, "
-                  f"{r['impl']} fast path, {r['loop']}"))
+                  f"{r['impl']} fast path, {r['loop']}, engine {r.get('engine', 'auto')}"))
     if "server_rss_kib_start" in r:
         add(("server RSS, no connections", f"{r['server_rss_kib_start'] / 1024:.1f} MiB"))
     if "server_rss_kib_after_warmup" in r:
@@ -732,6 +790,11 @@ def table(r: dict[str, Any]) -> str:
              + (" (inflated by tracemalloc's own records)" if "heap_kib_per_conn" in idle else "")))
         if "heap_kib_per_conn" in idle:
             add(("  Python heap per conn (tracemalloc)", f"{idle['heap_kib_per_conn']:.1f} KiB"))
+        if "server_gc_tracked" in idle:
+            add(("  objects the GC tracks, frozen",
+                 f"{idle['server_gc_tracked']:,} in the server = "
+                 f"{idle['server_gc_tracked'] / max(idle['open'], 1):.0f} per connection "
+                 "(gc.freeze() once all are connected; --no-gc-freeze to compare)"))
     for ph in r.get("load", []):
         name = f"load {ph['size']} B"
         rate = (f"{ph['msgs_per_s']:,.0f} msg/s, {ph['mib_per_s']:.2f} MiB/s"
@@ -744,6 +807,11 @@ def table(r: dict[str, Any]) -> str:
              f"server {ph['server_cpu_pct']:.0f}% (+{ph['server_cpu_wait_pct']:.0f}% waiting "
              f"for a CPU), clients {ph['clients_cpu_pct']:.0f}% "
              f"(+{ph['clients_cpu_wait_pct']:.0f}% waiting)"))
+        if "server_gc_s" in ph:
+            add(("  server garbage collector", f"{ph['server_gc_s']:.2f} s in the phase, "
+                                               f"{ph['server_gc_full']} full collections "
+                                               f"(longest {1000 * ph['server_gc_full_max_s']:.0f}"
+                                               " ms)"))
         if ph["server_datagrams_in_per_msg"] is not None:
             add(("  server datagrams per message", f"{ph['server_datagrams_in_per_msg']:.2f} in, "
                                                    f"{ph['server_datagrams_out_per_msg']:.2f} out"))
@@ -772,6 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="64,1024", help="message sizes, comma-separated")
     ap.add_argument("--impl", choices=["cython", "python"], default="cython")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--engine", choices=["auto", "qh3", "aioquic"], default="auto",
+                    help="QP2P_ENGINE for the server and the clients (auto: qh3 when installed)")
     ap.add_argument("--dial-concurrency", type=int, default=16,
                     help="dials in flight per client process")
     ap.add_argument("--probe-interval", type=float, default=1.5,
@@ -782,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds the N connections sit idle before the memory reading")
     ap.add_argument("--stop-timeout", type=float, default=30.0,
                     help="seconds a sender may take to finish its last send after the load")
+    ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                    help="do not gc.freeze() the server and clients once all are connected")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace the server's Python heap (slows the server down)")
     ap.add_argument("--profile", metavar="PATH",
@@ -800,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", help=argparse.SUPPRESS)
     ap.add_argument("--max-connections", type=int, default=10_000, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.role == "harness" and args.engine != "auto":
+        os.environ["QP2P_ENGINE"] = args.engine  # inherited by every child
 
     if args.role != "harness":
         die_with_parent(args.parent)

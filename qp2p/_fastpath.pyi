@@ -23,8 +23,10 @@ __all__ = [
     "decode_frame",
     "enable_gro",
     "encode_frame",
+    "encode_receipt",
     "features",
     "parse_dcid",
+    "parse_receipts",
     "recv_batch",
     "send_batch",
 ]
@@ -91,6 +93,19 @@ class FrameAssembler:
     @property
     def buffered(self) -> int:
         """Bytes of the stream currently held (0 once the frame was returned or failed)."""
+
+def encode_receipt(stream_id: int, code: int) -> bytes:
+    """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints.
+
+    Raises ``ValueError`` for a value outside ``0..2**62-1``.
+    """
+
+def parse_receipts(payload: bytes) -> list[tuple[int, int]]:
+    """The ``(stream id, code)`` entries of a receipt frame's payload, in order.
+
+    Raises ``ProtocolError("truncated receipt")`` when a varint runs past the end or
+    the values do not pair up.
+    """
 
 def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:
     """The destination connection ID of a QUIC packet (RFC 8999 invariants), or ``None``.

@@ -222,8 +222,10 @@ __all__ = [
     "decode_frame",
     "enable_gro",
     "encode_frame",
+    "encode_receipt",
     "features",
     "parse_dcid",
+    "parse_receipts",
     "recv_batch",
     "send_batch",
 ]
@@ -406,6 +408,86 @@ cdef object _decode(const unsigned char* p, Py_ssize_t n, int64_t size, int max_
         PyBytes_FromStringAndSize(<const char*>p + _HDR_LEN + lh, ld),
         PyBytes_FromStringAndSize(<const char*>p + _HDR_LEN + lh + ld, total - _HDR_LEN - lh - ld),
     )
+
+
+# --------------------------------------------------------------------------- receipts
+
+cdef object _VARINT_LIMIT = 1 << 62
+
+
+cdef uint64_t _varint_value(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
+    v = PyNumber_Index(value)
+    if not 0 <= v < _VARINT_LIMIT:
+        raise ValueError(f"{what} must be in 0..2**62-1, got {v}")
+    return <uint64_t>v
+
+
+cdef inline Py_ssize_t _put_varint(unsigned char* p, uint64_t v) noexcept nogil:
+    cdef int n, i
+    cdef uint64_t tag
+    if v < 0x40:
+        p[0] = <unsigned char>v
+        return 1
+    if v < 0x4000:
+        n = 2
+        tag = 0x4000
+    elif v < 0x40000000:
+        n = 4
+        tag = 0x80000000U
+    else:
+        n = 8
+        tag = (<uint64_t>3) << 62
+    v = v | tag
+    for i in range(n):
+        p[n - 1 - i] = <unsigned char>(v >> (8 * i))
+    return n
+
+
+def encode_receipt(stream_id, code):
+    """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints."""
+    cdef unsigned char buf[16]
+    cdef uint64_t sid = _varint_value(stream_id, "stream id")
+    cdef uint64_t c = _varint_value(code, "code")
+    cdef Py_ssize_t n = _put_varint(buf, sid)
+    n += _put_varint(buf + n, c)
+    return PyBytes_FromStringAndSize(<char*>buf, n)
+
+
+cdef list _parse_receipts(const unsigned char* p, Py_ssize_t end):
+    cdef Py_ssize_t pos = 0, length, i
+    cdef uint64_t v, first = 0
+    cdef bint have_first = False
+    cdef list out = []
+    while pos < end:
+        length = 1 << (p[pos] >> 6)
+        if pos + length > end:
+            raise ProtocolError("truncated receipt")
+        v = p[pos] & 0x3F
+        for i in range(1, length):
+            v = (v << 8) | p[pos + i]
+        pos += length
+        if have_first:
+            out.append((first, v))
+            have_first = False
+        else:
+            first = v
+            have_first = True
+    if have_first:
+        raise ProtocolError("truncated receipt")
+    return out
+
+
+def parse_receipts(payload):
+    """The ``(stream id, code)`` entries of a receipt frame's payload, in order."""
+    cdef Py_buffer view
+    if type(payload) is bytes:
+        return _parse_receipts(<const unsigned char*>PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
+    PyObject_GetBuffer(_bufobj(payload), &view, PyBUF_SIMPLE)
+    try:
+        return _parse_receipts(<const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
 
 
 def decode_frame(data, max_message_size, max_kind=MAX_KIND):

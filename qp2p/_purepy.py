@@ -29,8 +29,10 @@ __all__ = [
     "decode_frame",
     "enable_gro",
     "encode_frame",
+    "encode_receipt",
     "features",
     "parse_dcid",
+    "parse_receipts",
     "recv_batch",
     "send_batch",
 ]
@@ -309,6 +311,52 @@ class FrameAssembler:
         self._state = _DONE
         self._parts = ([], [], [])
         return result
+
+
+_VARINT_LIMIT = 1 << 62
+_VARINT_MASKS = (0x3F, 0x3FFF, 0, 0x3FFF_FFFF, 0, 0, 0, 0x3FFF_FFFF_FFFF_FFFF)
+
+
+def _varint(value: _Any, what: str) -> bytes:
+    v = _operator.index(value)
+    if not 0 <= v < _VARINT_LIMIT:
+        raise ValueError(f"{what} must be in 0..2**62-1, got {v}")
+    if v < 0x40:
+        return bytes((v,))
+    if v < 0x4000:
+        return (v | 0x4000).to_bytes(2, "big")
+    if v < 0x4000_0000:
+        return (v | 0x8000_0000).to_bytes(4, "big")
+    return (v | 0xC000_0000_0000_0000).to_bytes(8, "big")
+
+
+def encode_receipt(stream_id: int, code: int) -> bytes:
+    """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints.
+
+    Raises ``ValueError`` for a value outside ``0..2**62-1``.
+    """
+    return _varint(stream_id, "stream id") + _varint(code, "code")
+
+
+def parse_receipts(payload: bytes) -> list[tuple[int, int]]:
+    """The ``(stream id, code)`` entries of a receipt frame's payload, in order.
+
+    Raises ``ProtocolError("truncated receipt")`` when a varint runs past the end or
+    the values do not pair up.
+    """
+    buf = _view(payload)
+    end = len(buf)
+    pos = 0
+    values: list[int] = []
+    while pos < end:
+        length = 1 << (buf[pos] >> 6)
+        if pos + length > end:
+            raise ProtocolError("truncated receipt")
+        values.append(int.from_bytes(buf[pos : pos + length], "big") & _VARINT_MASKS[length - 1])
+        pos += length
+    if len(values) % 2:
+        raise ProtocolError("truncated receipt")
+    return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
 
 
 def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:

@@ -222,7 +222,10 @@ class Connection:
         # flow control (see the engine adapters): the bound on what we hold
         self._window = config.max_buffered_bytes
         quic.attach_budget(driver.budget, self)
+        self._budget = driver.budget  # charged per received datagram (_on_datagram)
         self._datagrams: collections.deque[bytes] = collections.deque()
+        self._datagram_limit = -1  # max_datagram_payload, once it is fixed (established)
+        self._peer_params: engine.PeerParameters | None = None  # fixed once established
         self._datagram_bytes = 0  # payload bytes queued in _datagrams
         self._datagram_signal = Signal(self._loop)
         # send side
@@ -307,7 +310,7 @@ class Connection:
         frame = self._frame(payload, header, dst, wire.KIND_USER)
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future)
-        pending.receipt = self._quic.peer_parameters().receipts
+        pending.receipt = (self._peer_params or self._peer_parameters()).receipts
         self._queue_uni.append(pending)
         self._pump()
         try:
@@ -374,9 +377,15 @@ class Connection:
 
     def send_datagram(self, data: bytes) -> None:
         """Send an unreliable QUIC DATAGRAM (RFC 9221); it may be lost, never split."""
-        data = wire.as_bytes("data", data)
-        self._raise_if_closed()
-        limit = self.max_datagram_payload
+        if type(data) is not bytes:
+            data = wire.as_bytes("data", data)
+        if self._closed is not None:
+            self._raise_if_closed()
+        limit = self._datagram_limit
+        if limit < 0:  # not known for good yet (the peer's limit comes with the handshake)
+            limit = self.max_datagram_payload
+            if self._established:
+                self._datagram_limit = limit
         if len(data) > limit:
             raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
         self._quic.send_datagram(data)
@@ -395,8 +404,9 @@ class Connection:
             self._raise_if_closed()
             await self._datagram_signal.wait()
         data = self._datagrams.popleft()
-        self._datagram_bytes -= len(data)
-        self._driver.release_budget(len(data) + DATAGRAM_COST)
+        size = len(data)
+        self._datagram_bytes -= size
+        self._driver.release_budget(size + DATAGRAM_COST)
         return data
 
     async def datagrams(self) -> AsyncIterator[bytes]:
@@ -462,19 +472,34 @@ class Connection:
         if closed is not None:
             raise ConnectionClosed(closed.reason, closed.error_code)
 
+    def _peer_parameters(self) -> engine.PeerParameters:
+        """The peer's qp2p transport parameters: asked of the engine until the connection
+        is established, fixed (and kept) from then on."""
+        params = self._peer_params
+        if params is None:
+            params = self._quic.peer_parameters()
+            if self._established:
+                self._peer_params = params
+        return params
+
     # ------------------------------------------------------------------ sending
 
     def _frame(self, payload: Any, header: Any, dst: Any, kind: int) -> bytes:
-        payload = wire.as_bytes("payload", payload)
-        header = wire.as_bytes("header", header)
-        dst = wire.as_bytes("dst", dst)
-        wire.check_message(header, dst, payload, self._max_message_size)
+        if type(payload) is not bytes:
+            payload = wire.as_bytes("payload", payload)
+        if type(header) is not bytes:
+            header = wire.as_bytes("header", header)
+        if type(dst) is not bytes:
+            dst = wire.as_bytes("dst", dst)
+        if not payload or len(header) + len(dst) + len(payload) > self._max_message_size:
+            wire.check_message(header, dst, payload, self._max_message_size)  # raises
         # the peer's own limit, when it advertised one: refused here, before a byte is
         # sent, rather than sent for the peer to reject
-        peer_limit = self._quic.peer_parameters().max_message_size
+        peer_limit = (self._peer_params or self._peer_parameters()).max_message_size
         if peer_limit is not None and peer_limit < self._max_message_size:
             wire.check_message(header, dst, payload, peer_limit, "the peer's max_message_size")
-        self._raise_if_closed()
+        if self._closed is not None:
+            self._raise_if_closed()
         frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
         return frame
 
@@ -573,6 +598,7 @@ class Connection:
             return
         quic = self._quic
         wrote = False
+        left = -1  # the peer's connection credit, asked once: writing does not consume it
         queue: collections.deque[_PendingSend]
         for queue, kind in (
             (self._queue_reply, 0), (self._queue_uni, 1), (self._queue_bidi, 2)
@@ -587,8 +613,16 @@ class Connection:
                 if head.future.done():  # cancelled while queued
                     queue.popleft()
                     continue
-                if not self._may_start(head.size):
-                    break
+                size = head.size
+                if size > LARGE_FRAME:
+                    if not self._may_start(size):
+                        break
+                else:
+                    if left < 0:
+                        left = quic.send_credit()
+                    # _credit_covers' own first test, without the call per message
+                    if left < size + self._sending_bytes and not self._credit_covers(size):
+                        break
                 pending = queue.popleft()
                 if kind == 0:
                     stream_id = pending.stream_id
@@ -685,16 +719,20 @@ class Connection:
         done = [
             sid for sid, p in self._unacked.items() if not p.receipt and quic.send_finished(sid)
         ]
+        sending = self._sending
         for sid in done:
             pending = self._unacked.pop(sid)
             self._unacked_bytes -= pending.size
+            size = sending.pop(sid, None)  # all acknowledged: nothing left to put in packets
+            if size is not None:
+                self._sending_bytes -= size
             if not pending.future.done():
                 pending.future.set_result(None)
 
     def _on_receipts(self, payload: bytes) -> None:
         """The peer's receipts for our unidirectional streams: each completes its send,
         or fails it with the peer's rejection code."""
-        for sid, code in wire.parse_receipts(payload):
+        for sid, code in self._fp.parse_receipts(payload):
             pending = self._unacked.get(sid)
             if pending is None or not pending.receipt:
                 continue  # not ours, cancelled, or already failed by STOP_SENDING
@@ -706,6 +744,9 @@ class Connection:
                 continue
             del self._unacked[sid]
             self._unacked_bytes -= pending.size
+            size = self._sending.pop(sid, None)  # the peer took it whole: all was sent
+            if size is not None:
+                self._sending_bytes -= size
             if not pending.future.done():
                 pending.future.set_result(None)
         if self._queue_uni or self._queue_bidi or self._queue_reply:
@@ -715,10 +756,12 @@ class Connection:
         """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
         tell the peer, if we promised receipts and it is a qp2p peer (sent at the next
         flush)."""
-        if not self._sends_receipts or self._quic.peer_parameters() == engine.NO_PARAMETERS:
+        if not self._sends_receipts or (
+            self._peer_params or self._peer_parameters()
+        ) == engine.NO_PARAMETERS:
             return
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
-            self._receipts.append(wire.encode_receipt(sid, code))
+            self._receipts.append(self._fp.encode_receipt(sid, code))
             self._driver.mark_dirty(self)
 
     def _flush_receipts(self) -> None:
@@ -896,22 +939,26 @@ class Connection:
         stats = self._stats
         stats["datagrams_received"] += 1
         queue = self._datagrams
-        cost = len(data) + DATAGRAM_COST
-        freed = 0
-        while queue and self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > (
-            DATAGRAM_QUEUE_BYTES
-        ):  # unreliable: the oldest go first
-            old = queue.popleft()
-            self._datagram_bytes -= len(old)
-            freed += len(old) + DATAGRAM_COST
-            stats["datagrams_dropped"] += 1
-        if freed:
-            self._driver.release_budget(freed)
-        if cost > DATAGRAM_QUEUE_BYTES or not self._driver.charge_budget(cost, False):
+        size = len(data)
+        cost = size + DATAGRAM_COST
+        if self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > DATAGRAM_QUEUE_BYTES:
+            freed = 0
+            while queue and self._datagram_bytes + len(queue) * DATAGRAM_COST + cost > (
+                DATAGRAM_QUEUE_BYTES
+            ):  # unreliable: the oldest go first
+                old = queue.popleft()
+                self._datagram_bytes -= len(old)
+                freed += len(old) + DATAGRAM_COST
+                stats["datagrams_dropped"] += 1
+            if freed:
+                self._driver.release_budget(freed)
+        budget = self._budget  # the endpoint's _charge_budget, inlined (per datagram)
+        if cost > DATAGRAM_QUEUE_BYTES or budget.reserved + cost > budget.limit:
             stats["datagrams_dropped"] += 1
             return
+        budget.reserved += cost
         queue.append(data)
-        self._datagram_bytes += len(data)
+        self._datagram_bytes += size
         self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:

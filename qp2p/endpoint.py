@@ -55,9 +55,17 @@ _peer_log = RateLimitedLog(logger)
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
 RECV_BATCHES_PER_TURN = 16
+#: Datagrams read ahead of handling them, at most (then the kernel's buffer holds the rest).
+RX_QUEUE_MAX = 65536
+#: Queued datagrams handled per loop turn: few enough that the socket is read again soon
+#: (new peers' handshakes overtake the queue only when they are read).
+RX_DRAIN_PER_TURN = 256
 SOCKET_BUFFER_BYTES = 4 * 2**20
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
+# the two events each message or datagram brings, looked up once (the receive loop)
+_STREAM_DATA = quic_engine.StreamData
+_DATAGRAM = quic_engine.Datagram
 #: The engine's clock. Not ``loop.time()``: uvloop caches it in whole milliseconds, which
 #: turns aioquic's microsecond pacing into millisecond stalls.
 _now = time.monotonic
@@ -212,6 +220,9 @@ class Endpoint:
         self._backlog: list[tuple[bytes, SockAddr]] = []
         self._backlog_pos = 0
         self._writer_armed = False
+        # datagrams read from the socket, not handled yet (see _on_readable)
+        self._rx_queue: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
+        self._rx_drain_scheduled = False
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
@@ -570,54 +581,88 @@ class Endpoint:
     # ------------------------------------------------------------------ receive path
 
     def _on_readable(self) -> None:
+        """Drain the socket: datagrams of handshakes (unknown connection IDs, connections
+        not yet established) are handled at once, the rest queue in arrival order and are
+        handled ``RECV_BATCH * RECV_BATCHES_PER_TURN`` per loop turn. Emptying the kernel
+        queue first is what lets a new peer's handshake overtake the traffic of thousands
+        of busy connections instead of waiting behind all of it (and keeps the kernel
+        from dropping what it cannot hold)."""
         fp = self._fp
         table = self._table
         sock = self._sock
-        now = _now()
-        dirty = self._dirty
-        received = 0
-        for _ in range(RECV_BATCHES_PER_TURN):
+        queue = self._rx_queue
+        drives = self._drives
+        urgent: list[tuple[bytes, SockAddr]] = []
+        while len(queue) < RX_QUEUE_MAX:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
-            # consecutive datagrams for one connection from one address enter its engine
-            # in one call (qh3 takes them as a batch), then its events are handled
-            run: list[bytes] = []
-            run_conn: Connection | None = None
-            run_addr: SockAddr | None = None
-            for data, addr in batch:
-                conn = table.lookup(data)
-                if conn is None:
-                    try:
-                        if not relay_mod.is_wrapped(data):
-                            self._on_unknown(data, addr, now)
-                            continue
-                        relayed = self._on_wrapped(data, addr, now)
-                    except Exception:  # a bug for one datagram must not stop the endpoint
-                        _peer_log.exception("new-datagram-error",
-                                            "error handling a new datagram from %s", addr)
-                        continue
-                    if relayed is None:
-                        continue
-                    data, addr, conn = relayed  # over a relayed path: as any other
-                stats = conn._stats
-                stats["packets_received"] += 1
-                stats["bytes_received"] += len(data)
-                if conn is run_conn and addr == run_addr:
-                    run.append(data)
-                    continue
-                if run_conn is not None:
-                    self._feed(run_conn, run, run_addr, now)
-                run, run_conn, run_addr = [data], conn, addr
-                dirty[conn] = None
-            if run_conn is not None:
-                self._feed(run_conn, run, run_addr, now)
-            received += len(batch)
+            for item in batch:
+                conn = table.lookup(item[0])
+                drive = drives.get(conn) if conn is not None else None
+                if drive is None or not drive.established:
+                    urgent.append(item)  # all of a connection's packets take one lane
+                else:
+                    queue.append(item)
             if len(batch) < RECV_BATCH:
                 break
-        self.stats_counters["datagrams_received"] += received
+        if urgent:
+            self._handle_datagrams(urgent)
+        self._drain_rx_queue()
+
+    def _drain_rx_queue(self) -> None:
+        """Handle up to one turn's worth of the queued datagrams; the rest next turn."""
+        self._rx_drain_scheduled = False
+        queue = self._rx_queue
+        if not queue:
+            return
+        n = min(len(queue), RX_DRAIN_PER_TURN)
+        popleft = queue.popleft
+        self._handle_datagrams([popleft() for _ in range(n)])
+        if queue and not self._rx_drain_scheduled:
+            self._rx_drain_scheduled = True
+            self._loop.call_soon(self._drain_rx_queue)
+
+    def _handle_datagrams(self, batch: list[tuple[bytes, SockAddr]]) -> None:
+        """Give each datagram to its connection (or ``_on_unknown``), then send."""
+        table = self._table
+        now = _now()
+        dirty = self._dirty
+        # consecutive datagrams for one connection from one address enter its engine
+        # in one call (qh3 takes them as a batch), then its events are handled
+        run: list[bytes] = []
+        run_conn: Connection | None = None
+        run_addr: SockAddr | None = None
+        for data, addr in batch:
+            conn = table.lookup(data)
+            if conn is None:
+                try:
+                    if not relay_mod.is_wrapped(data):
+                        self._on_unknown(data, addr, now)
+                        continue
+                    relayed = self._on_wrapped(data, addr, now)
+                except Exception:  # a bug for one datagram must not stop the endpoint
+                    _peer_log.exception("new-datagram-error",
+                                        "error handling a new datagram from %s", addr)
+                    continue
+                if relayed is None:
+                    continue
+                data, addr, conn = relayed  # over a relayed path: as any other
+            stats = conn._stats
+            stats["packets_received"] += 1
+            stats["bytes_received"] += len(data)
+            if conn is run_conn and addr == run_addr:
+                run.append(data)
+                continue
+            if run_conn is not None:
+                self._feed(run_conn, run, run_addr, now)
+            run, run_conn, run_addr = [data], conn, addr
+            dirty[conn] = None
+        if run_conn is not None:
+            self._feed(run_conn, run, run_addr, now)
+        self.stats_counters["datagrams_received"] += len(batch)
         drives = self._drives
         for conn in list(dirty):
             drive = drives.get(conn)
@@ -689,16 +734,21 @@ class Endpoint:
 
     def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
         """Handle every event ``conn``'s engine has ready, in order."""
-        event = quic.next_event()
+        next_event = quic.next_event
+        handle = conn._handle_event
+        event = next_event()
         while event is not None:
-            self._on_event(conn, event)
-            event = quic.next_event()
+            kind = type(event)
+            # the per-message and per-datagram events go straight to the connection
+            if kind is _STREAM_DATA or kind is _DATAGRAM:
+                handle(event)
+            else:
+                self._on_event(conn, event)
+            event = next_event()
 
     def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
-        if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
-            conn._handle_event(event)
-        elif kind is quic_engine.CidIssued:
+        if kind is quic_engine.CidIssued:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
@@ -850,7 +900,7 @@ class Endpoint:
 
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
-        budget.release(nbytes)
+        budget.reserved -= nbytes  # budget.release, without the call (per message, datagram)
         # connections waiting for credit may get some now: wake a few, oldest first, once
         # there is enough to be worth a packet (not the whole herd on every read)
         starved = budget.starved
@@ -1093,7 +1143,10 @@ class Endpoint:
                 out.extend(datagrams)
                 stats = conn._stats
                 stats["packets_sent"] += len(datagrams)
-                stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
+                nbytes = 0
+                for data, _addr in datagrams:  # a plain loop: no generator per connection
+                    nbytes += len(data)
+                stats["bytes_sent"] += nbytes
             self._arm_timer(conn, drive, timer)
         if out and not self._writer_armed:
             self._send_backlog()
@@ -1250,6 +1303,7 @@ class Endpoint:
             self._drives[conn].terminated = True
             self._forget(conn)
         self._loop.remove_reader(self._fd)
+        self._rx_queue.clear()
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False

@@ -562,6 +562,59 @@ def test_parse_dcid_identical(datagram: bytes, short_len: int) -> None:
     assert outcome(c.parse_dcid, datagram, short_len) == outcome(p.parse_dcid, datagram, short_len)
 
 
+# ----------------------------------------------------------------------------- receipts
+
+
+def test_receipt_known_bytes(fp: ModuleType) -> None:
+    # QUIC varints (RFC 9000 §16): 1, 2, 4 and 8 bytes
+    assert fp.encode_receipt(2, 0) == b"\x02\x00"
+    assert fp.encode_receipt(1002, 0x71_70_03) == b"\x43\xea\x80\x71\x70\x03"
+    assert fp.encode_receipt(2**62 - 1, 63) == b"\xff" * 8 + b"\x3f"
+    entries = [(2, 0), (1002, 0x71_70_03), (2**62 - 1, 63)]
+    payload = b"".join(fp.encode_receipt(sid, code) for sid, code in entries)
+    for form in (payload, bytearray(payload), memoryview(payload)):
+        assert fp.parse_receipts(form) == entries
+    assert fp.parse_receipts(b"") == []
+    for bad in (b"\x02", b"\x40", b"\x02\x00\x80\x00\x00", b"\xc0" + bytes(6)):
+        with pytest.raises(ProtocolError, match="truncated receipt"):
+            fp.parse_receipts(bad)
+
+
+def test_receipt_errors_identical() -> None:
+    c, p = both()
+    for bad in (-1, 2**62, "1", 1.0):
+        for args in ((bad, 0), (0, bad)):
+            got = outcome(c.encode_receipt, *args)
+            assert got == outcome(p.encode_receipt, *args)
+            assert got[0] == "raised"
+    assert outcome(c.encode_receipt, 2**62, 0)[2] == "stream id must be in 0..2**62-1, got " + str(
+        2**62
+    )
+    for bad in ("ab", 5, None):
+        assert outcome(c.parse_receipts, bad) == outcome(p.parse_receipts, bad)
+
+
+varint = st.one_of(st.integers(0, 63), st.integers(0, 2**14 - 1), st.integers(0, 2**30 - 1),
+                   st.integers(0, 2**62 - 1))
+
+
+@PROPS
+@given(st.lists(st.tuples(varint, varint), max_size=8), st.integers(0, 80))
+def test_receipts_round_trip_identical(entries: list[tuple[int, int]], cut: int) -> None:
+    c, p = both()
+    payload = b"".join(c.encode_receipt(sid, code) for sid, code in entries)
+    assert payload == b"".join(p.encode_receipt(sid, code) for sid, code in entries)
+    assert c.parse_receipts(payload) == p.parse_receipts(payload) == entries
+    assert outcome(c.parse_receipts, payload[:cut]) == outcome(p.parse_receipts, payload[:cut])
+
+
+@PROPS
+@given(st.binary(max_size=40))
+def test_parse_receipts_identical_on_anything(data: bytes) -> None:
+    c, p = both()
+    assert outcome(c.parse_receipts, data) == outcome(p.parse_receipts, data)
+
+
 def test_connection_table(fp: ModuleType) -> None:
     table = fp.ConnectionTable(8)
     assert len(table) == 0

@@ -272,17 +272,19 @@ class Qh3Connection(QuicConnection):
         endpoint's budget is spent and this connection holds its floor of it (as on
         aioquic, every connection may keep ``INITIAL_MAX_DATA``). A closing connection
         drains: its peer can send no more."""
+        held = self._pulled - self._released - self._exempt
+        budget = self._budget
+        if held < self._window and (
+            budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
+        ):
+            return True  # the common case, asked per event: no look at the core's state
         if self._close_event is not None or (
             self._core is not None and self._core.state in _CLOSING_STATES
         ):
             return True  # closing: the peer sends no more, its close must get through
-        held = self._pulled - self._released - self._exempt
-        if held >= self._window:
-            return False
-        budget = self._budget
-        if budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit:
-            return True
-        budget.starved[self._owner] = None  # woken when memory is released
+        if held < self._window:
+            assert budget is not None
+            budget.starved[self._owner] = None  # woken when memory is released
         return False
 
     def _drain_core(self) -> None:
@@ -306,11 +308,17 @@ class Qh3Connection(QuicConnection):
         native = core.next_event()
         if native is None:
             return None
+        return self._translate(native)
+
+    def _translate(self, native: tuple[Any, ...]) -> Event:
+        """The qp2p event for one native event (``_NOTHING`` for those that make none)."""
         kind = native[0]
         if kind == "stream_data":
             sid, data, fin = native[1], native[2], native[3]
             self._on_pulled(sid, len(data), fin)
             return StreamData(sid, data, fin)
+        if kind == "datagram":
+            return Datagram(native[1])
         if kind == "stream_finished":
             self._unfinished.discard(native[1])
         elif kind == "stream_reset":
@@ -319,8 +327,6 @@ class Qh3Connection(QuicConnection):
         elif kind == "stop_sending":
             self._unfinished.discard(native[1])
             return StopSending(native[1], native[2])
-        elif kind == "datagram":
-            return Datagram(native[1])
         elif kind == "connection_id_issued":
             return CidIssued(native[1])
         elif kind == "connection_id_retired":
@@ -328,8 +334,9 @@ class Qh3Connection(QuicConnection):
         elif kind == "crypto_data":
             self._on_crypto(native)
         elif kind == "handshake_done":
+            assert self._core is not None
             self._handshake_confirmed = True
-            core.handshake_confirmed()
+            self._core.handshake_confirmed()
         elif kind == "new_token":
             self._peer_token = native[1]
         elif kind in ("peer_closed", "protocol_error", "connection_terminated"):
@@ -394,11 +401,14 @@ class Qh3Connection(QuicConnection):
         local = (sid & 1) == (0 if self._is_client else 1)
         if local:
             return
-        if sid in self._rejected:
-            self._rejected[sid] += nbytes
+        rejected = self._rejected
+        if rejected and sid in rejected:
+            rejected[sid] += nbytes
             self._exempt += nbytes
-        if fin:
-            self._end_peer_stream(sid)
+        if fin:  # _end_peer_stream, inlined (once per message)
+            self._peer_streams.pop(sid, None)
+            if rejected:
+                self._exempt -= rejected.pop(sid, 0)
         else:
             self._peer_streams[sid] = self._peer_streams.get(sid, 0) + nbytes
 
@@ -460,7 +470,8 @@ class Qh3Connection(QuicConnection):
 
     def next_event(self) -> Event | None:  # type: ignore[override]
         while True:
-            event = super().next_event()  # the facade's own: TLS and negotiation events
+            # the facade's own (TLS and negotiation events): its next_event, inlined
+            event = self._events.popleft() if self._events else None
             if event is not None:
                 kind = type(event)
                 if kind is events.HandshakeCompleted:
@@ -468,9 +479,36 @@ class Qh3Connection(QuicConnection):
                 if kind is events.ConnectionTerminated:
                     return _terminated(event)  # type: ignore[arg-type]
                 continue
-            mine = self._early.popleft() if self._early else self._pull_one()
-            if mine is None:
+            if self._early:
+                return self._early.popleft()
+            core = self._core
+            if core is None:
                 return None
+            held = self._pulled - self._released - self._exempt
+            budget = self._budget
+            if not (held < self._window and (
+                budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
+            )) and not self._gate_open():  # the gate's common case first, without a call
+                return None
+            next_native = core.next_event
+            while True:
+                # what every message and datagram brings, handled here (per event):
+                # stream_finished and streams_available come twice and once per message
+                native = next_native()
+                if native is None:
+                    return None
+                kind = native[0]
+                if kind == "stream_data":
+                    sid, data, fin = native[1], native[2], native[3]
+                    self._on_pulled(sid, len(data), fin)
+                    return StreamData(sid, data, fin)
+                if kind == "datagram":
+                    return Datagram(native[1])
+                if kind == "stream_finished":
+                    self._unfinished.discard(native[1])
+                elif kind != "streams_available" and kind != "connection_credit":
+                    break
+            mine = self._translate(native)
             if mine is not _NOTHING:
                 return mine
 
@@ -490,7 +528,19 @@ class Qh3Connection(QuicConnection):
         if end_stream:
             self._unfinished.add(stream_id)  # until the core reports it acknowledged
         try:
-            self.send_stream_data(stream_id, data, end_stream)
+            core = self._core
+            if self._handshake_complete and core is not None and type(data) is bytes:
+                # the facade's send_stream_data for bytes after the handshake, without
+                # its four extra calls per message (same bookkeeping, same errors)
+                self._record_local_stream(stream_id)
+                try:
+                    core.send_stream(stream_id, data, end_stream)
+                except RuntimeError as exc:
+                    raise QuicConnectionError(
+                        QuicErrorCode.INTERNAL_ERROR, None, str(exc)
+                    ) from exc
+            else:
+                self.send_stream_data(stream_id, data, end_stream)
         except QuicConnectionError as exc:
             if self._core_closed():
                 return  # never acknowledged: its waiter fails with the close
@@ -529,11 +579,15 @@ class Qh3Connection(QuicConnection):
         return 1 << 62  # the core does not expose the peer's credit (README)
 
     def send_datagram(self, data: bytes) -> None:
+        # the facade's send_datagram_frame, without its two extra calls per datagram
+        core = self._core
+        if core is None:
+            raise AssertionError("connection has not been started")
         try:
-            self.send_datagram_frame(data)
-        except QuicConnectionError:
-            if not self._core_closed():
-                raise  # e.g. larger than the peer takes
+            core.send_datagram(data)
+        except RuntimeError as exc:
+            if not self._core_closed():  # e.g. larger than the peer takes
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
             # closing: an unreliable datagram is simply not sent
 
     def ping(self) -> None:
