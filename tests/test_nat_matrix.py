@@ -1,22 +1,24 @@
 """Every pair of peers connects: both peers behind each combination of {no NAT,
-endpoint-independent NAT (masquerade), symmetric NAT (masquerade fully-random)}, ten
-attempts each, through a rendezvous that relays. Reports per combination the path used and
-the median time from ``connect_via`` to the first message.
-
-The port-mapping row of the issue's matrix (a NAT with UPnP/PCP) is not here: port mapping
-is not built yet (README, Limits)."""
+endpoint-independent NAT (masquerade), symmetric NAT (masquerade fully-random), a NAT
+router running miniupnpd (UPnP-IGD, NAT-PMP, PCP) with ``Config(port_mapping=True)``},
+ten attempts each, through a rendezvous that relays. Reports per combination the path
+used and the median time from ``connect_via`` to the first message."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import qp2p
 from tests.netlab import Host, Lab, Lan
 from tests.test_holepunch import Rendezvous
+from tests.upnp_lab import StunServer, miniupnpd_missing, start_miniupnpd, stop_process
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 
@@ -24,7 +26,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 #: (DESIGN.md §7); the symmetric cases wait this long before the relay is asked.
 CFG = qp2p.Config(hole_punch_timeout=1.0, handshake_timeout=3.0,
                   retry=qp2p.RetryConfig(max_elapsed_time=5.0))
-KINDS = ("none", "eim", "symmetric")
+KINDS = ("none", "eim", "symmetric", "upnp")
 ATTEMPTS = 10
 #: Each combination runs once, on one implementation x engine in turn, so the nine cover
 #: all four and the test stays within CI's budget.
@@ -33,8 +35,10 @@ MATRIX = [(d, t, IMPLS[i % len(IMPLS)])
           for i, (d, t) in enumerate((d, t) for d in KINDS for t in KINDS)]
 
 
-def site(lab: Lab, public: Lan, n: int, kind: str) -> Host:
-    """A peer's host: on the public LAN itself, or behind its own NAT router."""
+def site(lab: Lab, public: Lan, n: int, kind: str, workdir: Path,
+         daemons: list[subprocess.Popen[str]]) -> Host:
+    """A peer's host: on the public LAN itself, or behind its own NAT router (for
+    "upnp" one that runs miniupnpd, whose own table drops unsolicited packets)."""
     if kind == "none":
         host = lab.host(f"c{n}")
         lab.attach(host, public, f"198.18.0.{20 + n}")
@@ -47,32 +51,57 @@ def site(lab: Lab, public: Lan, n: int, kind: str) -> Host:
     lab.attach(host, private, f"198.18.{n}.10")
     host.route("default", via=f"198.18.{n}.1")
     lab.nat(router, public, inside=f"198.18.{n}.0/24",
-            mode="masquerade" if kind == "eim" else "fully-random")
+            mode="fully-random" if kind == "symmetric" else "masquerade",
+            drop_unsolicited=kind != "upnp")
+    if kind == "upnp":
+        folder = workdir / f"r{n}"
+        folder.mkdir()
+        proc, _, _ = start_miniupnpd(router, public, private, f"198.18.{n}.0/24", folder)
+        daemons.append(proc)
     return host
 
 
-async def bind_in(host: Host) -> qp2p.Endpoint:
+async def bind_in(host: Host, kind: str) -> qp2p.Endpoint:
+    """An endpoint in ``host``; behind the UPnP router, with its port mapped first (the
+    mapper's sockets are made while this thread is in the namespace: we stay in it until
+    the mapping is there)."""
+    config = dataclasses.replace(CFG, port_mapping=kind == "upnp")
     with host.entered():
-        return await qp2p.Endpoint.bind(("0.0.0.0", 0), config=CFG)
+        ep = await qp2p.Endpoint.bind(("0.0.0.0", 0), config=config)
+        if kind == "upnp":
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while ep.public_addr is None and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            assert ep.public_addr is not None, "no port mapping from miniupnpd"
+    return ep
 
 
 @pytest.mark.parametrize(("dialler_kind", "target_kind", "impl"), MATRIX, indirect=["impl"])
 async def test_every_pair_connects(lab: Lab, impl: str, dialler_kind: str,
-                                   target_kind: str) -> None:
+                                   target_kind: str, tmp_path: Path) -> None:
+    if "upnp" in (dialler_kind, target_kind) and miniupnpd_missing():
+        pytest.skip(miniupnpd_missing())
     public = lab.lan("pub", "198.18.0.0/24")
     p = lab.host("p")
     lab.attach(p, public, "198.18.0.10")
-    c1, c2 = site(lab, public, 1, dialler_kind), site(lab, public, 2, target_kind)
-    rdv = Rendezvous(p, "198.18.0.10", relay=True)
-    target = await bind_in(c2)
-    endpoints = [target]
+    p.add_addr("198.18.0.11")
+    stun = StunServer(p, ("198.18.0.10", "198.18.0.11"))  # miniupnpd's check of its address
+    daemons: list[subprocess.Popen[str]] = []
+    endpoints: list[qp2p.Endpoint] = []
+    rdv: Rendezvous | None = None
     try:
+        c1 = site(lab, public, 1, dialler_kind, tmp_path, daemons)
+        c2 = site(lab, public, 2, target_kind, tmp_path, daemons)
+        rdv = Rendezvous(p, "198.18.0.10", relay=True)
+        target = await bind_in(c2, target_kind)
+        endpoints.append(target)
         await target.connect_to(rdv.addr)
         paths: Counter[str] = Counter()
         times = []
         loop = asyncio.get_running_loop()
         for i in range(ATTEMPTS):
-            dialler = await bind_in(c1)  # a fresh socket: fresh NAT mappings
+            dialler = await bind_in(c1, dialler_kind)  # a fresh socket: fresh NAT mappings
             endpoints.append(dialler)
             start = loop.time()
             conn = await dialler.connect_via(rdv.addr, target.peer_id)
@@ -95,6 +124,10 @@ async def test_every_pair_connects(lab: Lab, impl: str, dialler_kind: str,
         if dialler_kind == target_kind == "symmetric":
             assert paths["relayed"] == ATTEMPTS
     finally:
-        rdv.kill()
+        if rdv is not None:
+            rdv.kill()
         for ep in endpoints:
             await ep.close()
+        for proc in daemons:
+            stop_process(proc)
+        stun.close()

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.netlab import Host, Lab, NatTopology, behind_nat
+from tests.netlab import Host, Lab, Lan, NatTopology, behind_nat
 
 MINIUPNPD = "/usr/sbin/miniupnpd"
 TABLE = "qpupnp"
@@ -114,22 +114,31 @@ class UpnpRouter:
         return [line.strip() for line in out.splitlines() if "dnat" in line]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.stun.close()
 
 
 def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter:
     """Build the topology and start miniupnpd; returns once it serves (or raises)."""
     net = behind_nat(lab, drop_unsolicited=False)
-    r = net.r
-    out_if = r.iface_to(net.public).name
-    in_if = r.iface_to(net.private).name
+    stun = StunServer(net.p, ("198.18.0.10", "198.18.0.11"))
+    try:
+        proc, lease_file, log = start_miniupnpd(net.r, net.public, net.private, "198.18.1.0/24",
+                                                workdir, min_lifetime=min_lifetime)
+    except BaseException:
+        stun.close()
+        raise
+    return UpnpRouter(net, lease_file, proc, stun, log)
+
+
+def start_miniupnpd(r: Host, public: Lan, private: Lan, inside: str, workdir: Path, *,
+                    min_lifetime: int = 2) -> tuple[subprocess.Popen[str], Path, list[str]]:
+    """Run miniupnpd in router ``r``'s namespace for the hosts of ``inside`` (its LAN
+    ``private``), with the filtering described in the module docstring; a STUN server
+    must answer on 198.18.0.10/.11 (``StunServer``). Returns once it serves (or raises):
+    the process, its lease file and its log lines (still growing)."""
+    out_if = r.iface_to(public).name
+    in_if = r.iface_to(private).name
     # miniupnpd adds its rules to these chains (names are its defaults but the table)
     r.nft(
         f"table inet {TABLE} {{\n"
@@ -150,7 +159,6 @@ def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter
         "    jump postrouting_miniupnpd\n  }\n"
         "  chain prerouting_miniupnpd {\n  }\n"
         "  chain postrouting_miniupnpd {\n  }\n}\n")
-    stun = StunServer(net.p, ("198.18.0.10", "198.18.0.11"))
     lease_file = workdir / "miniupnpd.leases"
     conf = workdir / "miniupnpd.conf"
     conf.write_text(
@@ -167,17 +175,17 @@ def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter
         f"min_lifetime={min_lifetime}\nmax_lifetime=86400\n"
         "clean_ruleset_interval=0\n"
         "uuid=3f2a5e1c-0b6d-4c7e-9d1a-2b3c4d5e6f70\n"
-        "allow 1024-65535 198.18.1.0/24 1024-65535\n"
+        f"allow 1024-65535 {inside} 1024-65535\n"
         "deny 0-65535 0.0.0.0/0 0-65535\n")
     proc = r.popen(MINIUPNPD, "-f", str(conf), "-d", "-P", str(workdir / "miniupnpd.pid"),
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    router = UpnpRouter(net, lease_file, proc, stun)
+    log: list[str] = []
     ready = threading.Event()
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            router.log.append(line.rstrip())
+            log.append(line.rstrip())
             if "Port forwarding is now enabled" in line:
                 ready.set()
         ready.set()
@@ -188,7 +196,18 @@ def upnp_router(lab: Lab, workdir: Path, *, min_lifetime: int = 2) -> UpnpRouter
         if time.monotonic() > deadline:
             break
     if proc.poll() is not None or not any("Port forwarding is now enabled" in line
-                                          for line in router.log):
-        router.close()
-        raise RuntimeError("miniupnpd did not start serving:\n" + "\n".join(router.log))
-    return router
+                                          for line in log):
+        stop_process(proc)
+        raise RuntimeError("miniupnpd did not start serving:\n" + "\n".join(log))
+    return proc, lease_file, log
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """Terminate (then kill) a daemon started in a namespace."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
