@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 from . import _speedups, services, wire
 from . import engine as quic_engine
 from .config import Config
-from .connection import Connection, ControlMessage, Driver
+from .connection import Connection, ControlMessage, Driver, Port
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -472,17 +472,17 @@ class Endpoint:
         quic = self._engine.new_client(
             self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
         )
-        conn = Connection(self._driver, quic, addr, is_client=True)
-        drive = self._drives[conn] = _Drive(quic)
+        drive = self._new_drive(quic, addr, is_client=True)
+        conn = drive.conn
         drive.pooled = not private
         ready = drive.ready = self._loop.create_future()
         self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
-        self._register(conn, quic.host_cid)
+        self._register(drive, quic.host_cid)
         if first_flight is not None:
             datagrams = quic.datagrams_to_send(now)
-            conn._stats["packets_sent"] += len(datagrams)
+            drive.stats["packets_sent"] += len(datagrams)
             self._arm_timer(conn, drive, quic.get_timer())
             first_flight(conn, datagrams)
         else:
@@ -513,7 +513,7 @@ class Endpoint:
             drive.quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
-            conn._set_closed(ConnectionClosed(reason))
+            drive.port.set_closed(ConnectionClosed(reason))
             self._forget(conn)
 
     # ------------------------------------------------------------------ receive path
@@ -534,29 +534,29 @@ class Endpoint:
             # consecutive datagrams for one connection from one address enter its engine
             # in one call (qh3 takes them as a batch), then its events are handled
             run: list[bytes] = []
-            run_conn: Connection | None = None
+            run_drive: _Drive | None = None
             run_addr: SockAddr | None = None
             for data, addr in batch:
-                conn = table.lookup(data)
-                if conn is None:
+                drive = table.lookup(data)
+                if drive is None:
                     try:
                         self._on_unknown(data, addr, now)
                     except Exception:  # a bug for one datagram must not stop the endpoint
                         _peer_log.exception("new-datagram-error",
                                             "error handling a new datagram from %s", addr)
                     continue
-                stats = conn._stats
+                stats = drive.stats
                 stats["packets_received"] += 1
                 stats["bytes_received"] += len(data)
-                if conn is run_conn and addr == run_addr:
+                if drive is run_drive and addr == run_addr:
                     run.append(data)
                     continue
-                if run_conn is not None:
-                    self._feed(run_conn, run, run_addr, now)
-                run, run_conn, run_addr = [data], conn, addr
-                dirty[conn] = None
-            if run_conn is not None:
-                self._feed(run_conn, run, run_addr, now)
+                if run_drive is not None:
+                    self._feed(run_drive, run, run_addr, now)
+                run, run_drive, run_addr = [data], drive, addr
+                dirty[drive.conn] = None
+            if run_drive is not None:
+                self._feed(run_drive, run, run_addr, now)
             received += len(batch)
             if len(batch) < RECV_BATCH:
                 break
@@ -568,10 +568,10 @@ class Endpoint:
                 self._after_events(conn, drive)
         self._flush()
 
-    def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
-        """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
-        drive = self._drives.get(conn)
-        if drive is None or drive.terminated:
+    def _feed(self, drive: _Drive, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Give ``datagrams`` (all from ``addr``) to a connection's engine; handle its
+        events."""
+        if drive.terminated:
             return
         quic = drive.quic
         try:
@@ -579,7 +579,7 @@ class Endpoint:
                 quic.receive_datagram(datagrams[0], addr, now)
             else:
                 quic.receive_datagrams(datagrams, addr, now)
-            self._drain_events(conn, quic)
+            self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 
@@ -588,43 +588,43 @@ class Endpoint:
         acknowledged sends, an engine that started closing."""
         if drive.handshake_done and not drive.established:
             self._maybe_established(conn)
-        conn._check_receive_stall()
-        conn._check_acks()
+        drive.port.after_events()
         self._check_engine_closed(conn)
 
     def _drain_held_events(self, conn: Connection, drive: _Drive) -> None:
         """Events the engine held back while receive memory was full (qh3): pull them
         now that the application released some."""
         try:
-            self._drain_events(conn, drive.quic)
+            self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             logger.exception("error handling events from %s", conn.remote_addr)
         if not drive.terminated:
             self._after_events(conn, drive)
 
-    def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
-        """Handle every event ``conn``'s engine has ready, in order."""
+    def _drain_events(self, drive: _Drive) -> None:
+        """Handle every event a connection's engine has ready, in order."""
+        quic = drive.quic
         event = quic.next_event()
         while event is not None:
-            self._on_event(conn, event)
+            self._on_event(drive, event)
             event = quic.next_event()
 
-    def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
+    def _on_event(self, drive: _Drive, event: quic_engine.Event) -> None:
         kind = type(event)
         if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
-            conn._handle_event(event)
+            drive.port.handle_event(event)
         elif kind is quic_engine.CidIssued:
-            self._register(conn, event.connection_id)  # type: ignore[attr-defined]
+            self._register(drive, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
-            self._drives[conn].cids.discard(cid)
+            drive.cids.discard(cid)
             self._table.remove(cid)
         elif kind is quic_engine.HandshakeDone:
-            self._on_handshake(conn)
+            self._on_handshake(drive.conn)
         elif kind is quic_engine.Terminated:
-            self._on_terminated(conn, event)  # type: ignore[arg-type]
+            self._on_terminated(drive.conn, event)  # type: ignore[arg-type]
         else:
-            conn._handle_event(event)
+            drive.port.handle_event(event)
 
     def _on_unknown(self, data: bytes, addr: SockAddr, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped.
@@ -699,10 +699,10 @@ class Endpoint:
             self._server_config, self.config, self.trust, original_dcid, retry_scid,
             self.rendezvous,
         )
-        conn = Connection(self._driver, quic, addr, is_client=False)
-        drive = self._drives[conn] = _Drive(quic)
-        self._register(conn, header.dcid)
-        self._register(conn, quic.host_cid)
+        drive = self._new_drive(quic, addr, is_client=False)
+        conn = drive.conn
+        self._register(drive, header.dcid)
+        self._register(drive, quic.host_cid)
         try:
             quic.receive_datagram(data, addr, now)
             accepted = quic.accepted_any_packet()
@@ -724,9 +724,9 @@ class Endpoint:
         drive.handshake_deadline = self._loop.call_later(
             self.config.handshake_timeout, self._handshake_expired, conn
         )
-        conn._stats["packets_received"] += 1
-        conn._stats["bytes_received"] += len(data)
-        self._drain_events(conn, quic)
+        drive.stats["packets_received"] += 1
+        drive.stats["bytes_received"] += len(data)
+        self._drain_events(drive)
         self._dirty[conn] = None
 
     def _unproven_recently(self, now: float) -> int:
@@ -811,7 +811,7 @@ class Endpoint:
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
         drive.established = True
-        conn._on_established(peer_id)
+        drive.port.established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
         if drive.pooled:
@@ -869,17 +869,26 @@ class Endpoint:
             ready.exception()  # retrieved here so an abandoned dial logs nothing
         elif auth_error is not None:
             logger.debug("rejected peer at %s: %s", conn.remote_addr, auth_error)
-        conn._set_closed(ConnectionClosed(reason or "connection lost", code))
+        drive.port.set_closed(ConnectionClosed(reason or "connection lost", code))
 
-    def _on_connection_closed(self, conn: Connection) -> None:
-        if not conn._inbox and conn in self._accept_queue:  # nothing left to hand over
+    def _on_connection_closed(self, conn: Connection, unread: bool) -> None:
+        if not unread and conn in self._accept_queue:  # nothing left to hand over
             self._accept_queue.remove(conn)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
 
-    def _register(self, conn: Connection, cid: bytes) -> None:
-        self._drives[conn].cids.add(cid)
-        self._table.add(cid, conn)
+    def _new_drive(
+        self, quic: quic_engine.EngineConnection, addr: SockAddr, *, is_client: bool
+    ) -> _Drive:
+        """A new connection over ``quic`` and the record we drive it with."""
+        drive = _Drive(quic)
+        Connection(self._driver, quic, addr, is_client=is_client, attach=drive.attach)
+        self._drives[drive.conn] = drive
+        return drive
+
+    def _register(self, drive: _Drive, cid: bytes) -> None:
+        drive.cids.add(cid)
+        self._table.add(cid, drive)
 
     def _end_half_open(self, conn: Connection) -> None:
         if conn in self._half_open:
@@ -897,13 +906,14 @@ class Endpoint:
             return
         self._end_half_open(conn)
         del self._drives[conn]
+        drive.terminated = True  # nothing more to feed it or send for it
         for gone in self._gone_callbacks:
             gone(conn)
         if drive.budgeted:
             drive.budgeted = False
             self._budget.starved.pop(conn, None)
             # unread messages stay charged until the application reads them
-            kept = conn._keep_inbox_charged()
+            kept = drive.port.forgotten()
             self._release_budget(drive.quic.reservation() - kept)  # may wake starved ones
             drive.quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
         if not conn.dialled and conn in self._live:
@@ -962,12 +972,11 @@ class Endpoint:
                 self._drain_held_events(conn, drive)
                 if drive.terminated:
                     continue
-            if conn._receipts:
-                conn._flush_receipts()
+            drive.port.before_send()
             datagrams = quic.datagrams_to_send(now)
             if datagrams:
                 out.extend(datagrams)
-                stats = conn._stats
+                stats = drive.stats
                 stats["packets_sent"] += len(datagrams)
                 stats["bytes_sent"] += sum(len(d) for d, _ in datagrams)
             self._arm_timer(conn, drive, quic.get_timer())
@@ -1047,7 +1056,7 @@ class Endpoint:
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
         quic.handle_timer(now)
-        self._drain_events(conn, quic)
+        self._drain_events(drive)
         if not drive.terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
@@ -1061,12 +1070,11 @@ class Endpoint:
             return
         quic = drive.quic
         now = _now()
-        if conn._receipts:
-            conn._flush_receipts()  # the peer's sends that reached us complete
+        drive.port.before_send()  # receipts owed: the peer's sends that reached us complete
         quic.ack_now(now)
         self._backlog.extend(quic.datagrams_to_send(now))
         quic.shutdown(wire.CLOSE_NORMAL, reason)
-        conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
+        drive.port.set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 
     def _close_and_flush(self, conn: Connection, reason: str, local_reason: str) -> None:
@@ -1106,8 +1114,13 @@ class _Drive:
     """What the endpoint keeps to drive one connection (nobody else reads it): its
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
-    __slots__ = ("budgeted", "cids", "established", "handshake_deadline", "handshake_done",
-                 "pooled", "quic", "ready", "terminated", "timer", "timer_at")
+    __slots__ = ("budgeted", "cids", "conn", "established", "handshake_deadline",
+                 "handshake_done", "pooled", "port", "quic", "ready", "stats", "terminated",
+                 "timer", "timer_at")
+
+    conn: Connection
+    port: Port  # what we may do to the connection beyond its public API
+    stats: dict[str, int]  # its counters (port.stats): we count the packets
 
     def __init__(self, quic: quic_engine.EngineConnection) -> None:
         self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
@@ -1121,6 +1134,12 @@ class _Drive:
         self.pooled = True  # False for private probes and race dials until adopted
         self.budgeted = False  # the receive budget counts its engine's reservation
         self.terminated = False  # the engine is done: nothing more to feed or send
+
+    def attach(self, conn: Connection, port: Port) -> None:
+        """Called by the new connection with its port."""
+        self.conn = conn
+        self.port = port
+        self.stats = port.stats
 
 
 class _Host:
