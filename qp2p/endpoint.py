@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import functools
 import ipaddress
 import itertools
@@ -509,11 +510,11 @@ class Endpoint:
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
         drive = self._drives.get(conn)
-        if drive is not None and not drive.terminated:
+        if drive is not None and drive.phase is not _TERMINATED:
             drive.quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
-            drive.port.set_closed(ConnectionClosed(reason))
+            self._set_closed(drive, ConnectionClosed(reason))
             self._forget(conn)
 
     # ------------------------------------------------------------------ receive path
@@ -564,14 +565,14 @@ class Endpoint:
         drives = self._drives
         for conn in list(dirty):
             drive = drives.get(conn)
-            if drive is not None and not drive.terminated:
+            if drive is not None and drive.phase is not _TERMINATED:
                 self._after_events(conn, drive)
         self._flush()
 
     def _feed(self, drive: _Drive, datagrams: list[bytes], addr: Any, now: float) -> None:
         """Give ``datagrams`` (all from ``addr``) to a connection's engine; handle its
         events."""
-        if drive.terminated:
+        if drive.phase is _TERMINATED:
             return
         quic = drive.quic
         try:
@@ -586,7 +587,7 @@ class Endpoint:
     def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
         acknowledged sends, an engine that started closing."""
-        if drive.handshake_done and not drive.established:
+        if drive.phase is Phase.CONFIRMING:
             self._maybe_established(conn)
         drive.port.after_events()
         self._check_engine_closed(conn)
@@ -598,7 +599,7 @@ class Endpoint:
             self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             logger.exception("error handling events from %s", conn.remote_addr)
-        if not drive.terminated:
+        if drive.phase is not _TERMINATED:
             self._after_events(conn, drive)
 
     def _drain_events(self, drive: _Drive) -> None:
@@ -794,8 +795,8 @@ class Endpoint:
             self._loop.call_soon_threadsafe(self._release_budget, 0)
 
     def _on_handshake(self, conn: Connection) -> None:
-        self._drives[conn].handshake_done = True
-        self._maybe_established(conn)
+        if self._drives[conn].advance(Phase.CONFIRMING):
+            self._maybe_established(conn)
 
     def _maybe_established(self, conn: Connection) -> None:
         """Hand the connection to the user once both sides accepted each other: for a
@@ -810,7 +811,7 @@ class Endpoint:
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
-        drive.established = True
+        drive.advance(Phase.ESTABLISHED)
         drive.port.established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
@@ -832,7 +833,7 @@ class Endpoint:
             self._fail(conn, quic.close_event())
 
     def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
-        self._drives[conn].terminated = True
+        self._drives[conn].advance(_TERMINATED)
         self._fail(conn, event)
         self._forget(conn)
 
@@ -869,7 +870,12 @@ class Endpoint:
             ready.exception()  # retrieved here so an abandoned dial logs nothing
         elif auth_error is not None:
             logger.debug("rejected peer at %s: %s", conn.remote_addr, auth_error)
-        drive.port.set_closed(ConnectionClosed(reason or "connection lost", code))
+        self._set_closed(drive, ConnectionClosed(reason or "connection lost", code))
+
+    def _set_closed(self, drive: _Drive, exc: ConnectionClosed) -> None:
+        """The connection is closed (by us, the peer, or lost): what waits on it fails."""
+        drive.advance(Phase.CLOSED)
+        drive.port.set_closed(exc)
 
     def _on_connection_closed(self, conn: Connection, unread: bool) -> None:
         if not unread and conn in self._accept_queue:  # nothing left to hand over
@@ -906,7 +912,7 @@ class Endpoint:
             return
         self._end_half_open(conn)
         del self._drives[conn]
-        drive.terminated = True  # nothing more to feed it or send for it
+        drive.advance(_TERMINATED)  # nothing more to feed it or send for it
         for gone in self._gone_callbacks:
             gone(conn)
         if drive.budgeted:
@@ -965,12 +971,12 @@ class Endpoint:
         drives = self._drives
         for conn in dirty:
             drive = drives.get(conn)
-            if drive is None or drive.terminated:
+            if drive is None or drive.phase is _TERMINATED:
                 continue
             quic = drive.quic
             if quic.has_pending_events():
                 self._drain_held_events(conn, drive)
-                if drive.terminated:
+                if drive.phase is _TERMINATED:
                     continue
             drive.port.before_send()
             datagrams = quic.datagrams_to_send(now)
@@ -1049,7 +1055,7 @@ class Endpoint:
         deadline = drive.timer_at
         drive.timer = None
         drive.timer_at = None
-        if drive.terminated:
+        if drive.phase is _TERMINATED:
             return
         quic = drive.quic
         now = _now()
@@ -1057,7 +1063,7 @@ class Endpoint:
             now = deadline
         quic.handle_timer(now)
         self._drain_events(drive)
-        if not drive.terminated:
+        if drive.phase is not _TERMINATED:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
 
@@ -1074,7 +1080,7 @@ class Endpoint:
         quic.ack_now(now)
         self._backlog.extend(quic.datagrams_to_send(now))
         quic.shutdown(wire.CLOSE_NORMAL, reason)
-        drive.port.set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
+        self._set_closed(drive, ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 
     def _close_and_flush(self, conn: Connection, reason: str, local_reason: str) -> None:
@@ -1100,7 +1106,7 @@ class Endpoint:
         while self._backlog and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
         for conn in list(self._live):
-            self._drives[conn].terminated = True
+            self._drives[conn].advance(_TERMINATED)
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         if self._writer_armed:
@@ -1110,13 +1116,27 @@ class Endpoint:
         logger.debug("endpoint %s closed", self.local_addr)
 
 
+class Phase(enum.IntEnum):
+    """A connection's life as its endpoint drives it, in order; it only moves forward
+    (:meth:`_Drive.advance`), possibly skipping phases (a dial that fails goes straight
+    from ``HANDSHAKING`` to ``CLOSED``)."""
+
+    HANDSHAKING = 0  # the engine exists; TLS under way
+    CONFIRMING = 1  # TLS done; a dialler waits for the acceptor's HANDSHAKE_DONE
+    ESTABLISHED = 2  # both sides accepted each other: handed to the user
+    CLOSED = 3  # closed by either side or lost (the engine may still drain)
+    TERMINATED = 4  # the engine is done, or the endpoint forgot it: nothing to feed or send
+
+
+_TERMINATED = Phase.TERMINATED  # the hot paths' test, one global lookup
+
+
 class _Drive:
     """What the endpoint keeps to drive one connection (nobody else reads it): its
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
-    __slots__ = ("budgeted", "cids", "conn", "established", "handshake_deadline",
-                 "handshake_done", "pooled", "port", "quic", "ready", "stats", "terminated",
-                 "timer", "timer_at")
+    __slots__ = ("budgeted", "cids", "conn", "handshake_deadline", "phase", "pooled", "port",
+                 "quic", "ready", "stats", "timer", "timer_at")
 
     conn: Connection
     port: Port  # what we may do to the connection beyond its public API
@@ -1129,11 +1149,17 @@ class _Drive:
         self.timer_at: float | None = None  # the engine deadline the timer is armed for
         self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
         self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
-        self.handshake_done = False  # TLS done; a dialler still waits for confirmation
-        self.established = False  # handed to the user (or its dialler)
+        self.phase = Phase.HANDSHAKING
         self.pooled = True  # False for private probes and race dials until adopted
         self.budgeted = False  # the receive budget counts its engine's reservation
-        self.terminated = False  # the engine is done: nothing more to feed or send
+
+    def advance(self, phase: Phase) -> bool:
+        """The one transition: move forward to ``phase`` (never back); returns whether the
+        phase changed (False when it was there or past it already)."""
+        if phase <= self.phase:
+            return False
+        self.phase = phase
+        return True
 
     def attach(self, conn: Connection, port: Port) -> None:
         """Called by the new connection with its port."""
