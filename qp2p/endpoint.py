@@ -15,7 +15,6 @@ import contextlib
 import enum
 import functools
 import ipaddress
-import itertools
 import logging
 import socket
 import time
@@ -220,7 +219,7 @@ class Endpoint:
             config=config, loop=self._loop, fp=self._fp, budget=self._budget,
             local_addr=self.local_addr, mark_dirty=self._mark_dirty,
             release_budget=self._release_budget, release_credit=self._release_credit,
-            charge_budget=self._charge_budget,
+            charge_budget=self._budget.charge,
             release_budget_soon=self._release_budget_soon, close=self._close_and_flush,
             closed=self._on_connection_closed, control=self._on_control,
         )
@@ -325,28 +324,15 @@ class Endpoint:
         conn = self._pool.get(target, expect_peer_id)
         if conn is not None:
             return conn
-        key = (target, expect_peer_id)
-        pending = self._pool.pending.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(
-                retry_dial(
-                    lambda timeout: self._dial(target, expect_peer_id, timeout),
-                    self.config.retry,
-                    self.config.handshake_timeout,
-                    wire.addr_text(target),
-                )
-            )
-            self._pool.pending[key] = pending
-            pending.add_done_callback(lambda f: self._pool.dial_done(key, f))
-        waiting = self._pool.waiting
-        waiting[key] = waiting.get(key, 0) + 1
-        try:
-            return await asyncio.shield(pending)
-        finally:
-            if not pending.done():
-                waiting[key] -= 1
-                if waiting[key] == 0:
-                    pending.cancel()  # nobody waits for this dial any more: stop dialling
+        return await self._pool.share(
+            (target, expect_peer_id),
+            lambda: retry_dial(
+                lambda timeout: self._dial(target, expect_peer_id, timeout),
+                self.config.retry,
+                self.config.handshake_timeout,
+                wire.addr_text(target),
+            ),
+        )
 
     async def connect_to_any(self, addrs: Iterable[wire.Address | str]) -> Connection:
         """Dial all of ``addrs`` at once; keep the first connection that completes and
@@ -761,15 +747,11 @@ class Endpoint:
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
         budget.release(nbytes)
-        # connections waiting for credit may get some now: wake a few, oldest first, once
-        # there is enough to be worth a packet (not the whole herd on every read)
-        starved = budget.starved
-        if starved and budget.limit - budget.reserved >= WAKE_STARVED_BYTES:
-            for conn in list(itertools.islice(starved, WAKE_STARVED_AT_ONCE)):
-                del starved[conn]
-                drive = self._drives.get(conn)
-                if drive is not None and drive.budgeted:
-                    self._mark_dirty(conn)
+        # connections waiting for credit may get some now: a few at a time
+        for conn in budget.wake(WAKE_STARVED_BYTES, WAKE_STARVED_AT_ONCE):
+            drive = self._drives.get(conn)
+            if drive is not None and drive.budgeted:
+                self._mark_dirty(conn)
 
     def _release_credit(self, conn: Connection, nbytes: int) -> None:
         """``conn`` no longer holds ``nbytes`` of stream data: back to the budget, while
@@ -777,15 +759,6 @@ class Endpoint:
         drive = self._drives.get(conn)
         if drive is not None and drive.budgeted:
             self._release_budget(nbytes)
-
-    def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
-        """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
-        cost of open streams) to the receive budget, if it has room (or ``force``)."""
-        budget = self._budget
-        if not force and budget.reserved + nbytes > budget.limit:
-            return False
-        budget.reserved += nbytes
-        return True
 
     def _release_budget_soon(self, nbytes: int) -> None:
         """``_release_budget`` from a finalizer (which may run in any thread, or after the
