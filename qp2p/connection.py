@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
@@ -30,7 +30,7 @@ from .signal import Signal
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["Connection", "ConnectionStats", "ControlMessage", "Driver", "Message"]
+__all__ = ["Connection", "ConnectionStats", "ControlMessage", "Driver", "Message", "Port"]
 
 logger = logging.getLogger("qp2p.connection")
 _peer_log = RateLimitedLog(logger)  # lines a peer can trigger: one per cause per interval
@@ -114,7 +114,8 @@ class Message:
     answer it (once) with :meth:`reply`.
     """
 
-    __slots__ = ("_replied", "_stream_id", "connection", "dst", "header", "is_request", "payload")
+    __slots__ = ("_replied", "_replier", "_stream_id", "connection", "dst", "header",
+                 "is_request", "payload")
 
     def __init__(
         self,
@@ -123,8 +124,12 @@ class Message:
         dst: bytes,
         payload: bytes,
         stream_id: int | None = None,
+        replier: Callable[[int, bytes, bytes, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.connection = connection
+        # the connection's _reply_message for a request: checks the reply at once, then
+        # returns what completes once it is acknowledged
+        self._replier = replier
         self.header = header
         self.dst = dst
         self.payload = payload
@@ -139,13 +144,13 @@ class Message:
         request (its ``request()`` timed out or was cancelled: it then stops the stream),
         so a reply nobody will read is not reported as sent. Only a reply already on
         the wire when the asker gives up can still be acknowledged and then dropped."""
-        if self._stream_id is None:
+        if self._stream_id is None or self._replier is None:
             raise ValueError("only a request (a message from request()) can be replied to")
         if self._replied:
             raise ValueError("this request was already replied to")
-        frame = self.connection._frame(payload, header, dst, wire.KIND_USER)  # may raise
+        sent = self._replier(self._stream_id, payload, header, dst)  # may raise
         self._replied = True
-        await self.connection._reply_frame(self._stream_id, frame)
+        await sent
 
     def __repr__(self) -> str:
         kind = "request" if self.is_request else "message"
@@ -184,6 +189,7 @@ class Connection:
         remote_addr: wire.SockAddr,
         *,
         is_client: bool,
+        attach: Callable[[Connection, Port], None],
     ) -> None:
         self._driver = driver
         self._config = config = driver.config
@@ -260,6 +266,12 @@ class Connection:
             ),
             0,
         )
+        # what the endpoint driving us may do beyond the public API
+        attach(self, Port(
+            stats=self._stats, handle_event=self._handle_event, after_events=self._after_events,
+            established=self._on_established, set_closed=self._set_closed,
+            before_send=self._before_send, forgotten=self._keep_inbox_charged,
+        ))
 
     # ------------------------------------------------------------------ public API
 
@@ -335,7 +347,10 @@ class Connection:
             self._driver.release_budget(size)
         else:
             self._release(size)
-        return Message(self, header, dst, payload, sid)
+        # a bound method for requests only: kept on the connection it would be a cycle,
+        # and a dropped connection must be freed at once (its __del__ returns budget)
+        return Message(self, header, dst, payload, sid,
+                       None if sid is None else self._reply_message)
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter_messages()
@@ -517,6 +532,13 @@ class Connection:
         except (asyncio.CancelledError, asyncio.TimeoutError):
             self._cancel_send(pending)
             raise
+
+    def _reply_message(
+        self, stream_id: int, payload: bytes, header: bytes, dst: bytes
+    ) -> Awaitable[None]:
+        """A reply to the request on ``stream_id``: checked now (raising before anything
+        is sent), sent by awaiting the result."""
+        return self._reply_frame(stream_id, self._frame(payload, header, dst, wire.KIND_USER))
 
     async def _reply_frame(self, stream_id: int, frame: bytes) -> None:
         self._raise_if_closed()
@@ -783,6 +805,16 @@ class Connection:
             quic.send_stream(quic.open_stream(True), frame, True)
 
     # ------------------------------------------------------------------ events
+
+    def _after_events(self) -> None:
+        """A burst of events ended: shed a stalled stream, complete acknowledged sends."""
+        self._check_receive_stall()
+        self._check_acks()
+
+    def _before_send(self) -> None:
+        """The endpoint is about to collect our datagrams: write the receipts owed."""
+        if self._receipts:
+            self._flush_receipts()
 
     def _handle_event(self, event: engine.Event) -> None:
         """Dispatch one engine event (called by the endpoint, on the loop)."""
@@ -1062,7 +1094,7 @@ class Connection:
             self._assemblers.clear()
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
-        self._driver.closed(self)
+        self._driver.closed(self, bool(self._inbox))
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
@@ -1103,9 +1135,32 @@ class Driver:
     release_budget_soon: Callable[[int], None]
     #: close gracefully (``reason`` for the peer, the other for our ConnectionClosed)
     close: Callable[[Connection, str, str], None]
-    #: the connection just became closed (any cause): drop it from pool and queues
-    closed: Callable[[Connection], None]
+    #: the connection just became closed (any cause), with messages unread or not: drop it
+    #: from the pool and queues
+    closed: Callable[[Connection, bool], None]
     #: a control frame from the peer (not a reply): route it to its service by kind
     control: Callable[[Connection, ControlMessage], None]
     #: ``Connection.path``: "direct", or "relayed" while its packets go through a relay
     path: Callable[[Connection], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """What the endpoint driving a connection may do to it beyond its public API: handed
+    to the endpoint when the connection is made (``Connection(attach=...)``), so the
+    seam between the two is this list, not the connection's attributes."""
+
+    #: the connection's counters; the endpoint counts the packets and bytes it moves
+    stats: dict[str, int]
+    #: a stream, datagram, stop-sending or reset event of the connection's engine
+    handle_event: Callable[[engine.Event], None]
+    #: a burst of events ended: shed a stalled stream, complete acknowledged sends
+    after_events: Callable[[], None]
+    #: both sides accepted each other (with the peer's id): hand it to the user
+    established: Callable[[PeerId | None], None]
+    #: the connection is closed: fail what waits, keep what arrived
+    set_closed: Callable[[ConnectionClosed], None]
+    #: the endpoint is about to collect the engine's datagrams
+    before_send: Callable[[], None]
+    #: the endpoint stops driving it: returns the unread bytes that stay charged
+    forgotten: Callable[[], int]

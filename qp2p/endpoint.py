@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import functools
 import ipaddress
-import itertools
 import logging
 import socket
 import sys
@@ -27,7 +27,7 @@ from . import _speedups, services, wire
 from . import engine as quic_engine
 from . import relay as relay_mod
 from .config import Config
-from .connection import Connection, ControlMessage, Driver
+from .connection import Connection, ControlMessage, Driver, Port
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -236,7 +236,7 @@ class Endpoint:
             config=config, loop=self._loop, fp=self._fp, budget=self._budget,
             local_addr=self.local_addr, mark_dirty=self._mark_dirty,
             release_budget=self._release_budget, release_credit=self._release_credit,
-            charge_budget=self._charge_budget,
+            charge_budget=self._budget.charge,
             release_budget_soon=self._release_budget_soon, close=self._close_and_flush,
             closed=self._on_connection_closed, control=self._on_control,
             path=self._path_name,
@@ -355,28 +355,15 @@ class Endpoint:
         conn = self._pool.get(target, expect_peer_id)
         if conn is not None:
             return conn
-        key = (target, expect_peer_id)
-        pending = self._pool.pending.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(
-                retry_dial(
-                    lambda timeout: self._dial(target, expect_peer_id, timeout),
-                    self.config.retry,
-                    self.config.handshake_timeout,
-                    wire.addr_text(target),
-                )
-            )
-            self._pool.pending[key] = pending
-            pending.add_done_callback(lambda f: self._pool.dial_done(key, f))
-        waiting = self._pool.waiting
-        waiting[key] = waiting.get(key, 0) + 1
-        try:
-            return await asyncio.shield(pending)
-        finally:
-            if not pending.done():
-                waiting[key] -= 1
-                if waiting[key] == 0:
-                    pending.cancel()  # nobody waits for this dial any more: stop dialling
+        return await self._pool.share(
+            (target, expect_peer_id),
+            lambda: retry_dial(
+                lambda timeout: self._dial(target, expect_peer_id, timeout),
+                self.config.retry,
+                self.config.handshake_timeout,
+                wire.addr_text(target),
+            ),
+        )
 
     async def connect_to_any(self, addrs: Iterable[wire.Address | str]) -> Connection:
         """Dial all of ``addrs`` at once; keep the first connection that completes and
@@ -534,17 +521,17 @@ class Endpoint:
         quic = self._engine.new_client(
             self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
         )
-        conn = Connection(self._driver, quic, addr, is_client=True)
-        drive = self._drives[conn] = _Drive(quic)
+        drive = self._new_drive(quic, addr, is_client=True)
+        conn = drive.conn
         drive.pooled = not private
         ready = drive.ready = self._loop.create_future()
         self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
-        self._register(conn, quic.host_cid)
+        self._register(drive, quic.host_cid)
         if first_flight is not None:
             datagrams = quic.datagrams_to_send(now)
-            conn._stats["packets_sent"] += len(datagrams)
+            drive.stats["packets_sent"] += len(datagrams)
             self._arm_timer(conn, drive, quic.get_timer())
             first_flight(conn, datagrams)
         else:
@@ -571,11 +558,11 @@ class Endpoint:
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
         drive = self._drives.get(conn)
-        if drive is not None and not drive.terminated:
+        if drive is not None and drive.phase is not _TERMINATED:
             drive.quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
-            conn._set_closed(ConnectionClosed(reason))
+            self._set_closed(drive, ConnectionClosed(reason))
             self._forget(conn)
 
     # ------------------------------------------------------------------ receive path
@@ -591,7 +578,6 @@ class Endpoint:
         table = self._table
         sock = self._sock
         queue = self._rx_queue
-        drives = self._drives
         urgent: list[tuple[bytes, SockAddr]] = []
         while len(queue) < RX_QUEUE_MAX:
             try:
@@ -600,9 +586,8 @@ class Endpoint:
                 logger.debug("recv failed: %r", exc)
                 break
             for item in batch:
-                conn = table.lookup(item[0])
-                drive = drives.get(conn) if conn is not None else None
-                if drive is None or not drive.established:
+                drive = table.lookup(item[0])
+                if drive is None or drive.phase is not _ESTABLISHED_PHASE:
                     urgent.append(item)  # all of a connection's packets take one lane
                 else:
                     queue.append(item)
@@ -633,11 +618,11 @@ class Endpoint:
         # consecutive datagrams for one connection from one address enter its engine
         # in one call (qh3 takes them as a batch), then its events are handled
         run: list[bytes] = []
-        run_conn: Connection | None = None
+        run_drive: _Drive | None = None
         run_addr: SockAddr | None = None
         for data, addr in batch:
-            conn = table.lookup(data)
-            if conn is None:
+            drive = table.lookup(data)
+            if drive is None:
                 try:
                     if not relay_mod.is_wrapped(data):
                         self._on_unknown(data, addr, now)
@@ -649,32 +634,32 @@ class Endpoint:
                     continue
                 if relayed is None:
                     continue
-                data, addr, conn = relayed  # over a relayed path: as any other
-            stats = conn._stats
+                data, addr, drive = relayed  # over a relayed path: as any other
+            stats = drive.stats
             stats["packets_received"] += 1
             stats["bytes_received"] += len(data)
-            if conn is run_conn and addr == run_addr:
+            if drive is run_drive and addr == run_addr:
                 run.append(data)
                 continue
-            if run_conn is not None:
-                self._feed(run_conn, run, run_addr, now)
-            run, run_conn, run_addr = [data], conn, addr
-            dirty[conn] = None
-        if run_conn is not None:
-            self._feed(run_conn, run, run_addr, now)
+            if run_drive is not None:
+                self._feed(run_drive, run, run_addr, now)
+            run, run_drive, run_addr = [data], drive, addr
+            dirty[drive.conn] = None
+        if run_drive is not None:
+            self._feed(run_drive, run, run_addr, now)
         self.stats_counters["datagrams_received"] += len(batch)
         drives = self._drives
         for conn in list(dirty):
             drive = drives.get(conn)
-            if drive is not None and not drive.terminated:
+            if drive is not None and drive.phase is not _TERMINATED:
                 self._after_events(conn, drive)
         self._flush()
 
     def _on_wrapped(self, data: bytes, addr: SockAddr,
-                    now: float) -> tuple[bytes, SockAddr, Connection] | None:
+                    now: float) -> tuple[bytes, SockAddr, _Drive] | None:
         """A relay-wrapped datagram: forward it (we relay its session), or take the QUIC
         datagram inside when it came over one of our relayed paths: returned with the
-        path's placeholder address and its connection, for the receive loop to handle as
+        path's placeholder address and its connection's record, for the receive loop to handle as
         any other (None when handled here: forwarded, a new handshake, or dropped)."""
         relays = self._relays
         if relay_mod.forward(relays, data, addr, now):
@@ -684,23 +669,23 @@ class Endpoint:
         if placeholder is None:
             self.stats_counters["dropped_unknown"] += 1
             return None
-        conn = self._table.lookup(inner)
-        if conn is None:
+        drive = self._table.lookup(inner)
+        if drive is None:
             self._on_unknown(inner, placeholder, now)
             return None
-        return inner, placeholder, conn
+        return inner, placeholder, drive
 
     def _path_name(self, conn: Connection) -> str:
         """``conn.path``: ``"relayed"`` while its packets go through a relay."""
         return self._relays.path_name(conn.remote_addr)
 
-    def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
-        """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
-        drive = self._drives.get(conn)
-        if drive is None or drive.terminated:
+    def _feed(self, drive: _Drive, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Give ``datagrams`` (all from ``addr``) to a connection's engine; handle its
+        events."""
+        if drive.phase is _TERMINATED:
             return
         if self._relays.paths:  # a relayed path's engine keeps its placeholder address,
-            placeholder = self._relays.placeholder(conn.remote_addr)  # whichever way
+            placeholder = self._relays.placeholder(drive.conn.remote_addr)  # whichever way
             if placeholder is not None:  # the packets came (relay, or direct after a move)
                 addr = placeholder
         quic = drive.quic
@@ -709,33 +694,32 @@ class Endpoint:
                 quic.receive_datagram(datagrams[0], addr, now)
             else:
                 quic.receive_datagrams(datagrams, addr, now)
-            self._drain_events(conn, quic)
+            self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
-            self._engine_failed(conn, "handling its datagrams")
+            self._engine_failed(drive.conn, "handling its datagrams")
 
     def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
         acknowledged sends, an engine that started closing."""
-        if drive.handshake_done and not drive.established:
+        if drive.phase is Phase.CONFIRMING:
             self._maybe_established(conn)
-        conn._check_receive_stall()
-        conn._check_acks()
+        drive.port.after_events()
         self._check_engine_closed(conn)
 
     def _drain_held_events(self, conn: Connection, drive: _Drive) -> None:
         """Events the engine held back while receive memory was full (qh3): pull them
         now that the application released some."""
         try:
-            self._drain_events(conn, drive.quic)
+            self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             self._engine_failed(conn, "handling its held events")
-        if not drive.terminated:
+        if drive.phase is not _TERMINATED:
             self._after_events(conn, drive)
 
-    def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
-        """Handle every event ``conn``'s engine has ready, in order."""
-        next_event = quic.next_event
-        handle = conn._handle_event
+    def _drain_events(self, drive: _Drive) -> None:
+        """Handle every event a connection's engine has ready, in order."""
+        next_event = drive.quic.next_event
+        handle = drive.port.handle_event
         event = next_event()
         while event is not None:
             kind = type(event)
@@ -743,23 +727,25 @@ class Endpoint:
             if kind is _STREAM_DATA or kind is _DATAGRAM:
                 handle(event)
             else:
-                self._on_event(conn, event)
+                self._on_event(drive, event)
             event = next_event()
 
-    def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
+    def _on_event(self, drive: _Drive, event: quic_engine.Event) -> None:
         kind = type(event)
-        if kind is quic_engine.CidIssued:
-            self._register(conn, event.connection_id)  # type: ignore[attr-defined]
+        if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
+            drive.port.handle_event(event)
+        elif kind is quic_engine.CidIssued:
+            self._register(drive, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
-            self._drives[conn].cids.discard(cid)
+            drive.cids.discard(cid)
             self._table.remove(cid)
         elif kind is quic_engine.HandshakeDone:
-            self._on_handshake(conn)
+            self._on_handshake(drive.conn)
         elif kind is quic_engine.Terminated:
-            self._on_terminated(conn, event)  # type: ignore[arg-type]
+            self._on_terminated(drive.conn, event)  # type: ignore[arg-type]
         else:
-            conn._handle_event(event)
+            drive.port.handle_event(event)
 
     def _on_unknown(self, data: bytes, addr: SockAddr, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped.
@@ -840,10 +826,10 @@ class Endpoint:
             self._server_config, self.config, self.trust, original_dcid, retry_scid,
             self.rendezvous,
         )
-        conn = Connection(self._driver, quic, addr, is_client=False)
-        drive = self._drives[conn] = _Drive(quic)
-        self._register(conn, header.dcid)
-        self._register(conn, quic.host_cid)
+        drive = self._new_drive(quic, addr, is_client=False)
+        conn = drive.conn
+        self._register(drive, header.dcid)
+        self._register(drive, quic.host_cid)
         try:
             quic.receive_datagram(data, addr, now)
             accepted = quic.accepted_any_packet()
@@ -865,9 +851,9 @@ class Endpoint:
         drive.handshake_deadline = self._loop.call_later(
             self.config.handshake_timeout, self._handshake_expired, conn
         )
-        conn._stats["packets_received"] += 1
-        conn._stats["bytes_received"] += len(data)
-        self._drain_events(conn, quic)
+        drive.stats["packets_received"] += 1
+        drive.stats["bytes_received"] += len(data)
+        self._drain_events(drive)
         self._dirty[conn] = None
 
     def _unproven_recently(self, now: float) -> int:
@@ -900,16 +886,12 @@ class Endpoint:
 
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
-        budget.reserved -= nbytes  # budget.release, without the call (per message, datagram)
-        # connections waiting for credit may get some now: wake a few, oldest first, once
-        # there is enough to be worth a packet (not the whole herd on every read)
-        starved = budget.starved
-        if starved and budget.limit - budget.reserved >= WAKE_STARVED_BYTES:
-            for conn in list(itertools.islice(starved, WAKE_STARVED_AT_ONCE)):
-                del starved[conn]
-                drive = self._drives.get(conn)
-                if drive is not None and drive.budgeted:
-                    self._mark_dirty(conn)
+        budget.release(nbytes)
+        # connections waiting for credit may get some now: a few at a time
+        for conn in budget.wake(WAKE_STARVED_BYTES, WAKE_STARVED_AT_ONCE):
+            drive = self._drives.get(conn)
+            if drive is not None and drive.budgeted:
+                self._mark_dirty(conn)
 
     def _release_credit(self, conn: Connection, nbytes: int) -> None:
         """``conn`` no longer holds ``nbytes`` of stream data: back to the budget, while
@@ -917,15 +899,6 @@ class Endpoint:
         drive = self._drives.get(conn)
         if drive is not None and drive.budgeted:
             self._release_budget(nbytes)
-
-    def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
-        """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
-        cost of open streams) to the receive budget, if it has room (or ``force``)."""
-        budget = self._budget
-        if not force and budget.reserved + nbytes > budget.limit:
-            return False
-        budget.reserved += nbytes
-        return True
 
     def _release_budget_soon(self, nbytes: int) -> None:
         """``_release_budget`` from a finalizer (which may run in any thread, or after the
@@ -935,8 +908,8 @@ class Endpoint:
             self._loop.call_soon_threadsafe(self._release_budget, 0)
 
     def _on_handshake(self, conn: Connection) -> None:
-        self._drives[conn].handshake_done = True
-        self._maybe_established(conn)
+        if self._drives[conn].advance(Phase.CONFIRMING):
+            self._maybe_established(conn)
 
     def _maybe_established(self, conn: Connection) -> None:
         """Hand the connection to the user once both sides accepted each other: for a
@@ -951,8 +924,8 @@ class Endpoint:
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
-        drive.established = True
-        conn._on_established(peer_id)
+        drive.advance(Phase.ESTABLISHED)
+        drive.port.established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
         if drive.pooled:
@@ -973,7 +946,7 @@ class Endpoint:
             self._fail(conn, quic.close_event())
 
     def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
-        self._drives[conn].terminated = True
+        self._drives[conn].advance(_TERMINATED)
         self._fail(conn, event)
         self._forget(conn)
 
@@ -987,9 +960,9 @@ class Endpoint:
         _peer_log.log(logging.ERROR, "engine-error", "closing the connection to %s: %s",
                       wire.addr_text(conn.remote_addr), reason, exc_info=True)
         drive = self._drives.get(conn)
-        if drive is None or drive.terminated:
+        if drive is None or drive.phase is _TERMINATED:
             return
-        drive.terminated = True
+        drive.advance(_TERMINATED)
         quic = drive.quic
         try:
             quic.shutdown(wire.CLOSE_INTERNAL_ERROR, reason)
@@ -1034,17 +1007,31 @@ class Endpoint:
             ready.exception()  # retrieved here so an abandoned dial logs nothing
         elif auth_error is not None:
             logger.debug("rejected peer at %s: %s", conn.remote_addr, auth_error)
-        conn._set_closed(ConnectionClosed(reason or "connection lost", code))
+        self._set_closed(drive, ConnectionClosed(reason or "connection lost", code))
 
-    def _on_connection_closed(self, conn: Connection) -> None:
-        if not conn._inbox and conn in self._accept_queue:  # nothing left to hand over
+    def _set_closed(self, drive: _Drive, exc: ConnectionClosed) -> None:
+        """The connection is closed (by us, the peer, or lost): what waits on it fails."""
+        drive.advance(Phase.CLOSED)
+        drive.port.set_closed(exc)
+
+    def _on_connection_closed(self, conn: Connection, unread: bool) -> None:
+        if not unread and conn in self._accept_queue:  # nothing left to hand over
             self._accept_queue.remove(conn)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
 
-    def _register(self, conn: Connection, cid: bytes) -> None:
-        self._drives[conn].cids.add(cid)
-        self._table.add(cid, conn)
+    def _new_drive(
+        self, quic: quic_engine.EngineConnection, addr: SockAddr, *, is_client: bool
+    ) -> _Drive:
+        """A new connection over ``quic`` and the record we drive it with."""
+        drive = _Drive(quic)
+        Connection(self._driver, quic, addr, is_client=is_client, attach=drive.attach)
+        self._drives[drive.conn] = drive
+        return drive
+
+    def _register(self, drive: _Drive, cid: bytes) -> None:
+        drive.cids.add(cid)
+        self._table.add(cid, drive)
 
     def _end_half_open(self, conn: Connection) -> None:
         if conn in self._half_open:
@@ -1063,13 +1050,14 @@ class Endpoint:
         self._end_half_open(conn)
         del self._drives[conn]
         self._relays.forget(conn)
+        drive.advance(_TERMINATED)  # nothing more to feed it or send for it
         for gone in self._gone_callbacks:
             gone(conn)
         if drive.budgeted:
             drive.budgeted = False
             self._budget.starved.pop(conn, None)
             # unread messages stay charged until the application reads them
-            kept = conn._keep_inbox_charged()
+            kept = drive.port.forgotten()
             self._release_budget(drive.quic.reservation() - kept)  # may wake starved ones
             drive.quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
         if not conn.dialled and conn in self._live:
@@ -1122,16 +1110,15 @@ class Endpoint:
         drives = self._drives
         for conn in dirty:
             drive = drives.get(conn)
-            if drive is None or drive.terminated:
+            if drive is None or drive.phase is _TERMINATED:
                 continue
             quic = drive.quic
             if quic.has_pending_events():
                 self._drain_held_events(conn, drive)
-                if drive.terminated:
+                if drive.phase is _TERMINATED:
                     continue
             try:
-                if conn._receipts:
-                    conn._flush_receipts()
+                drive.port.before_send()
                 datagrams = quic.datagrams_to_send(now)
                 timer = quic.get_timer()
             except Exception:  # one broken connection must not stop the others' flush
@@ -1141,7 +1128,7 @@ class Endpoint:
                 if relay_paths and conn.remote_addr in relay_paths:
                     datagrams = self._relays.wrap(datagrams)
                 out.extend(datagrams)
-                stats = conn._stats
+                stats = drive.stats
                 stats["packets_sent"] += len(datagrams)
                 nbytes = 0
                 for data, _addr in datagrams:  # a plain loop: no generator per connection
@@ -1220,7 +1207,7 @@ class Endpoint:
         deadline = drive.timer_at
         drive.timer = None
         drive.timer_at = None
-        if drive.terminated:
+        if drive.phase is _TERMINATED:
             return
         quic = drive.quic
         now = _now()
@@ -1228,11 +1215,11 @@ class Endpoint:
             now = deadline
         try:
             quic.handle_timer(now)
-            self._drain_events(conn, quic)
+            self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             self._engine_failed(conn, "handling its timer")
             return
-        if not drive.terminated:
+        if drive.phase is not _TERMINATED:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
 
@@ -1246,15 +1233,14 @@ class Endpoint:
         quic = drive.quic
         now = _now()
         try:
-            if conn._receipts:
-                conn._flush_receipts()  # the peer's sends that reached us complete
+            drive.port.before_send()  # receipts owed: the peer's sends that reached us complete
             quic.ack_now(now)
             self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
         except Exception:
             self._engine_failed(conn, "closing")
             return
         quic.shutdown(wire.CLOSE_NORMAL, reason)
-        conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
+        self._set_closed(drive, ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 
     def _close_and_flush(self, conn: Connection, reason: str, local_reason: str) -> None:
@@ -1300,7 +1286,7 @@ class Endpoint:
         while self._backlog and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
         for conn in list(self._live):
-            self._drives[conn].terminated = True
+            self._drives[conn].advance(_TERMINATED)
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         self._rx_queue.clear()
@@ -1313,12 +1299,32 @@ class Endpoint:
         logger.debug("endpoint %s closed", self.local_addr)
 
 
+class Phase(enum.IntEnum):
+    """A connection's life as its endpoint drives it, in order; it only moves forward
+    (:meth:`_Drive.advance`), possibly skipping phases (a dial that fails goes straight
+    from ``HANDSHAKING`` to ``CLOSED``)."""
+
+    HANDSHAKING = 0  # the engine exists; TLS under way
+    CONFIRMING = 1  # TLS done; a dialler waits for the acceptor's HANDSHAKE_DONE
+    ESTABLISHED = 2  # both sides accepted each other: handed to the user
+    CLOSED = 3  # closed by either side or lost (the engine may still drain)
+    TERMINATED = 4  # the engine is done, or the endpoint forgot it: nothing to feed or send
+
+
+_TERMINATED = Phase.TERMINATED  # the hot paths' test, one global lookup
+_ESTABLISHED_PHASE = Phase.ESTABLISHED
+
+
 class _Drive:
     """What the endpoint keeps to drive one connection (nobody else reads it): its
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
-    __slots__ = ("budgeted", "cids", "established", "handshake_deadline", "handshake_done",
-                 "pooled", "quic", "ready", "terminated", "timer", "timer_at")
+    __slots__ = ("budgeted", "cids", "conn", "handshake_deadline", "phase", "pooled", "port",
+                 "quic", "ready", "stats", "timer", "timer_at")
+
+    conn: Connection
+    port: Port  # what we may do to the connection beyond its public API
+    stats: dict[str, int]  # its counters (port.stats): we count the packets
 
     def __init__(self, quic: quic_engine.EngineConnection) -> None:
         self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
@@ -1327,11 +1333,23 @@ class _Drive:
         self.timer_at: float | None = None  # the engine deadline the timer is armed for
         self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
         self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
-        self.handshake_done = False  # TLS done; a dialler still waits for confirmation
-        self.established = False  # handed to the user (or its dialler)
+        self.phase = Phase.HANDSHAKING
         self.pooled = True  # False for private probes and race dials until adopted
         self.budgeted = False  # the receive budget counts its engine's reservation
-        self.terminated = False  # the engine is done: nothing more to feed or send
+
+    def advance(self, phase: Phase) -> bool:
+        """The one transition: move forward to ``phase`` (never back); returns whether the
+        phase changed (False when it was there or past it already)."""
+        if phase <= self.phase:
+            return False
+        self.phase = phase
+        return True
+
+    def attach(self, conn: Connection, port: Port) -> None:
+        """Called by the new connection with its port."""
+        self.conn = conn
+        self.port = port
+        self.stats = port.stats
 
 
 class _Host:

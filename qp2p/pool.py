@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .wire import SockAddr
@@ -13,25 +14,52 @@ if TYPE_CHECKING:
 
 __all__ = ["Pool"]
 
+_DialKey = tuple[SockAddr, "PeerId | None"]
+
 
 class Pool:
     """Open connections by remote address, dialled and accepted alike.
 
     An address may briefly hold two connections (both sides dialled at once); lookups
-    return the oldest open one that matches the expected peer id. ``pending`` shares one
-    dial among concurrent ``connect_to`` calls for the same (address, expected peer).
+    return the oldest open one that matches the expected peer id. :meth:`share` shares
+    one dial among concurrent ``connect_to`` calls for the same (address, expected peer).
     """
 
     def __init__(self) -> None:
         self._by_addr: dict[SockAddr, list[Connection]] = {}
-        self.pending: dict[tuple[SockAddr, PeerId | None], asyncio.Future[Connection]] = {}
-        self.waiting: dict[tuple[SockAddr, PeerId | None], int] = {}  # callers per pending dial
+        self._pending: dict[_DialKey, asyncio.Future[Connection]] = {}
+        self._waiting: dict[_DialKey, int] = {}  # callers per pending dial
 
-    def dial_done(self, key: tuple[SockAddr, PeerId | None], dial: asyncio.Future[Any]) -> None:
+    async def share(
+        self, key: _DialKey, dial: Callable[[], Awaitable[Connection]]
+    ) -> Connection:
+        """The outcome of the dial in flight for ``key`` (address, expected peer id), or
+        of a new one ``dial()`` starts. A caller that is cancelled stops waiting; when the
+        last one does, the dial is cancelled too."""
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(dial())
+            self._pending[key] = pending
+            pending.add_done_callback(lambda f: self._dial_done(key, f))
+        waiting = self._waiting
+        waiting[key] = waiting.get(key, 0) + 1
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if not pending.done():
+                waiting[key] -= 1
+                if waiting[key] == 0:
+                    pending.cancel()  # nobody waits for this dial any more: stop dialling
+
+    def dials_in_flight(self) -> int:
+        """Shared dials not finished yet."""
+        return len(self._pending)
+
+    def _dial_done(self, key: _DialKey, dial: asyncio.Future[Any]) -> None:
         """A shared dial ended: forget it, and retrieve its outcome so a failure that no
         caller awaited any more is not reported as "never retrieved"."""
-        self.pending.pop(key, None)
-        self.waiting.pop(key, None)
+        self._pending.pop(key, None)
+        self._waiting.pop(key, None)
         if not dial.cancelled():
             dial.exception()
 

@@ -703,7 +703,7 @@ async def test_fuzzed_datagrams_over_udp_leave_endpoint_serving(
                 await conn.send(b"before")
                 assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"before"
                 # now junk aimed at the live connection's own connection IDs
-                cids = sorted(accepted._cids)
+                cids = sorted(server._drives[accepted].cids)
                 assert cids
                 await blast(fuzzer, server, fuzz_datagrams(rng, 300, cids))
                 await blast(fuzzer, server, [

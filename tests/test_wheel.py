@@ -33,6 +33,7 @@ PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 SOURCES = [
     *ROOT.glob("qp2p/*.py"),
     *ROOT.glob("qp2p/engine/*.py"),
+    *ROOT.glob("qp2p/services/*.py"),
     *ROOT.glob("qp2p/_fastpath.p*"),
     ROOT / "setup.py",
     ROOT / "pyproject.toml",
@@ -137,7 +138,9 @@ def test_wheel_contents(artifacts: Artifacts) -> None:
         )
     assert any(n.startswith("qp2p/_fastpath.") and n.endswith(".so") for n in names), names
     for needed in ("qp2p/py.typed", "qp2p/_fastpath.pyi", "qp2p/cli.py", "qp2p/__main__.py",
-                   "qp2p/engine/__init__.py", "qp2p/engine/_aioquic.py", "qp2p/engine/_qh3.py"):
+                   "qp2p/engine/__init__.py", "qp2p/engine/_aioquic.py", "qp2p/engine/_qh3.py",
+                   "qp2p/services/__init__.py", "qp2p/services/host.py",
+                   "qp2p/services/holepunch.py"):
         assert needed in names
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
     assert "qp2p = qp2p.cli:main" in entry_points

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import importlib
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -505,6 +506,28 @@ class ReceiveBudget:
     def release(self, nbytes: int) -> None:
         """Give ``nbytes`` of reservation back."""
         self.reserved -= nbytes
+
+    def charge(self, nbytes: int, force: bool = False) -> bool:
+        """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
+        cost of open streams) if there is room, or regardless with ``force``; returns
+        whether it was charged."""
+        if not force and self.reserved + nbytes > self.limit:
+            return False
+        self.reserved += nbytes
+        return True
+
+    def wake(self, threshold: int, at_most: int) -> list[Any]:
+        """Starved owners to wake now that memory was released: once at least
+        ``threshold`` bytes are free (enough to be worth a packet), the oldest
+        ``at_most`` of them (not the whole herd on every read). They are no longer
+        counted as starved; one that still gets too little is starved again."""
+        starved = self.starved
+        if not starved or self.limit - self.reserved < threshold:
+            return []
+        woken = list(itertools.islice(starved, at_most))
+        for owner in woken:
+            del starved[owner]
+        return woken
 
 
 class AddressValidator:
