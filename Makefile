@@ -17,7 +17,7 @@ all: build
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip "setuptools>=77" wheel "Cython>=3,<4"
-	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev,qh3]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,uvloop,cli,dev,qh3,portmap]'
 	touch $(STAMP)
 
 $(EXT): $(STAMP) qp2p/_fastpath.pyx qp2p/_fastpath.pxd
@@ -42,6 +42,7 @@ test-fast: build
 lint: $(STAMP)
 	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py
 	$(BIN)/mypy --strict qp2p
+	$(BIN)/python tools/check_structure.py  # no import cycles, no new private reaches
 
 # the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too
 docs: $(STAMP)

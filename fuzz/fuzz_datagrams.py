@@ -3,7 +3,7 @@
 Byte 0 of an input picks the short-header connection-ID length (``% 21``); the rest is
 one datagram. Both ``parse_dcid`` must agree with RFC 8999's invariants (written out
 here), both ``ConnectionTable.lookup`` must find exactly the entry for that ID (for
-bytes, bytearray and memoryview alike), and ``qp2p.engine.parse_long_header`` must
+bytes, bytearray and memoryview alike), and ``qp2p._aioquic.parse_long_header`` must
 return ``None`` or a header consistent with that ID, never raise. Any difference or
 exception is a crash.
 
@@ -26,11 +26,12 @@ from _native import fastpath
 from aioquic.quic import packet as quic_packet
 
 from qp2p import engine
+from qp2p.engine import _aioquic
 
 assert "qp2p._purepy" not in sys.modules, "the twin must be imported instrumented"
 with atheris.instrument_imports(include=["qp2p._purepy"]):
     from qp2p import _purepy as twin
-atheris.instrument_func(engine.parse_long_header)
+atheris.instrument_func(_aioquic.parse_long_header)
 atheris.instrument_func(quic_packet.pull_quic_header)
 
 # Known connection IDs: some fixed, plus (per input) the one the datagram carries.
@@ -73,7 +74,7 @@ def TestOneInput(data: bytes) -> None:
             got = table.lookup(wrap(datagram))
             if got != want:
                 raise Mismatch(f"{mod.__name__}.lookup({wrap.__name__}): {got!r}, want {want!r}")
-    header = engine.parse_long_header(datagram)
+    header = _aioquic.parse_long_header(datagram)
     if header is None:
         return
     if header.version is None:

@@ -233,7 +233,7 @@ __all__ = [
 FRAME_HEADER_LEN = 16
 WIRE_VERSION = 0x0002
 KIND_USER = 0
-MAX_KIND = 10
+MAX_KIND = 12
 
 cdef enum:
     _HDR_LEN = 16

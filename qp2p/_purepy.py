@@ -43,8 +43,8 @@ WIRE_VERSION: int = 0x0002
 """The frame version this code speaks."""
 KIND_USER: int = 0
 """Frame kind of a user message."""
-MAX_KIND: int = 10
-"""Kinds ``0..MAX_KIND`` are valid; ``1..10`` are qp2p's own control messages."""
+MAX_KIND: int = 12
+"""Kinds ``0..MAX_KIND`` are valid; ``1..12`` are qp2p's own control messages."""
 
 _HEADER = _struct.Struct(">HIIIBB")
 _LEN_LIMIT = 1 << 32

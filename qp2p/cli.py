@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import IO, Any, NoReturn, TypeVar
 
-from . import __version__, _speedups
+from . import __version__, _speedups, wire
 from .config import Config, RetryConfig
 from .connection import Connection, Message
 from .endpoint import Endpoint
@@ -50,6 +50,7 @@ from .errors import (
 )
 from .identity import CertificateAuthority, Identity, PeerId, Trust
 from .retry import format_seconds
+from .wire import Address
 
 __all__ = [
     "BENCH_HEADER",
@@ -58,15 +59,12 @@ __all__ = [
     "Output",
     "Server",
     "build_parser",
-    "fmt_addr",
     "main",
-    "parse_addr",
 ]
 
 logger = logging.getLogger("qp2p.cli")
 
 T = TypeVar("T")
-Address = tuple[str, int]
 
 #: Header that marks ``qp2p bench`` traffic: a node counts such messages without
 #: printing or echoing them (requests carrying it are still answered, for RTT probes).
@@ -227,27 +225,9 @@ def _setup_logging(level_name: str, out: Output) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_addr(text: str) -> Address:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` as ``(host, port)``; ``ValueError`` otherwise."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:5000, got {text!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    if not 0 <= port <= 65535 or not host:
-        raise ValueError(f"bad address {text!r}")
-    return host, port
-
-
 def _addr_arg(text: str) -> Address:
     try:
-        return parse_addr(text)
+        return wire.parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -277,14 +257,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
     return value
-
-
-def fmt_addr(addr: tuple[Any, ...]) -> str:
-    """``(host, port)`` as ``host:port`` (``[v6]:port``; IPv4-mapped shown as IPv4)."""
-    host, port = str(addr[0]), int(addr[1])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _short(peer_id: PeerId | None) -> str:
@@ -499,12 +471,12 @@ class Server:
         try:
             conn = await self.endpoint.connect_to(addr)
         except (Qp2pError, OSError, asyncio.TimeoutError) as exc:
-            failure = _dial_failure(fmt_addr(addr), exc)
+            failure = _dial_failure(wire.addr_text(addr), exc)
             self.out.emit(
                 "connect_failed",
                 f"✗ {failure}",
                 style="red",
-                addr=fmt_addr(addr),
+                addr=wire.addr_text(addr),
                 error=str(failure),
                 type=failure.kind,
             )
@@ -514,7 +486,7 @@ class Server:
     async def serve(self, conn: Connection, how: str) -> None:
         """Print and echo everything ``conn`` brings until it closes."""
         out = self.out
-        remote = fmt_addr(conn.remote_addr)
+        remote = wire.addr_text(conn.remote_addr)
         peer = str(conn.peer_id) if conn.peer_id is not None else None
         self.connections.add(conn)
         out.emit(
@@ -636,7 +608,8 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
             args.listen, config=config, identity=identity, trust=trust, rendezvous=args.rendezvous
         )
     except OSError as exc:
-        raise CliError(f"cannot listen on {fmt_addr(args.listen)}: {exc.strerror or exc}") from None
+        where = wire.addr_text(args.listen)
+        raise CliError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
@@ -655,7 +628,7 @@ async def _node(args: argparse.Namespace, out: Output) -> int:
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on POSIX
             pass
     server = Server(endpoint, out, quiet=args.quiet)
-    addr = fmt_addr(endpoint.local_addr)
+    addr = wire.addr_text(endpoint.local_addr)
     out.emit(
         "listening",
         f"qp2p node listening on {addr}",
@@ -712,8 +685,8 @@ async def _send(args: argparse.Namespace, out: Output) -> int:
             bind, config=config, identity=identity, trust=trust, accept_incoming=False
         )
     except OSError as exc:
-        raise CliError(f"cannot bind {fmt_addr(bind)}: {exc.strerror or exc}") from None
-    target = fmt_addr(args.addr)
+        raise CliError(f"cannot bind {wire.addr_text(bind)}: {exc.strerror or exc}") from None
+    target = wire.addr_text(args.addr)
     loop = asyncio.get_running_loop()
     try:
         started = loop.time()
@@ -860,7 +833,7 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
             mode = "loopback"
         else:
             target = args.to
-            mode = f"to {fmt_addr(target)}"
+            mode = f"to {wire.addr_text(target)}"
         near = await Endpoint.bind(
             (_bind_host_for(target), 0), config=config, accept_incoming=False
         )
@@ -868,7 +841,7 @@ async def _bench(args: argparse.Namespace, out: Output) -> int:
         try:
             conn = await near.connect_to(target)
         except (Qp2pError, OSError) as exc:
-            raise _dial_failure(fmt_addr(target), exc) from None
+            raise _dial_failure(wire.addr_text(target), exc) from None
 
         # Idle round trips first: the link's RTT without our own load on it.
         probes: list[float] = []

@@ -96,6 +96,12 @@ class Config:
       takes the environment variable ``QP2P_ENGINE`` when set, else qh3 when it is
       installed, else aioquic. An engine that is not installed raises ``ValueError`` at
       bind, naming the extra that installs it.
+    - ``port_mapping``: ``True`` asks the local gateway to forward a UDP port to this
+      endpoint (PCP, then NAT-PMP, then UPnP-IGD; IGD needs the ``qp2p[portmap]`` extra),
+      renews the lease and removes it at close; the mapped address becomes
+      ``Endpoint.public_addr``. It runs in the background after bind; a gateway that has
+      none of these costs nothing. A tuple of ``"pcp"``, ``"natpmp"``, ``"upnp"`` tries only
+      those. ``False`` (the default): no mapping.
     - Incoming handshakes that do not finish within ``handshake_timeout`` are dropped.
     """
 
@@ -117,6 +123,7 @@ class Config:
     hole_punch_timeout: float = 5.0
     require_address_validation: bool = False
     engine: str = "auto"
+    port_mapping: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
         _check_positive("idle_timeout", self.idle_timeout, allow_none=True)
@@ -166,5 +173,12 @@ class Config:
             raise ValueError(f"retry must be a RetryConfig, got {self.retry!r}")
         if not isinstance(self.require_address_validation, bool):
             raise ValueError("require_address_validation must be a bool")
+        if not isinstance(self.port_mapping, bool):
+            names = ("pcp", "natpmp", "upnp")
+            if (not isinstance(self.port_mapping, tuple) or not self.port_mapping
+                    or any(p not in names for p in self.port_mapping)
+                    or len(set(self.port_mapping)) != len(self.port_mapping)):
+                raise ValueError(f"port_mapping must be a bool or a tuple of distinct names "
+                                 f"from {names}, got {self.port_mapping!r}")
         if self.engine not in ("auto", "aioquic", "qh3"):
             raise ValueError(f"engine must be 'auto', 'aioquic' or 'qh3', got {self.engine!r}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 from . import engine, wire
 from .errors import (
@@ -27,14 +28,13 @@ from .ratelog import RateLimitedLog
 from .signal import Signal
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from .config import Config
 
-__all__ = ["Connection", "ConnectionStats", "Message"]
+__all__ = ["Connection", "ConnectionStats", "ControlMessage", "Driver", "Message"]
 
 logger = logging.getLogger("qp2p.connection")
 _peer_log = RateLimitedLog(logger)  # lines a peer can trigger: one per cause per interval
 
-Address = tuple[Any, ...]
 Frame = tuple[int, bytes, bytes, bytes]
 
 #: Frames larger than this are started one at a time (the next once the previous has less
@@ -179,36 +179,30 @@ class Connection:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        driver: Driver,
         quic: engine.EngineConnection,
-        remote_addr: Address,
+        remote_addr: wire.SockAddr,
         *,
         is_client: bool,
     ) -> None:
-        self._endpoint = endpoint
-        self._loop = endpoint._loop
+        self._driver = driver
+        self._config = config = driver.config
+        self._loop = driver.loop
         self._quic = quic
         self._is_client = is_client
-        self._fp = endpoint._fp
-        self._max_message_size = endpoint.config.max_message_size
+        self._fp = driver.fp
+        self._max_message_size = config.max_message_size
         # the fast path's limit counts the whole frame, ours header+dst+payload
         self._max_frame_size = self._max_message_size + wire.FRAME_HEADER_LEN
-        self._max_pending = endpoint.config.max_pending_send_bytes
+        self._max_pending = config.max_pending_send_bytes
         #: the peer's (host, port); the engine keeps the socket's full address form
         self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
-        self._path = endpoint._path_of(self.remote_addr)
         #: the peer's id; None only for a peer that presented no certificate (only
         #: Trust.any() admits one, and every qp2p endpoint presents one): see require_peer_id
         self.peer_id: PeerId | None = None
-        self._cids: set[bytes] = set()
         self._established = False
-        self._handshake_done = False  # TLS done; dialler still waits for confirmation
-        self._ready: asyncio.Future[None] | None = None  # set for dialled connections
-        self._handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
-        self._pooled = True  # False for private probes until adopted
         self._keepalive: asyncio.TimerHandle | None = None
         self._closed: ConnectionClosed | None = None
-        self._terminated = False
         # receive side
         self._assemblers: dict[int, Any] = {}
         # streams we rejected whose FIN/reset hasn't arrived yet -> bytes seen on them: their
@@ -225,12 +219,10 @@ class Connection:
         # its budget, until recv() hands them over (or this object is collected)
         self._inbox_charged = False
         self._inbox_signal = Signal(self._loop)
-        # flow control (see the engine adapters): the bound on what we hold;
-        # _budgeted while the endpoint budget counts us
-        self._window = endpoint.config.max_buffered_bytes
-        self._budgeted = False
-        quic.attach_budget(endpoint._budget, self)
-        self._budget = endpoint._budget  # charged per received datagram (_on_datagram)
+        # flow control (see the engine adapters): the bound on what we hold
+        self._window = config.max_buffered_bytes
+        quic.attach_budget(driver.budget, self)
+        self._budget = driver.budget  # charged per received datagram (_on_datagram)
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_limit = -1  # max_datagram_payload, once it is fixed (established)
         self._peer_params: engine.PeerParameters | None = None  # fixed once established
@@ -246,14 +238,11 @@ class Connection:
         self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
         self._unacked_bytes = 0
         self._last_large = -1  # stream id of the newest large frame written
-        self._requests: dict[int, asyncio.Future[Message | _ControlReply]] = {}  # our bidi streams
+        self._requests: dict[int, asyncio.Future[Message | ControlMessage]] = {}  # our bidi streams
         # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
         self._receipts: list[bytes] = []
         # whether we promised the peer receipts (see engine.TP_RECEIPTS)
         self._sends_receipts = quic.local_parameters().receipts
-        # timer
-        self._timer: asyncio.Handle | None = None
-        self._timer_at: float | None = None
         # counters for stats()
         self._stats = dict.fromkeys(
             (
@@ -278,8 +267,10 @@ class Connection:
     def path(self) -> str:
         """``"direct"``, or ``"relayed"`` when the packets travel through a relay
         (``connect_via(..., allow_relay=True)`` without a direct path, or
-        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4."""
-        return self._path
+        ``connect_relayed``); then ``remote_addr`` is a placeholder in 240.0.0.0/4, which
+        stays when a probe finds a direct path and the connection moves onto it
+        (``"direct"`` again, logged by ``qp2p.relay``)."""
+        return self._driver.path(self)
 
     @property
     def is_closed(self) -> bool:
@@ -289,7 +280,7 @@ class Connection:
     @property
     def local_addr(self) -> wire.Address:
         """The endpoint's bound address this connection uses."""
-        return self._endpoint.local_addr
+        return self._driver.local_addr
 
     def require_peer_id(self) -> PeerId:
         """The peer's id, typed non-optional: what code that keys on peers should use.
@@ -341,7 +332,7 @@ class Connection:
         header, dst, payload, sid, size = self._inbox.popleft()
         self._inbox_bytes -= size
         if self._inbox_charged:  # the engine is gone: only the budget still counts it
-            self._endpoint._release_budget(size)
+            self._driver.release_budget(size)
         else:
             self._release(size)
         return Message(self, header, dst, payload, sid)
@@ -399,7 +390,7 @@ class Connection:
             raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
         self._quic.send_datagram(data)
         self._stats["datagrams_sent"] += 1
-        self._endpoint._mark_dirty(self)
+        self._driver.mark_dirty(self)
 
     async def recv_datagram(self) -> bytes:
         """The next unreliable datagram from this peer; ``ConnectionClosed`` once the
@@ -415,7 +406,7 @@ class Connection:
         data = self._datagrams.popleft()
         size = len(data)
         self._datagram_bytes -= size
-        self._endpoint._release_budget(size + DATAGRAM_COST)
+        self._driver.release_budget(size + DATAGRAM_COST)
         return data
 
     async def datagrams(self) -> AsyncIterator[bytes]:
@@ -433,7 +424,7 @@ class Connection:
         """The largest ``send_datagram`` payload that fits one QUIC packet and the peer's
         advertised DATAGRAM frame size."""
         # short header (1 + CID) + packet number (4) + AEAD tag (16) + frame type and length (3)
-        own = self._endpoint.config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
+        own = self._config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
         peer = self._quic.peer_max_datagram_frame_size()
         if peer is None:
             return own
@@ -457,8 +448,7 @@ class Connection:
     async def close(self, reason: str = "") -> None:
         """Close gracefully; the peer sees ``reason``. Idempotent."""
         if self._closed is None:
-            self._endpoint._close_connection(self, reason, reason or "closed locally")
-            self._endpoint._flush()
+            self._driver.close(self, reason, reason or "closed locally")
 
     async def __aenter__(self) -> Connection:
         return self
@@ -515,8 +505,8 @@ class Connection:
 
     async def _request_frame(
         self, frame: bytes, timeout: float | None
-    ) -> Message | _ControlReply:
-        future: asyncio.Future[Message | _ControlReply] = self._loop.create_future()
+    ) -> Message | ControlMessage:
+        future: asyncio.Future[Message | ControlMessage] = self._loop.create_future()
         pending = _PendingSend(frame, future)
         self._queue_bidi.append(pending)
         self._pump()
@@ -539,7 +529,36 @@ class Connection:
         self._pump()
         await future
 
-    def _send_nowait(self, frame: bytes) -> asyncio.Future[None] | None:
+    # ------------------------------------------------------------------ control frames
+    # qp2p-internal (not in API.md): what services (qp2p.services) use to talk to the
+    # peer's services. Each encodes one frame of a control ``kind`` and queues it.
+
+    @property
+    def dialled(self) -> bool:
+        """True if we dialled this connection, False if we accepted it."""
+        return self._is_client
+
+    @property
+    def peer_is_rendezvous(self) -> bool:
+        """The peer advertised in its handshake that it introduces peers
+        (``engine.TP_RENDEZVOUS``); only a claim, not a proof."""
+        return self._quic.peer_parameters().rendezvous
+
+    async def request_control(
+        self, kind: int, payload: bytes, header: bytes = b"", timeout: float | None = None
+    ) -> ControlMessage:
+        """Send a control request on a new bidirectional stream; return the peer's reply.
+        ``ProtocolError`` if the peer answered with a user message; ``MessageRejected``
+        if it refused the stream; ``asyncio.TimeoutError`` past ``timeout``."""
+        frame: bytes = self._fp.encode_frame(header, b"", payload, kind)
+        reply = await self._request_frame(frame, timeout)
+        if not isinstance(reply, ControlMessage):
+            raise ProtocolError("peer answered a qp2p control request with a user message")
+        return reply
+
+    def send_control(
+        self, kind: int, payload: bytes, header: bytes = b""
+    ) -> asyncio.Future[None] | None:
         """Queue a control message on a fresh unidirectional stream; don't wait for it.
         Returns the future that completes once it is acknowledged (or failed), or None
         when the connection is closed."""
@@ -547,19 +566,30 @@ class Connection:
             return None
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
-        self._queue_uni.append(_PendingSend(frame, future))
+        self._queue_uni.append(_PendingSend(self._fp.encode_frame(header, b"", payload, kind),
+                                            future))
         self._pump()
         return future
 
-    def _reply_nowait(self, stream_id: int, frame: bytes) -> None:
-        """Answer a control request without waiting for the acknowledgement."""
+    def reply_control(
+        self, stream_id: int, kind: int, payload: bytes, header: bytes = b""
+    ) -> None:
+        """Answer the peer's control request on ``stream_id`` without waiting for the
+        acknowledgement (a no-op once the connection is closed or the asker gave up)."""
         if self._closed is not None:
             return
         try:
-            self._quic.send_stream(stream_id, frame, True)
+            self._quic.send_stream(stream_id, self._fp.encode_frame(header, b"", payload, kind),
+                                   True)
         except ValueError:  # the requester gave up on the stream
             return
-        self._endpoint._mark_dirty(self)
+        self._driver.mark_dirty(self)
+
+    def refuse_control(self, stream_id: int) -> None:
+        """Refuse the peer's control request on ``stream_id`` (no service takes it): its
+        ``request_control`` raises ``MessageRejected``."""
+        self._quic.reject_stream(stream_id, wire.ERR_FRAME_REJECTED)
+        self._driver.mark_dirty(self)
 
     def _pump(self) -> None:
         """Move queued frames onto streams while the peer grants stream credit and
@@ -620,7 +650,7 @@ class Connection:
                     self._unacked[stream_id] = pending
                     self._unacked_bytes += pending.size
         if wrote:
-            self._endpoint._mark_dirty(self)
+            self._driver.mark_dirty(self)
 
     def _may_start(self, size: int) -> bool:
         """Whether a message of ``size`` bytes may go on a stream now: a large one when
@@ -672,10 +702,10 @@ class Connection:
             # a request: stop the reply too, so the replier's reply() fails instead of
             # reporting a reply we will drop
             self._quic.reject_stream(sid, wire.ERR_CANCELLED)
-            self._endpoint._mark_dirty(self)
+            self._driver.mark_dirty(self)
         elif not self._quic.send_finished(sid):
             self._quic.reset_stream(sid, wire.ERR_CANCELLED)
-            self._endpoint._mark_dirty(self)
+            self._driver.mark_dirty(self)
 
     def _check_acks(self) -> None:
         """Complete sends whose streams the peer fully acknowledged, then send more."""
@@ -710,7 +740,7 @@ class Connection:
                 self._on_peer_rejected(sid, code, "refused")
                 if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
                     self._quic.reset_stream(sid, code)
-                    self._endpoint._mark_dirty(self)
+                    self._driver.mark_dirty(self)
                 continue
             del self._unacked[sid]
             self._unacked_bytes -= pending.size
@@ -732,7 +762,7 @@ class Connection:
             return
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
             self._receipts.append(self._fp.encode_receipt(sid, code))
-            self._endpoint._mark_dirty(self)
+            self._driver.mark_dirty(self)
 
     def _flush_receipts(self) -> None:
         """Write the receipts owed, while the peer grants streams (the endpoint calls this
@@ -785,7 +815,7 @@ class Connection:
                     assembler = self._assemblers[sid] = self._fp.FrameAssembler(
                         self._max_frame_size
                     )
-                    self._endpoint._charge_budget(STREAM_COST, force=True)
+                    self._driver.charge_budget(STREAM_COST, True)
                     frame = assembler.feed(data, fin)
             else:
                 size += assembler.buffered
@@ -808,7 +838,7 @@ class Connection:
         budget. Returns its assembler, if it had one."""
         assembler = self._assemblers.pop(sid, None)
         if assembler is not None:
-            self._endpoint._release_budget(STREAM_COST)
+            self._driver.release_budget(STREAM_COST)
         return assembler
 
     def _check_receive_stall(self) -> None:
@@ -857,7 +887,7 @@ class Connection:
                 future.set_exception(MessageRejected(f"reply dropped: {exc}", code))
             else:
                 future.set_exception(ProtocolError(f"malformed reply: {exc}"))
-        self._endpoint._mark_dirty(self)
+        self._driver.mark_dirty(self)
 
     def _on_frame(self, sid: int, frame: Frame, size: int) -> None:
         """A complete frame of ``size`` bytes (its whole stream) arrived on ``sid``."""
@@ -879,7 +909,7 @@ class Connection:
             if kind == wire.KIND_USER:
                 future.set_result(Message(self, header, dst, payload))
             else:
-                future.set_result(_ControlReply(self, kind, header, dst, payload))
+                future.set_result(ControlMessage(kind, header, dst, payload, None))
             return
         if kind == wire.KIND_RECEIPT and sid & 2:
             try:
@@ -888,19 +918,19 @@ class Connection:
                 self._stats["streams_rejected"] += 1
                 logger.debug("malformed receipt from %s: %s", self.remote_addr, exc)
             return
-        self._endpoint._on_control(self, kind, header, dst, payload, None if sid & 2 else sid)
+        self._driver.control(self, ControlMessage(kind, header, dst, payload,
+                                                 None if sid & 2 else sid))
 
     def _release(self, nbytes: int) -> None:
         """``nbytes`` of stream data are no longer held: the peer may send that much more."""
         if nbytes <= 0:
             return
         self._quic.release(nbytes)
-        if self._budgeted:
-            self._endpoint._release_budget(nbytes)
+        self._driver.release_credit(self, nbytes)
         # MAX_DATA goes out once the peer has used half its credit; a blocked peer sends
         # nothing we would answer with a packet, so flush for it now
         if self._quic.credit_low():
-            self._endpoint._mark_dirty(self)
+            self._driver.mark_dirty(self)
         elif not self._inbox and self._quic.starved():
             # nothing left to read and still no credit: only unfinished streams hold it
             self._check_receive_stall()
@@ -921,8 +951,8 @@ class Connection:
                 freed += len(old) + DATAGRAM_COST
                 stats["datagrams_dropped"] += 1
             if freed:
-                self._endpoint._release_budget(freed)
-        budget = self._budget  # the endpoint's _charge_budget, inlined (per datagram)
+                self._driver.release_budget(freed)
+        budget = self._budget  # the driver's charge_budget, inlined (per datagram)
         if cost > DATAGRAM_QUEUE_BYTES or budget.reserved + cost > budget.limit:
             stats["datagrams_dropped"] += 1
             return
@@ -966,7 +996,7 @@ class Connection:
         Queued datagrams are charged apart from the engine and stay so too; streams that
         began arriving while the engine drained are over."""
         if self._assemblers:
-            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._driver.release_budget(STREAM_COST * len(self._assemblers))
             self._assemblers.clear()
         self._inbox_charged = self._inbox_bytes > 0
         return self._inbox_bytes
@@ -980,18 +1010,18 @@ class Connection:
         if getattr(self, "_inbox_charged", False):
             charged += self._inbox_bytes
         if charged > 0:
-            self._endpoint._release_budget_soon(charged)
+            self._driver.release_budget_soon(charged)
 
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id
         self._established = True
         self._quic.release_handshake_buffers()
-        if self._endpoint.config.keep_alive_interval is not None:
+        if self._config.keep_alive_interval is not None:
             self._schedule_keepalive()
         self._pump()
 
     def _schedule_keepalive(self) -> None:
-        interval = self._endpoint.config.keep_alive_interval
+        interval = self._config.keep_alive_interval
         assert interval is not None
         self._keepalive = self._loop.call_later(interval, self._send_keepalive)
 
@@ -999,7 +1029,7 @@ class Connection:
         if self._closed is not None:
             return
         self._quic.ping()
-        self._endpoint._mark_dirty(self)
+        self._driver.mark_dirty(self)
         self._schedule_keepalive()
 
     def _set_closed(self, exc: ConnectionClosed) -> None:
@@ -1028,11 +1058,11 @@ class Connection:
                 future.set_exception(exc)
         self._requests.clear()
         if self._assemblers:
-            self._endpoint._release_budget(STREAM_COST * len(self._assemblers))
+            self._driver.release_budget(STREAM_COST * len(self._assemblers))
             self._assemblers.clear()
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
-        self._endpoint._on_connection_closed(self)
+        self._driver.closed(self)
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
@@ -1040,16 +1070,42 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class _ControlReply:
-    """A reply of one of qp2p's own kinds to a control request (never shown to users)."""
+class ControlMessage(NamedTuple):
+    """One of qp2p's own frames (kind != 0): a control request or message from the peer,
+    or the reply to one of ours. ``stream_id`` is the bidirectional stream to answer on
+    (:meth:`Connection.reply_control`), ``None`` for a unidirectional message or a reply."""
 
-    __slots__ = ("connection", "dst", "header", "kind", "payload")
+    kind: int
+    header: bytes
+    dst: bytes
+    payload: bytes
+    stream_id: int | None
 
-    def __init__(
-        self, connection: Connection, kind: int, header: bytes, dst: bytes, payload: bytes
-    ) -> None:
-        self.connection = connection
-        self.kind = kind
-        self.header = header
-        self.dst = dst
-        self.payload = payload
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    """What a connection asks of the endpoint that drives it, as plain values and
+    callbacks: this layer never imports the endpoint (imports go downward)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    fp: Any  # the fast path module (_fastpath or _purepy)
+    budget: engine.ReceiveBudget  # the endpoint-wide receive budget the engine draws on
+    local_addr: wire.Address
+    #: the connection has something to send: flush it with the others this loop turn
+    mark_dirty: Callable[[Connection], None]
+    #: bytes held outside the engine's credit go back to the budget / are charged to it
+    #: (``force``: even over its limit); ``release_budget_soon`` is safe in a finalizer
+    release_budget: Callable[[int], None]
+    #: stream data no longer held: back to the budget while it counts the connection
+    release_credit: Callable[[Connection, int], None]
+    charge_budget: Callable[[int, bool], bool]
+    release_budget_soon: Callable[[int], None]
+    #: close gracefully (``reason`` for the peer, the other for our ConnectionClosed)
+    close: Callable[[Connection, str, str], None]
+    #: the connection just became closed (any cause): drop it from pool and queues
+    closed: Callable[[Connection], None]
+    #: a control frame from the peer (not a reply): route it to its service by kind
+    control: Callable[[Connection, ControlMessage], None]
+    #: ``Connection.path``: "direct", or "relayed" while its packets go through a relay
+    path: Callable[[Connection], str]

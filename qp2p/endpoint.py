@@ -20,13 +20,13 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-from . import _speedups, discovery, holepunch, wire
+from . import _speedups, services, wire
 from . import engine as quic_engine
 from . import relay as relay_mod
 from .config import Config
-from .connection import Connection
+from .connection import Connection, ControlMessage, Driver
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -36,17 +36,20 @@ from .errors import (
 )
 from .identity import Identity, PeerId, Trust
 from .pool import Pool
+from .portmap import PROTOCOLS, Mapping, PortMapper
 from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
+from .wire import SockAddr
+
+if TYPE_CHECKING:
+    from .services.host import ControlHandler, FirstFlight
 
 __all__ = ["Endpoint", "EndpointBinding"]
 
 logger = logging.getLogger("qp2p.endpoint")
 #: Lines a peer can trigger: one per cause per interval, with counts.
 _peer_log = RateLimitedLog(logger)
-
-Address = tuple[Any, ...]  # the socket's form (2- or 4-tuple); public: wire.Address
 
 #: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
 RECV_BATCH = 64
@@ -202,21 +205,22 @@ class Endpoint:
         self._unproven: collections.deque[float] = collections.deque(
             maxlen=config.address_validation_threshold)
         self._incoming_per_ip: collections.Counter[str] = collections.Counter()
-        self._punching = holepunch.Punching()
         self.local_addr: wire.Address = sock.getsockname()[:2]
         self.public_addr: wire.Address | None = None
         self._pool = Pool()
         self._handshaking: set[Connection] = set()
         self._live: set[Connection] = set()  # every connection the engine still drives
+        # what we keep per connection to drive it, from its creation until it is forgotten
+        self._drives: dict[Connection, _Drive] = {}
         self._accept_queue: collections.deque[Connection] = collections.deque()
         self._accept_signal = Signal(self._loop)
         self._dirty: dict[Connection, None] = {}
         self._flush_scheduled = False
-        self._backlog: list[tuple[bytes, Address]] = []
+        self._backlog: list[tuple[bytes, SockAddr]] = []
         self._backlog_pos = 0
         self._writer_armed = False
         # datagrams read from the socket, not handled yet (see _on_readable)
-        self._rx_queue: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._rx_queue: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
         self._rx_drain_scheduled = False
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
@@ -226,8 +230,32 @@ class Endpoint:
              "handshakes_timed_out"),
             0,
         )
-        self._relays = relay_mod.Relays(sock.family, self._loop.time(), self.stats_counters)
+        # what each connection asks of us, and the services with their control kinds
+        self._driver = Driver(
+            config=config, loop=self._loop, fp=self._fp, budget=self._budget,
+            local_addr=self.local_addr, mark_dirty=self._mark_dirty,
+            release_budget=self._release_budget, release_credit=self._release_credit,
+            charge_budget=self._charge_budget,
+            release_budget_soon=self._release_budget_soon, close=self._close_and_flush,
+            closed=self._on_connection_closed, control=self._on_control,
+            path=self._path_name,
+        )
+        self._control_handlers: dict[int, ControlHandler] = {}
+        # relayed paths and, as a relay, the sessions we forward (the data plane)
+        self._relays = relay_mod.Relays(sock.family, self._loop.time(), self.stats_counters,
+                                        self._send_raw)
+        self._gone_callbacks: list[Callable[[Connection], None]] = []
+        self._host = _Host(
+            self, self._loop, self._pool, sock.family, self._resolve, self._dial, self._adopt,
+            self._send_raw, self._control_handlers, self._gone_callbacks,
+            lambda: self._accept_incoming,
+        )
+        self._services = services.start(self._host, self._relays)
         self._loop.add_reader(self._fd, self._on_readable)
+        self._portmap: PortMapper | None = None
+        self._mapped_addr: wire.Address | None = None
+        if config.port_mapping:
+            self._start_port_mapping()
 
     # ------------------------------------------------------------------ construction
 
@@ -357,7 +385,7 @@ class Endpoint:
         targets = list(addrs)
         if not targets:
             raise ValueError("connect_to_any needs at least one address")
-        return await discovery.race(self, targets)
+        return await services.race.race(self._host, targets)
 
     async def accept(self) -> Connection:
         """The next incoming connection (after its handshake and authentication)."""
@@ -379,7 +407,7 @@ class Endpoint:
         """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
         self._check_open()
         conn = await self.connect_to(peer_addr)
-        observed = await discovery.echo(conn)
+        observed = await services.echo.echo(conn)
         self.public_addr = observed
         return observed
 
@@ -387,7 +415,7 @@ class Endpoint:
         """True if a peer at ``addr`` completes a handshake and answers a ping within
         ``timeout`` (default ``config.handshake_timeout``); never raises for a dead peer."""
         self._check_open()
-        return await discovery.is_reachable(self, addr, timeout)
+        return await self._services.echo.is_reachable(addr, timeout)
 
     async def connect_via(
         self, rendezvous_addr: wire.Address | str, peer_id: PeerId | str,
@@ -402,15 +430,15 @@ class Endpoint:
         peer = _as_peer_id(peer_id)
         assert peer is not None
         try:
-            return await holepunch.connect_via(self, rendezvous_addr, peer)
+            return await self._services.holepunch.connect_via(rendezvous_addr, peer)
         except HolePunchFailed as exc:
             if not allow_relay or not exc.no_direct_path:
                 raise
             punch_error = exc
         logger.info("no direct path to %s: trying a relayed connection", peer)
         try:
-            return await relay_mod.connect_relayed(
-                self, self._relays, rendezvous_addr, peer, self.config.hole_punch_timeout)
+            return await self._services.relay.connect_relayed(
+                rendezvous_addr, peer, self.config.hole_punch_timeout)
         except HolePunchFailed as exc:
             raise HolePunchFailed(f"{punch_error}; and no relay: {exc}") from exc
 
@@ -419,16 +447,17 @@ class Endpoint:
     ) -> Connection:
         """A connection to ``peer_id`` whose packets travel through the relay endpoint at
         ``relay_addr`` (bound with ``relay=True``; the peer must be connected to it, as
-        for ``connect_via``), without trying a direct path first. TLS and authentication
-        stay end to end: the relay forwards opaque packets. ``HolePunchFailed`` when the
-        relay refuses or the handshake through it fails."""
+        for ``connect_via``), without trying a direct path first; it moves to a direct
+        path when probes find one (``conn.path``). TLS and authentication stay end to
+        end: the relay forwards opaque packets. ``HolePunchFailed`` when the relay
+        refuses or the handshake through it fails."""
         self._check_open()
         peer = _as_peer_id(peer_id)
         assert peer is not None
-        return await relay_mod.connect_relayed(
-            self, self._relays, relay_addr, peer, self.config.hole_punch_timeout)
+        return await self._services.relay.connect_relayed(
+            relay_addr, peer, self.config.hole_punch_timeout)
 
-    async def register_with(self, rendezvous_addr: Address | str) -> Connection:
+    async def register_with(self, rendezvous_addr: wire.Address | str) -> Connection:
         """Connect to the rendezvous at ``rendezvous_addr`` (pooled, like ``connect_to``)
         and honour its introductions: the target side of ``connect_via``. Keep the
         connection open (``keep_alive_interval``) for as long as peers should reach us
@@ -437,8 +466,7 @@ class Endpoint:
         itself as a rendezvous may introduce, within the probe bound), so no other peer
         can make us probe an address."""
         self._check_open()
-        self._punching.register(await self._resolve(rendezvous_addr))
-        return await self.connect_to(rendezvous_addr)
+        return await self._services.holepunch.register_with(rendezvous_addr)
 
     async def close(self) -> None:
         """Close every connection (peers see the reason), flush, release the socket.
@@ -452,7 +480,7 @@ class Endpoint:
 
     # ------------------------------------------------------------------ dialling
 
-    async def _resolve(self, addr: Address | str) -> Address:
+    async def _resolve(self, addr: SockAddr | str) -> SockAddr:
         """``addr`` in the socket's own address form; ``ConnectionError`` if it has none."""
         try:
             host, port = wire.to_address(addr)
@@ -471,7 +499,7 @@ class Endpoint:
                 raise ConnectionError(f"cannot resolve {host!r}: {exc}") from exc
             if not infos:
                 raise ConnectionError(f"cannot resolve {host!r}") from None
-            resolved: Address = tuple(infos[0][4])
+            resolved: SockAddr = tuple(infos[0][4])
             return resolved
         if self._sock.family == socket.AF_INET6:
             # the socket's own address form: recvfrom reports (host, port, flow, scope) and
@@ -484,18 +512,19 @@ class Endpoint:
 
     async def _dial(
         self,
-        addr: Address,
+        addr: SockAddr,
         expect_peer_id: PeerId | None,
         timeout: float,
-        punch: bool = False,
+        *,
         private: bool = False,
+        first_flight: FirstFlight | None = None,
     ) -> Connection:
         """One handshake attempt to ``addr``; raises on timeout, refusal or bad auth.
 
-        ``punch``: resend the first flight every few tens of ms until the peer answers
-        (hole punching: the far NAT drops it until the peer's probes open a mapping).
-        ``private``: a fresh connection kept out of the pool until :meth:`_adopt` (for
-        probes and races, which may close it again)."""
+        ``first_flight``: takes the first flight's datagrams and sends them itself (hole
+        punching resends them on a short timer: the far NAT drops them until the peer's
+        probes open a mapping). ``private``: a fresh connection kept out of the pool
+        until :meth:`_adopt` (for probes and races, which may close it again)."""
         self._check_open()
         if not private:
             existing = self._pool.get(addr, expect_peer_id)
@@ -504,22 +533,23 @@ class Endpoint:
         quic = self._engine.new_client(
             self._client_config, self.config, self.trust, expect_peer_id, self.rendezvous
         )
-        conn = Connection(self, quic, addr, is_client=True)
-        conn._pooled = not private
-        conn._ready = self._loop.create_future()
+        conn = Connection(self._driver, quic, addr, is_client=True)
+        drive = self._drives[conn] = _Drive(quic)
+        drive.pooled = not private
+        ready = drive.ready = self._loop.create_future()
         self._track(conn)
         now = _now()
         quic.connect(addr, now=now)
         self._register(conn, quic.host_cid)
-        if punch:
-            first_flight = quic.datagrams_to_send(now)
-            conn._stats["packets_sent"] += len(first_flight)
-            self._arm_timer(conn, quic.get_timer())
-            self._resend_first_flight(conn, first_flight)
+        if first_flight is not None:
+            datagrams = quic.datagrams_to_send(now)
+            conn._stats["packets_sent"] += len(datagrams)
+            self._arm_timer(conn, drive, quic.get_timer())
+            first_flight(conn, datagrams)
         else:
             self._mark_dirty(conn)
         try:
-            await asyncio.wait_for(asyncio.shield(conn._ready), timeout)
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
         except asyncio.TimeoutError:
             self._abandon(conn, "handshake timed out")
             raise asyncio.TimeoutError(
@@ -530,38 +560,18 @@ class Endpoint:
             raise
         return conn
 
-    def _resend_first_flight(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]], sent: int = 0,
-        interval: float = holepunch.PUNCH_RESEND_INTERVAL, started: float | None = None,
-    ) -> None:
-        """Resend a punching dial's first flight until the peer answers: every
-        ``PUNCH_RESEND_INTERVAL`` for ``PUNCH_FAST_PERIOD``, then twice as long each
-        time, ``PUNCH_MAX_RESENDS`` times at most (a wrong address is not flooded)."""
-        if conn._closed is not None or conn._stats["packets_received"] or self._closed:
-            return
-        now = self._loop.time()
-        started = now if started is None else started
-        for data, addr in datagrams:
-            self._send_raw(data, addr)
-        sent += 1
-        if sent >= holepunch.PUNCH_MAX_RESENDS:
-            return
-        if now - started >= holepunch.PUNCH_FAST_PERIOD:
-            interval *= 2
-        self._loop.call_later(
-            interval, self._resend_first_flight, conn, datagrams, sent, interval, started
-        )
-
     def _adopt(self, conn: Connection) -> None:
         """Pool a privately dialled connection (the winner of a race)."""
-        if not conn._pooled and conn._closed is None:
-            conn._pooled = True
+        drive = self._drives.get(conn)
+        if drive is not None and not drive.pooled and not conn.is_closed:
+            drive.pooled = True
             self._pool.add(conn)
 
     def _abandon(self, conn: Connection, reason: str) -> None:
         """Drop a connection that never completed its handshake."""
-        if not conn._terminated:
-            conn._quic.shutdown(wire.CLOSE_NORMAL, reason)
+        drive = self._drives.get(conn)
+        if drive is not None and not drive.terminated:
+            drive.quic.shutdown(wire.CLOSE_NORMAL, reason)
             self._mark_dirty(conn)
             self._flush()
             conn._set_closed(ConnectionClosed(reason))
@@ -580,7 +590,7 @@ class Endpoint:
         table = self._table
         sock = self._sock
         queue = self._rx_queue
-        urgent: list[tuple[bytes, Address]] = []
+        urgent: list[tuple[bytes, SockAddr]] = []
         while len(queue) < RX_QUEUE_MAX:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
@@ -612,7 +622,7 @@ class Endpoint:
             self._rx_drain_scheduled = True
             self._loop.call_soon(self._drain_rx_queue)
 
-    def _handle_datagrams(self, batch: list[tuple[bytes, Address]]) -> None:
+    def _handle_datagrams(self, batch: list[tuple[bytes, SockAddr]]) -> None:
         """Give each datagram to its connection (or ``_on_unknown``), then send."""
         table = self._table
         now = _now()
@@ -621,16 +631,22 @@ class Endpoint:
         # in one call (qh3 takes them as a batch), then its events are handled
         run: list[bytes] = []
         run_conn: Connection | None = None
-        run_addr: Address | None = None
+        run_addr: SockAddr | None = None
         for data, addr in batch:
             conn = table.lookup(data)
             if conn is None:
                 try:
-                    self._on_unknown(data, addr, now)
+                    if not relay_mod.is_wrapped(data):
+                        self._on_unknown(data, addr, now)
+                        continue
+                    relayed = self._on_wrapped(data, addr, now)
                 except Exception:  # a bug for one datagram must not stop the endpoint
                     _peer_log.exception("new-datagram-error",
                                         "error handling a new datagram from %s", addr)
-                continue
+                    continue
+                if relayed is None:
+                    continue
+                data, addr, conn = relayed  # over a relayed path: as any other
             stats = conn._stats
             stats["packets_received"] += 1
             stats["bytes_received"] += len(data)
@@ -644,93 +660,89 @@ class Endpoint:
         if run_conn is not None:
             self._feed(run_conn, run, run_addr, now)
         self.stats_counters["datagrams_received"] += len(batch)
+        drives = self._drives
         for conn in list(dirty):
-            if not conn._terminated:
-                self._after_events(conn)
+            drive = drives.get(conn)
+            if drive is not None and not drive.terminated:
+                self._after_events(conn, drive)
         self._flush()
 
-    def _on_wrapped(self, data: bytes, addr: Address, now: float) -> None:
+    def _on_wrapped(self, data: bytes, addr: SockAddr,
+                    now: float) -> tuple[bytes, SockAddr, Connection] | None:
         """A relay-wrapped datagram: forward it (we relay its session), or take the QUIC
-        datagram inside when it came over one of our relayed paths."""
+        datagram inside when it came over one of our relayed paths: returned with the
+        path's placeholder address and its connection, for the receive loop to handle as
+        any other (None when handled here: forwarded, a new handshake, or dropped)."""
         relays = self._relays
-        if relay_mod.forward(self, relays, data, addr, now):
-            return
+        if relay_mod.forward(relays, data, addr, now):
+            return None
         placeholder = relays.path_for(data, addr)
         inner = bytes(data[relay_mod.HEADER_LEN:])
-        if placeholder is None or relay_mod.is_wrapped(inner):
+        if placeholder is None:
             self.stats_counters["dropped_unknown"] += 1
-            return
+            return None
         conn = self._table.lookup(inner)
         if conn is None:
             self._on_unknown(inner, placeholder, now)
-            return
-        stats = conn._stats
-        stats["packets_received"] += 1
-        stats["bytes_received"] += len(inner)
-        self._feed(conn, [inner], placeholder, now)
-        if not conn._terminated:
-            self._after_events(conn)
-            self._mark_dirty(conn)
+            return None
+        return inner, placeholder, conn
 
-    def _accepts_incoming(self) -> bool:
-        """Whether this endpoint takes incoming connections (``accept_incoming``)."""
-        return self._accept_incoming
-
-    def _has_connection(self, addr: Address) -> bool:
-        """A pooled connection to ``addr`` exists."""
-        return self._pool.get(addr) is not None
-
-    def _path_of(self, addr: Address) -> str:
-        """``"relayed"`` for a relayed path's placeholder address, else ``"direct"``."""
-        return "relayed" if self._relays.is_relayed(addr) else "direct"
+    def _path_name(self, conn: Connection) -> str:
+        """``conn.path``: ``"relayed"`` while its packets go through a relay."""
+        return self._relays.path_name(conn.remote_addr)
 
     def _feed(self, conn: Connection, datagrams: list[bytes], addr: Any, now: float) -> None:
         """Give ``datagrams`` (all from ``addr``) to ``conn``'s engine; handle its events."""
-        if conn._terminated:
+        drive = self._drives.get(conn)
+        if drive is None or drive.terminated:
             return
-        quic = conn._quic
+        if self._relays.paths:  # a relayed path's engine keeps its placeholder address,
+            placeholder = self._relays.placeholder(conn.remote_addr)  # whichever way
+            if placeholder is not None:  # the packets came (relay, or direct after a move)
+                addr = placeholder
+        quic = drive.quic
         try:
             if len(datagrams) == 1:
                 quic.receive_datagram(datagrams[0], addr, now)
             else:
                 quic.receive_datagrams(datagrams, addr, now)
-            next_event = quic.next_event
-            event = next_event()
-            while event is not None:
-                kind = type(event)
-                # the per-message and per-datagram events go straight to the connection
-                if kind is _STREAM_DATA:
-                    conn._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
-                elif kind is _DATAGRAM:
-                    conn._on_datagram(event.data)  # type: ignore[attr-defined]
-                else:
-                    self._on_event(conn, event)
-                event = next_event()
+            self._drain_events(conn, quic)
         except Exception:  # a bug for one connection must not stop the endpoint
             _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
 
-    def _after_events(self, conn: Connection) -> None:
+    def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
         acknowledged sends, an engine that started closing."""
-        if not conn._established and conn._handshake_done:
+        if drive.handshake_done and not drive.established:
             self._maybe_established(conn)
         conn._check_receive_stall()
         conn._check_acks()
         self._check_engine_closed(conn)
 
-    def _drain_held_events(self, conn: Connection) -> None:
+    def _drain_held_events(self, conn: Connection, drive: _Drive) -> None:
         """Events the engine held back while receive memory was full (qh3): pull them
         now that the application released some."""
-        quic = conn._quic
         try:
-            event = quic.next_event()
-            while event is not None:
-                self._on_event(conn, event)
-                event = quic.next_event()
+            self._drain_events(conn, drive.quic)
         except Exception:  # a bug for one connection must not stop the endpoint
             logger.exception("error handling events from %s", conn.remote_addr)
-        if not conn._terminated:
-            self._after_events(conn)
+        if not drive.terminated:
+            self._after_events(conn, drive)
+
+    def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
+        """Handle every event ``conn``'s engine has ready, in order."""
+        next_event = quic.next_event
+        event = next_event()
+        while event is not None:
+            kind = type(event)
+            # the per-message and per-datagram events go straight to the connection
+            if kind is _STREAM_DATA:
+                conn._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+            elif kind is _DATAGRAM:
+                conn._on_datagram(event.data)  # type: ignore[attr-defined]
+            else:
+                self._on_event(conn, event)
+            event = next_event()
 
     def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
@@ -740,7 +752,7 @@ class Endpoint:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
-            conn._cids.discard(cid)
+            self._drives[conn].cids.discard(cid)
             self._table.remove(cid)
         elif kind is quic_engine.HandshakeDone:
             self._on_handshake(conn)
@@ -749,14 +761,17 @@ class Endpoint:
         else:
             conn._handle_event(event)
 
-    def _on_unknown(self, data: bytes, addr: Address, now: float) -> None:
+    def _on_unknown(self, data: bytes, addr: SockAddr, now: float) -> None:
         """A datagram for no known connection: maybe a new handshake, else dropped.
 
         Everything before ``quic_engine.new_server`` is cheap and keeps no state: an unproven
         source can make us parse a header, check a token, derive Initial keys and decrypt
         one packet (tens of microseconds), never run TLS."""
-        if relay_mod.is_wrapped(data):
-            self._on_wrapped(data, addr, now)
+        if relay_mod.is_wrapped(data):  # a relay's wrapping inside a wrapping: dropped
+            self.stats_counters["dropped_unknown"] += 1
+            return
+        if relay_mod.is_probe(data):
+            relay_mod.on_probe(self._relays, data, addr)
             return
         header = self._engine.parse_long_header(data)
         if header is None or header.version is None:
@@ -825,7 +840,8 @@ class Endpoint:
             self._server_config, self.config, self.trust, original_dcid, retry_scid,
             self.rendezvous,
         )
-        conn = Connection(self, quic, addr, is_client=False)
+        conn = Connection(self._driver, quic, addr, is_client=False)
+        drive = self._drives[conn] = _Drive(quic)
         self._register(conn, header.dcid)
         self._register(conn, quic.host_cid)
         try:
@@ -840,20 +856,18 @@ class Endpoint:
             self.stats_counters["dropped_unknown"] += 1
             self._table.remove(header.dcid)
             self._table.remove(quic.host_cid)
+            del self._drives[conn]
             return
         self._handshaking.add(conn)
         self._half_open.add(conn)
         self._incoming_per_ip[host] += 1
         self._track(conn)
-        conn._handshake_deadline = self._loop.call_later(
+        drive.handshake_deadline = self._loop.call_later(
             self.config.handshake_timeout, self._handshake_expired, conn
         )
         conn._stats["packets_received"] += 1
         conn._stats["bytes_received"] += len(data)
-        event = quic.next_event()
-        while event is not None:
-            self._on_event(conn, event)
-            event = quic.next_event()
+        self._drain_events(conn, quic)
         self._dirty[conn] = None
 
     def _unproven_recently(self, now: float) -> int:
@@ -868,8 +882,10 @@ class Endpoint:
     def _handshake_expired(self, conn: Connection) -> None:
         """An incoming handshake that did not finish in time: drop it (a half-open flood
         must not hold state for long)."""
-        conn._handshake_deadline = None
-        if conn in self._half_open and conn._closed is None:
+        drive = self._drives.get(conn)
+        if drive is not None:
+            drive.handshake_deadline = None
+        if conn in self._half_open and not conn.is_closed:
             self.stats_counters["handshakes_timed_out"] += 1
             _peer_log.info("handshake-timeout", "incoming handshake from %s timed out",
                            wire.addr_text(conn.remote_addr))
@@ -878,8 +894,9 @@ class Endpoint:
     def _track(self, conn: Connection) -> None:
         """``conn`` is now driven by this endpoint: count it and its receive credit."""
         self._live.add(conn)
-        conn._budgeted = True
-        self._budget.reserved += conn._quic.reservation()
+        drive = self._drives[conn]
+        drive.budgeted = True
+        self._budget.reserved += drive.quic.reservation()
 
     def _release_budget(self, nbytes: int) -> None:
         budget = self._budget
@@ -890,8 +907,16 @@ class Endpoint:
         if starved and budget.limit - budget.reserved >= WAKE_STARVED_BYTES:
             for conn in list(itertools.islice(starved, WAKE_STARVED_AT_ONCE)):
                 del starved[conn]
-                if conn._budgeted:
+                drive = self._drives.get(conn)
+                if drive is not None and drive.budgeted:
                     self._mark_dirty(conn)
+
+    def _release_credit(self, conn: Connection, nbytes: int) -> None:
+        """``conn`` no longer holds ``nbytes`` of stream data: back to the budget, while
+        the budget still counts the connection's engine."""
+        drive = self._drives.get(conn)
+        if drive is not None and drive.budgeted:
+            self._release_budget(nbytes)
 
     def _charge_budget(self, nbytes: int, force: bool = False) -> bool:
         """Charge ``nbytes`` held outside any engine's credit (received datagrams, the
@@ -910,7 +935,7 @@ class Endpoint:
             self._loop.call_soon_threadsafe(self._release_budget, 0)
 
     def _on_handshake(self, conn: Connection) -> None:
-        conn._handshake_done = True
+        self._drives[conn].handshake_done = True
         self._maybe_established(conn)
 
     def _maybe_established(self, conn: Connection) -> None:
@@ -918,19 +943,21 @@ class Endpoint:
         dialler that means the handshake is *confirmed* (the acceptor checked our
         certificate and sent HANDSHAKE_DONE), so a peer that rejects us never yields
         a connection."""
-        if conn._is_client and not conn._quic.handshake_confirmed():
+        drive = self._drives[conn]
+        if conn.dialled and not drive.quic.handshake_confirmed():
             return
         try:
-            peer_id = conn._quic.authenticated_peer()
+            peer_id = drive.quic.authenticated_peer()
         except PeerAuthenticationError as exc:  # the engine aborts the handshake itself
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
+        drive.established = True
         conn._on_established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
-        if conn._pooled:
+        if drive.pooled:
             self._pool.add(conn)
-        ready = conn._ready
+        ready = drive.ready
         if ready is not None:
             if not ready.done():
                 ready.set_result(None)
@@ -941,20 +968,21 @@ class Endpoint:
 
     def _check_engine_closed(self, conn: Connection) -> None:
         """Report a close as soon as the engine knows, not after draining ends."""
-        if conn._closed is None and conn._quic.is_closed():
-            event = conn._quic.close_event()
-            self._fail(conn, event)
+        quic = self._drives[conn].quic
+        if not conn.is_closed and quic.is_closed():
+            self._fail(conn, quic.close_event())
 
     def _on_terminated(self, conn: Connection, event: quic_engine.Terminated) -> None:
-        conn._terminated = True
+        self._drives[conn].terminated = True
         self._fail(conn, event)
         self._forget(conn)
 
     def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
-        auth_error = conn._quic.rejection()
-        ready = conn._ready
+        drive = self._drives[conn]
+        auth_error = drive.quic.rejection()
+        ready = drive.ready
         if ready is not None and not ready.done():
             if auth_error is not None:
                 ready.set_exception(auth_error)
@@ -963,7 +991,7 @@ class Endpoint:
                 prefix = quic_engine.AUTH_REASON_PREFIX
                 detail = reason.removeprefix(prefix).lstrip(": ") or hex(code)
                 where = wire.addr_text(conn.remote_addr)
-                by_peer = conn._quic.closed_by_peer()
+                by_peer = drive.quic.closed_by_peer()
                 if by_peer is None:
                     text = f"authentication with the peer at {where} failed ({detail})"
                 elif by_peer:
@@ -991,38 +1019,46 @@ class Endpoint:
         self._handshaking.discard(conn)
 
     def _register(self, conn: Connection, cid: bytes) -> None:
-        conn._cids.add(cid)
+        self._drives[conn].cids.add(cid)
         self._table.add(cid, conn)
 
     def _end_half_open(self, conn: Connection) -> None:
         if conn in self._half_open:
             self._half_open.discard(conn)
-            if conn._handshake_deadline is not None:
-                conn._handshake_deadline.cancel()
-                conn._handshake_deadline = None
+            drive = self._drives[conn]
+            if drive.handshake_deadline is not None:
+                drive.handshake_deadline.cancel()
+                drive.handshake_deadline = None
 
     def _forget(self, conn: Connection) -> None:
+        """Stop driving ``conn`` (closed, lost or dropped): release everything we keep
+        for it. Idempotent."""
+        drive = self._drives.get(conn)
+        if drive is None:
+            return
         self._end_half_open(conn)
-        self._punching.forget(conn)
+        del self._drives[conn]
         self._relays.forget(conn)
-        if conn._budgeted:
-            conn._budgeted = False
+        for gone in self._gone_callbacks:
+            gone(conn)
+        if drive.budgeted:
+            drive.budgeted = False
             self._budget.starved.pop(conn, None)
             # unread messages stay charged until the application reads them
             kept = conn._keep_inbox_charged()
-            self._release_budget(conn._quic.reservation() - kept)  # may wake starved ones
-            conn._quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
-        if not conn._is_client and conn in self._live:
+            self._release_budget(drive.quic.reservation() - kept)  # may wake starved ones
+            drive.quic.attach_budget(self._budget, None)  # no cycle keeps a dropped conn
+        if not conn.dialled and conn in self._live:
             host = ip_key(conn.remote_addr[0])
             self._incoming_per_ip[host] -= 1
             if self._incoming_per_ip[host] <= 0:
                 del self._incoming_per_ip[host]
-        for cid in conn._cids:
+        for cid in drive.cids:
             self._table.remove(cid)
-        conn._cids.clear()
-        if conn._timer is not None:
-            conn._timer.cancel()
-            conn._timer = None
+        drive.cids.clear()
+        if drive.timer is not None:
+            drive.timer.cancel()
+            drive.timer = None
         self._dirty.pop(conn, None)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
@@ -1030,16 +1066,15 @@ class Endpoint:
 
     # ------------------------------------------------------------------ control messages
 
-    def _on_control(
-        self,
-        conn: Connection,
-        kind: int,
-        header: bytes,
-        dst: bytes,
-        payload: bytes,
-        stream_id: int | None,
-    ) -> None:
-        discovery.on_control(self, conn, kind, header, dst, payload, stream_id)
+    def _on_control(self, conn: Connection, msg: ControlMessage) -> None:
+        """Route a peer's control frame to the service registered for its kind."""
+        handler = self._control_handlers.get(msg.kind)
+        if handler is not None:
+            handler(conn, msg)
+            return
+        logger.debug("unexpected control frame kind %d from %s", msg.kind, conn.remote_addr)
+        if msg.stream_id is not None:
+            conn.refuse_control(msg.stream_id)
 
     # ------------------------------------------------------------------ send path
 
@@ -1060,13 +1095,15 @@ class Endpoint:
         relay_paths = self._relays.paths
         dirty = list(self._dirty)
         self._dirty.clear()
+        drives = self._drives
         for conn in dirty:
-            if conn._terminated:
+            drive = drives.get(conn)
+            if drive is None or drive.terminated:
                 continue
-            quic = conn._quic
+            quic = drive.quic
             if quic.has_pending_events():
-                self._drain_held_events(conn)
-                if conn._terminated:
+                self._drain_held_events(conn, drive)
+                if drive.terminated:
                     continue
             if conn._receipts:
                 conn._flush_receipts()
@@ -1081,7 +1118,7 @@ class Endpoint:
                 for data, _addr in datagrams:  # a plain loop: no generator per connection
                     nbytes += len(data)
                 stats["bytes_sent"] += nbytes
-            self._arm_timer(conn, quic.get_timer())
+            self._arm_timer(conn, drive, quic.get_timer())
         if out and not self._writer_armed:
             self._send_backlog()
 
@@ -1106,7 +1143,7 @@ class Endpoint:
                 self._writer_armed = True
                 self._loop.add_writer(self._fd, self._send_backlog)
 
-    def _send_one_by_one(self, out: list[tuple[bytes, Address]], start: int) -> tuple[int, int]:
+    def _send_one_by_one(self, out: list[tuple[bytes, SockAddr]], start: int) -> tuple[int, int]:
         """Fallback for a batch that raised: skip (and count) each datagram that fails."""
         errors = 0
         for pos in range(start, len(out)):
@@ -1119,50 +1156,50 @@ class Endpoint:
                 errors += 1
         return len(out), errors
 
-    def _send_raw(self, data: bytes, addr: Address) -> None:
+    def _send_raw(self, data: bytes, addr: SockAddr) -> None:
         if addr[:2] in self._relays.paths:
             self._backlog.extend(self._relays.wrap([(data, addr)]))
-            return
-        self._backlog.append((data, addr))
+        else:
+            self._backlog.append((data, addr))
         if not self._writer_armed:
             self._send_backlog()
 
     # ------------------------------------------------------------------ timers
 
-    def _arm_timer(self, conn: Connection, when: float | None) -> None:
-        if when == conn._timer_at:
+    def _arm_timer(self, conn: Connection, drive: _Drive, when: float | None) -> None:
+        if when == drive.timer_at:
             return
-        if conn._timer is not None:
-            conn._timer.cancel()
-        conn._timer_at = when
+        if drive.timer is not None:
+            drive.timer.cancel()
+        drive.timer_at = when
         if when is None:
-            conn._timer = None
+            drive.timer = None
             return
         delay = when - _now()
         # uvloop's timers have 1 ms granularity: a pacing wait of a few µs must not
         # become a whole millisecond
-        conn._timer = (
+        drive.timer = (
             self._loop.call_soon(self._on_timer, conn)
             if delay < TIMER_GRANULARITY
             else self._loop.call_later(delay, self._on_timer, conn)
         )
 
     def _on_timer(self, conn: Connection) -> None:
-        deadline = conn._timer_at
-        conn._timer = None
-        conn._timer_at = None
-        if conn._terminated:
+        drive = self._drives.get(conn)
+        if drive is None:
             return
-        quic = conn._quic
+        deadline = drive.timer_at
+        drive.timer = None
+        drive.timer_at = None
+        if drive.terminated:
+            return
+        quic = drive.quic
         now = _now()
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
         quic.handle_timer(now)
-        event = quic.next_event()
-        while event is not None:
-            self._on_event(conn, event)
-            event = quic.next_event()
-        if not conn._terminated:
+        self._drain_events(conn, quic)
+        if not drive.terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
 
@@ -1170,7 +1207,10 @@ class Endpoint:
 
     def _close_connection(self, conn: Connection, reason: str, local_reason: str) -> None:
         """Close ``conn`` gracefully: flush pending ACKs, then CONNECTION_CLOSE(reason)."""
-        quic = conn._quic
+        drive = self._drives.get(conn)
+        if drive is None:  # no longer driven: closed already
+            return
+        quic = drive.quic
         now = _now()
         if conn._receipts:
             conn._flush_receipts()  # the peer's sends that reached us complete
@@ -1180,25 +1220,50 @@ class Endpoint:
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)
 
+    def _close_and_flush(self, conn: Connection, reason: str, local_reason: str) -> None:
+        self._close_connection(conn, reason, local_reason)
+        self._flush()
+
     def _check_open(self) -> None:
         if self._closed:
             raise EndpointClosed("endpoint is closed")
 
+    def _start_port_mapping(self) -> None:
+        protocols = PROTOCOLS if self.config.port_mapping is True else self.config.port_mapping
+        assert isinstance(protocols, tuple)
+        ip = self.local_addr[0]
+        self._portmap = PortMapper(
+            self.local_addr[1], protocols=protocols,
+            internal_ip=ip if ipaddress.ip_address(ip).version == 4 else None,
+            on_change=self._on_port_mapping)
+        self._portmap.start()
+
+    def _on_port_mapping(self, mapping: Mapping | None) -> None:
+        if mapping is not None:
+            self.public_addr = mapping.external
+        elif self._mapped_addr is not None and self.public_addr == self._mapped_addr:
+            self.public_addr = None
+        self._mapped_addr = mapping.external if mapping is not None else None
+
     async def _close(self) -> None:
         self._closed = True
+        # the lease is deleted alongside the connections' close (bounded: one delete)
+        unmap = (asyncio.ensure_future(self._portmap.stop())
+                 if self._portmap is not None else None)
         self._accept_signal.notify_all()  # waiting accept() calls raise EndpointClosed
         for conn in list(self._live):
-            if conn._ready is not None and not conn._ready.done():  # a dial in flight
-                conn._ready.set_exception(EndpointClosed("endpoint closed during the dial"))
-                conn._ready.exception()
-            if conn._closed is None:
+            ready = self._drives[conn].ready
+            if ready is not None and not ready.done():  # a dial in flight
+                ready.set_exception(EndpointClosed("endpoint closed during the dial"))
+                ready.exception()
+            if not conn.is_closed:
                 self._close_connection(conn, "endpoint closed", "endpoint closed")
         self._flush()
         deadline = self._loop.time() + CLOSE_FLUSH_TIMEOUT
         while self._backlog and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
         for conn in list(self._live):
-            conn._terminated = True
+            self._drives[conn].terminated = True
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         self._rx_queue.clear()
@@ -1206,4 +1271,124 @@ class Endpoint:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
         self._sock.close()
+        if unmap is not None:
+            await unmap
         logger.debug("endpoint %s closed", self.local_addr)
+
+
+class _Drive:
+    """What the endpoint keeps to drive one connection (nobody else reads it): its
+    engine, connection IDs and timer, its dial or handshake state, its budget standing."""
+
+    __slots__ = ("budgeted", "cids", "established", "handshake_deadline", "handshake_done",
+                 "pooled", "quic", "ready", "terminated", "timer", "timer_at")
+
+    def __init__(self, quic: quic_engine.EngineConnection) -> None:
+        self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
+        self.cids: set[bytes] = set()  # our connection IDs for it in the table
+        self.timer: asyncio.Handle | None = None
+        self.timer_at: float | None = None  # the engine deadline the timer is armed for
+        self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
+        self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
+        self.handshake_done = False  # TLS done; a dialler still waits for confirmation
+        self.established = False  # handed to the user (or its dialler)
+        self.pooled = True  # False for private probes and race dials until adopted
+        self.budgeted = False  # the receive budget counts its engine's reservation
+        self.terminated = False  # the engine is done: nothing more to feed or send
+
+
+class _Host:
+    """The endpoint as its services see it (:class:`~qp2p.services.host.ServiceHost`):
+    the few things they may ask, handed over by the endpoint at bind."""
+
+    __slots__ = ("_accept_incoming", "_dial", "_endpoint", "_family", "_gone", "_handlers",
+                 "_loop", "_pool", "_resolve", "_send_raw", "adopt")
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        loop: asyncio.AbstractEventLoop,
+        pool: Pool,
+        family: int,
+        resolve: Callable[[wire.Address | SockAddr | str], Coroutine[Any, Any, SockAddr]],
+        dial: Callable[..., Coroutine[Any, Any, Connection]],
+        adopt: Callable[[Connection], None],
+        send_raw: Callable[[bytes, SockAddr], None],
+        handlers: dict[int, ControlHandler],
+        gone: list[Callable[[Connection], None]],
+        accept_incoming: Callable[[], bool],
+    ) -> None:
+        self._endpoint = endpoint  # for its public API only
+        self._accept_incoming = accept_incoming
+        self._loop = loop
+        self._pool = pool
+        self._family = family
+        self._resolve = resolve
+        self._dial = dial
+        self.adopt = adopt
+        self._send_raw = send_raw
+        self._handlers = handlers
+        self._gone = gone
+
+    @property
+    def config(self) -> Config:
+        return self._endpoint.config
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
+    def family(self) -> int:
+        return self._family
+
+    @property
+    def is_closed(self) -> bool:
+        return self._endpoint.is_closed
+
+    @property
+    def rendezvous(self) -> bool:
+        return self._endpoint.rendezvous
+
+    @property
+    def relay(self) -> bool:
+        return self._endpoint.relay
+
+    @property
+    def accepts_incoming(self) -> bool:
+        return self._accept_incoming()
+
+    def connections(self) -> list[Connection]:
+        return self._pool.all_open()
+
+    def pooled(self, addr: SockAddr, expect_peer_id: PeerId | None = None) -> Connection | None:
+        return self._pool.get(addr, expect_peer_id)
+
+    async def resolve(self, addr: wire.Address | SockAddr | str) -> SockAddr:
+        return await self._resolve(addr)
+
+    async def connect(self, addr: wire.Address | SockAddr | str) -> Connection:
+        return await self._endpoint.connect_to(addr)
+
+    async def dial(
+        self,
+        addr: SockAddr,
+        expect_peer_id: PeerId | None,
+        timeout: float,
+        *,
+        private: bool = False,
+        first_flight: FirstFlight | None = None,
+    ) -> Connection:
+        return await self._dial(addr, expect_peer_id, timeout, private=private,
+                                first_flight=first_flight)
+
+    def send_raw(self, data: bytes, addr: SockAddr) -> None:
+        self._send_raw(data, addr)
+
+    def on_control(self, kind: int, handler: ControlHandler) -> None:
+        if kind in self._handlers:
+            raise ValueError(f"control kind {kind} already has a service")
+        self._handlers[kind] = handler
+
+    def on_connection_gone(self, callback: Callable[[Connection], None]) -> None:
+        self._gone.append(callback)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from .wire import SockAddr
+
 if TYPE_CHECKING:
     from .connection import Connection
     from .identity import PeerId
 
 __all__ = ["Pool"]
-
-Address = tuple[Any, ...]
 
 
 class Pool:
@@ -23,11 +23,11 @@ class Pool:
     """
 
     def __init__(self) -> None:
-        self._by_addr: dict[Address, list[Connection]] = {}
-        self.pending: dict[tuple[Address, PeerId | None], asyncio.Future[Connection]] = {}
-        self.waiting: dict[tuple[Address, PeerId | None], int] = {}  # callers per pending dial
+        self._by_addr: dict[SockAddr, list[Connection]] = {}
+        self.pending: dict[tuple[SockAddr, PeerId | None], asyncio.Future[Connection]] = {}
+        self.waiting: dict[tuple[SockAddr, PeerId | None], int] = {}  # callers per pending dial
 
-    def dial_done(self, key: tuple[Address, PeerId | None], dial: asyncio.Future[Any]) -> None:
+    def dial_done(self, key: tuple[SockAddr, PeerId | None], dial: asyncio.Future[Any]) -> None:
         """A shared dial ended: forget it, and retrieve its outcome so a failure that no
         caller awaited any more is not reported as "never retrieved"."""
         self.pending.pop(key, None)
@@ -50,7 +50,7 @@ class Pool:
             if not conns:
                 del self._by_addr[key]
 
-    def get(self, addr: Address, expect_peer_id: PeerId | None = None) -> Connection | None:
+    def get(self, addr: SockAddr, expect_peer_id: PeerId | None = None) -> Connection | None:
         """The oldest open connection to ``addr`` (whose peer is ``expect_peer_id`` if given)."""
         for conn in self._by_addr.get(_key(addr), ()):
             if conn.is_closed:
@@ -71,5 +71,5 @@ class Pool:
         return sum(len(conns) for conns in self._by_addr.values())
 
 
-def _key(addr: Address) -> Address:
+def _key(addr: SockAddr) -> SockAddr:
     return (addr[0], int(addr[1]))

@@ -1,5 +1,7 @@
-"""Relayed connections: when no direct path can be made, QUIC packets travel through a
-relay peer (an endpoint bound with ``relay=True``), which forwards them opaque.
+"""Relayed connections, the data plane (the endpoint's): when no direct path can be made,
+QUIC packets travel through a relay peer (an endpoint bound with ``relay=True``), which
+forwards them opaque. The control plane — asking, offering, accepting, probing for a
+direct path — is the relay service, :mod:`qp2p.services.relay`.
 
 The relay never holds keys: the relayed connection is an ordinary QUIC connection between
 the two peers (TLS 1.3, mutual authentication, end to end) whose packets are wrapped for
@@ -37,20 +39,17 @@ endpoint wraps what it sends there and unwraps what arrives from the relay.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
-import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .errors import ConnectionError, HolePunchFailed, MessageRejected, PeerAuthenticationError
-from .identity import PeerId
-from .ratelog import RateLimitedLog
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import Connection
-    from .endpoint import Endpoint
 
 __all__ = [
     "HEADER_LEN",
@@ -62,13 +61,18 @@ __all__ = [
     "SESSION_BURST",
     "SESSION_IDLE",
     "SESSION_RATE",
+    "UPGRADE_ATTEMPTS",
+    "UPGRADE_INTERVAL",
+    "Offer",
+    "RelayPath",
     "Relays",
-    "connect_relayed",
+    "Session",
+    "forward",
+    "is_probe",
     "is_wrapped",
+    "on_probe",
+    "same_address",
 ]
-
-logger = logging.getLogger("qp2p.relay")
-_peer_log = RateLimitedLog(logger)
 
 Address = wire.SockAddr
 
@@ -90,7 +94,24 @@ SESSION_IDLE = 60.0
 #: Relayed paths a peer keeps through one relay (offers beyond it are declined).
 MAX_PATHS_PER_RELAY = 16
 
+#: Moving a relayed connection to a direct path: each peer probes the other's address (as
+#: the relay saw it) with ``PROBE_MARKER`` + a 16-byte nonce on ``holepunch.PROBE_SCHEDULE``
+#: and tells the peer the nonce inside the connection (``KIND_PATH_CHECK``); a peer that got
+#: both answers ``KIND_PATH_OK``, and the prober then sends straight there. Tried every
+#: ``UPGRADE_INTERVAL`` seconds, ``UPGRADE_ATTEMPTS`` times, while the connection is relayed.
+PROBE_MARKER = 0x01
+PROBE_LEN = 1 + 16
+UPGRADE_INTERVAL = 5.0
+UPGRADE_ATTEMPTS = 12
+#: Nonces of raw probes remembered (and checks waiting for theirs), oldest dropped first.
+MAX_PROBES_SEEN = 256
+
 OK, ERR = b"ok", b"err"
+
+
+def is_probe(data: bytes) -> bool:
+    """The datagram is a direct-path probe (QUIC bit clear, exactly ``PROBE_LEN``)."""
+    return len(data) == PROBE_LEN and data[0] == PROBE_MARKER
 
 
 def is_wrapped(data: bytes) -> bool:
@@ -115,7 +136,7 @@ class _Bucket:
         return True
 
 
-class _Session:
+class Session:
     """One forwarding session, on the relay."""
 
     __slots__ = ("bucket", "dialler", "last", "target")
@@ -126,7 +147,7 @@ class _Session:
         self.last = now  # when it last forwarded
 
 
-class _Offer:
+class Offer:
     """A session the relay offered a target and is waiting for it to accept."""
 
     __slots__ = ("dialler", "stream_id", "target", "timer")
@@ -137,15 +158,38 @@ class _Offer:
             dialler, target, stream_id, timer)
 
 
+class RelayPath:
+    """One relayed path, on a peer: through which relay and session, the peer's address
+    as the relay saw it (where we probe for a direct path), and, once a probe proved it,
+    the direct address our packets now go to."""
+
+    __slots__ = ("attempt", "candidate", "direct", "nonce", "placeholder", "probed", "relay",
+                 "sid", "timer")
+
+    def __init__(self, relay: Connection, sid: bytes, placeholder: Address,
+                 candidate: Address | None) -> None:
+        self.relay, self.sid, self.placeholder, self.candidate = (
+            relay, sid, placeholder, candidate)
+        self.direct: Address | None = None
+        self.nonce: bytes | None = None  # our current probe's
+        self.probed: Address | None = None  # where it went
+        self.attempt = 0
+        self.timer: asyncio.TimerHandle | None = None  # the next attempt
+
+
 class Relays:
     """One endpoint's relay state: as a relay, the sessions it forwards and what it
     forwarded; as a peer, its relayed paths (placeholder address <-> relay connection and
-    session id)."""
+    session id) and the probes for a direct path."""
 
-    def __init__(self, family: int, now: float, counters: dict[str, int]) -> None:
+    def __init__(self, family: int, now: float, counters: dict[str, int],
+                 send_raw: Callable[[bytes, Address], None]) -> None:
         self.family = family
-        self.sessions: dict[bytes, _Session] = {}
-        self.offers: dict[bytes, _Offer] = {}
+        self.send_raw = send_raw  # the endpoint's socket
+        #: the relay service's: a raw probe arrived whose check was waiting (conn, nonce, addr)
+        self.on_confirm: Callable[[Connection, bytes, Address], None] | None = None
+        self.sessions: dict[bytes, Session] = {}
+        self.offers: dict[bytes, Offer] = {}
         self.per_peer: dict[Connection, int] = {}
         self.bucket = _Bucket(RELAY_RATE, RELAY_BURST, now)
         # the endpoint's counters: what we forwarded, and what we dropped (spoofed source,
@@ -153,15 +197,20 @@ class Relays:
         self.counters = counters
         for key in ("relayed_packets", "relayed_bytes", "relay_dropped"):
             counters.setdefault(key, 0)
-        # peer role
-        # placeholder (host, port) -> (relay, sid); the relayed connection's remote_addr
-        self.paths: dict[Any, tuple[Connection, bytes]] = {}
-        self.by_session: dict[bytes, tuple[Any, Connection]] = {}  # sid -> (placeholder, relay)
+        # peer role: placeholder (host, port), the relayed connection's remote_addr -> path
+        self.paths: dict[Any, RelayPath] = {}
+        self.by_session: dict[bytes, RelayPath] = {}
+        # direct-path probes: nonces seen on raw probes (-> source), and the peer's own
+        # checks waiting for their probe (-> path); both bounded
+        self.probes_seen: collections.OrderedDict[bytes, Address] = collections.OrderedDict()
+        self.checks: collections.OrderedDict[bytes, Connection] = collections.OrderedDict()
 
     # -- peer role: placeholder addresses --------------------------------------------
 
-    def add_path(self, relay: Connection, sid: bytes) -> Address:
-        """A new placeholder address for the path through ``relay``'s session ``sid``."""
+    def add_path(self, relay: Connection, sid: bytes,
+                 candidate: Address | None = None) -> Address:
+        """A new placeholder address for the path through ``relay``'s session ``sid``
+        (``candidate``: the peer's address as the relay sees it)."""
         while True:
             raw = os.urandom(6)
             host = str(ipaddress.IPv4Address(bytes([0xF0 | (raw[0] & 0x0F)]) + raw[1:4]))
@@ -173,41 +222,44 @@ class Relays:
                 addr = (host, port)
             if addr[:2] not in self.paths:
                 break
-        self.paths[addr[:2]] = (relay, sid)
-        self.by_session[sid] = (addr, relay)
+        path = RelayPath(relay, sid, addr, candidate)
+        self.paths[addr[:2]] = path
+        self.by_session[sid] = path
         return addr
 
     def drop_path(self, addr: Any) -> None:
-        entry = self.paths.pop(addr[:2], None)
-        if entry is not None:
-            self.by_session.pop(entry[1], None)
+        path = self.paths.pop(addr[:2], None)
+        if path is not None:
+            self.by_session.pop(path.sid, None)
+
+    def path_of(self, addr: Any) -> RelayPath | None:
+        return self.paths.get(addr[:2])
 
     def path_for(self, data: bytes, addr: Any) -> Any:
         """The placeholder address of the relayed path a wrapped datagram from ``addr``
         arrived on (it must come from that path's relay), or None."""
-        entry = self.by_session.get(bytes(data[1:HEADER_LEN]))
-        if entry is None or not _same(addr, entry[1].remote_addr):
+        path = self.by_session.get(bytes(data[1:HEADER_LEN]))
+        if path is None or not same_address(addr, path.relay.remote_addr):
             return None
-        return entry[0]
+        return path.placeholder
 
     def paths_through(self, relay: Connection) -> int:
-        return sum(1 for r, _ in self.paths.values() if r is relay)
+        return sum(1 for p in self.paths.values() if p.relay is relay)
 
     def wrap(self, datagrams: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-        """``datagrams`` with those bound for a placeholder address wrapped for its relay."""
+        """``datagrams`` with those bound for a placeholder address wrapped for its relay,
+        or sent to the path's direct address once it has one."""
         paths = self.paths
         out = []
         for data, addr in datagrams:
-            entry = paths.get(addr[:2])
-            if entry is None:
+            path = paths.get(addr[:2])
+            if path is None:
                 out.append((data, addr))
+            elif path.direct is not None:
+                out.append((data, path.direct))
             else:
-                relay, sid = entry
-                out.append((b"\x00" + sid + data, relay.remote_addr))
+                out.append((b"\x00" + path.sid + data, path.relay.remote_addr))
         return out
-
-    def is_relayed(self, addr: Any) -> bool:
-        return addr[:2] in self.paths
 
     # -- both roles -------------------------------------------------------------------
 
@@ -218,10 +270,14 @@ class Relays:
         for sid in [s for s, o in self.offers.items() if conn in (o.dialler, o.target)]:
             offer = self.offers.pop(sid)
             offer.timer.cancel()
+            self.release_peers(offer.dialler, offer.target)
         self.per_peer.pop(conn, None)
-        for addr in [a for a, (r, _) in self.paths.items() if r is conn]:
+        # paths through it end, except those that moved to a direct path
+        for addr in [a for a, p in self.paths.items() if p.relay is conn and p.direct is None]:
             self.drop_path(addr)
         self.drop_path(conn.remote_addr)  # a relayed connection itself
+        for nonce in [n for n, c in self.checks.items() if c is conn]:
+            del self.checks[nonce]
 
     def sweep(self, now: float, idle: float) -> None:
         """End the sessions that forwarded nothing for ``idle`` seconds (the relay cannot
@@ -232,29 +288,48 @@ class Relays:
     def _end_session(self, sid: bytes) -> None:
         session = self.sessions.pop(sid, None)
         if session is not None:
-            for side in (session.dialler, session.target):
-                left = self.per_peer.get(side, 0) - 1
-                if left > 0:
-                    self.per_peer[side] = left
-                else:
-                    self.per_peer.pop(side, None)
+            self.release_peers(session.dialler, session.target)
+
+    def hold_peers(self, *peers: Connection) -> None:
+        """An offer or session involving ``peers`` (toward the per-peer limit)."""
+        for side in peers:
+            self.per_peer[side] = self.per_peer.get(side, 0) + 1
+
+    def release_peers(self, *peers: Connection) -> None:
+        """An offer or session involving ``peers`` ended."""
+        for side in peers:
+            left = self.per_peer.get(side, 0) - 1
+            if left > 0:
+                self.per_peer[side] = left
+            else:
+                self.per_peer.pop(side, None)
+
+    def go_direct(self, path: RelayPath) -> None:
+        """Send the path's packets straight to the address its probe reached."""
+        path.direct = path.probed
+
+    def placeholder(self, addr: Any) -> Any:
+        """The engine's address for a relayed (or formerly relayed) path, else None."""
+        path = self.paths.get(addr[:2]) if self.paths else None
+        return None if path is None else path.placeholder
+
+    def path_name(self, addr: Any) -> str:
+        """``"relayed"`` while a placeholder's packets go through the relay, else
+        ``"direct"``."""
+        path = self.paths.get(addr[:2]) if self.paths else None
+        return "relayed" if path is not None and path.direct is None else "direct"
 
 
-
-# -- the data plane (called by the endpoint for datagrams that matched no connection) --
-
-
-def forward(endpoint: Endpoint, relays: Relays, data: bytes, addr: Address,
-            now: float) -> bool:
+def forward(relays: Relays, data: bytes, addr: Address, now: float) -> bool:
     """A wrapped datagram from ``addr`` for a session we relay: forward it to the other
     side. Returns False when it is no such session's (the caller then looks for one of
     its own relayed paths, ``Relays.path_for``)."""
     session = relays.sessions.get(bytes(data[1:HEADER_LEN]))
     if session is None:
         return False
-    if _same(addr, session.dialler.remote_addr):
+    if same_address(addr, session.dialler.remote_addr):
         dst = session.target
-    elif _same(addr, session.target.remote_addr):
+    elif same_address(addr, session.target.remote_addr):
         dst = session.dialler
     else:  # not from either side's address: spoofed, or a stale path
         relays.counters["relay_dropped"] += 1
@@ -266,155 +341,25 @@ def forward(endpoint: Endpoint, relays: Relays, data: bytes, addr: Address,
     session.last = now
     relays.counters["relayed_packets"] += 1
     relays.counters["relayed_bytes"] += size
-    endpoint._send_raw(bytes(data), dst.remote_addr)
+    relays.send_raw(bytes(data), dst.remote_addr)
     return True
 
 
-def _same(a: Any, b: Any) -> bool:
+def on_probe(relays: Relays, data: bytes, addr: Address) -> None:
+    """A raw probe from ``addr``: remember its nonce; if the peer already told us it
+    (inside a relayed connection), the peer reaches us directly from ``addr``."""
+    nonce = bytes(data[1:])
+    seen = relays.probes_seen
+    if nonce in seen:
+        return
+    seen[nonce] = addr
+    if len(seen) > MAX_PROBES_SEEN:
+        seen.popitem(last=False)
+    conn = relays.checks.pop(nonce, None)
+    if conn is not None and relays.on_confirm is not None:
+        relays.on_confirm(conn, nonce, addr)
+
+
+def same_address(a: Any, b: Any) -> bool:
+    """The same (host, port), whatever the tuples' lengths."""
     return bool(a[0] == b[0] and a[1] == b[1])
-
-
-# -- the control plane -----------------------------------------------------------------
-
-
-def on_relay_request(endpoint: Endpoint, relays: Relays, conn: Connection, payload: bytes,
-                     stream_id: int) -> None:
-    """Relay side: ``conn``'s peer asks us to relay to the peer whose id is ``payload``."""
-    if not endpoint.relay:
-        _answer(endpoint, conn, stream_id, ERR, b"not a relay")
-        return
-    if len(payload) != 32:
-        _answer(endpoint, conn, stream_id, ERR, b"malformed peer id")
-        return
-    wanted = PeerId(payload)
-    target = next(
-        (c for c in endpoint.connections() if c.peer_id == wanted and c is not conn), None
-    )
-    if target is None:
-        _answer(endpoint, conn, stream_id, ERR, f"unknown peer id {wanted}".encode())
-        return
-    relays.sweep(endpoint._loop.time(), endpoint.config.idle_timeout or SESSION_IDLE)
-    if (len(relays.sessions) + len(relays.offers) >= MAX_SESSIONS
-            or relays.per_peer.get(conn, 0) >= MAX_SESSIONS_PER_PEER
-            or relays.per_peer.get(target, 0) >= MAX_SESSIONS_PER_PEER):
-        _answer(endpoint, conn, stream_id, ERR, b"relay busy: too many sessions")
-        return
-    sid = os.urandom(SESSION_LEN)
-    offer_frame = endpoint._fp.encode_frame(
-        conn.peer_id.digest if conn.peer_id is not None else b"", b"", sid,
-        wire.KIND_RELAY_OFFER,
-    )
-    if target._send_nowait(offer_frame) is None:
-        _answer(endpoint, conn, stream_id, ERR, b"target is gone")
-        return
-
-    def expire() -> None:
-        if relays.offers.pop(sid, None) is not None:
-            _answer(endpoint, conn, stream_id, ERR, b"target did not accept in time")
-
-    timer = endpoint._loop.call_later(endpoint.config.handshake_timeout, expire)
-    relays.offers[sid] = _Offer(conn, target, stream_id, timer)
-    for side in (conn, target):  # an offer counts toward the per-peer limit
-        relays.per_peer[side] = relays.per_peer.get(side, 0) + 1
-
-
-def on_relay_accept(endpoint: Endpoint, relays: Relays, conn: Connection, header: bytes,
-                    payload: bytes) -> None:
-    """Relay side: a target answers our offer ``payload``; only that target may."""
-    offer = relays.offers.get(bytes(payload))
-    if offer is None or offer.target is not conn:
-        return
-    sid = bytes(payload)
-    del relays.offers[sid]
-    offer.timer.cancel()
-    if header != OK:
-        for side in (offer.dialler, offer.target):
-            left = relays.per_peer.get(side, 0) - 1
-            if left > 0:
-                relays.per_peer[side] = left
-            else:
-                relays.per_peer.pop(side, None)
-        _answer(endpoint, offer.dialler, offer.stream_id, ERR, b"the target declined")
-        return
-    relays.sessions[sid] = _Session(offer.dialler, conn, endpoint._loop.time())
-    _answer(endpoint, offer.dialler, offer.stream_id, OK, sid)
-    logger.debug("relaying between %s and %s", offer.dialler.remote_addr, conn.remote_addr)
-
-
-def on_relay_offer(endpoint: Endpoint, relays: Relays, conn: Connection, header: bytes,
-                   payload: bytes, registered: bool) -> None:
-    """Target side: the relay ``conn`` offers a session from the peer ``header``.
-
-    ``registered``: ``conn`` is a relay we may take offers from (the introductions rule)."""
-    if len(payload) != SESSION_LEN:
-        return
-    sid = bytes(payload)
-    accept = (registered and endpoint._accepts_incoming() and not endpoint.is_closed
-              and relays.paths_through(conn) < MAX_PATHS_PER_RELAY
-              and sid not in relays.by_session)
-    if accept:
-        addr = relays.add_path(conn, sid)
-        logger.debug("relayed path from %s through %s: %s", header.hex()[:16],
-                     conn.remote_addr, addr)
-
-        def unused() -> None:  # no connection came over the path: drop it
-            if relays.paths.get(addr[:2]) == (conn, sid) and not endpoint._has_connection(addr):
-                relays.drop_path(addr)
-
-        endpoint._loop.call_later(2 * endpoint.config.handshake_timeout, unused)
-    else:
-        _peer_log.info("relay-offer-declined", "declining a relayed session from %s",
-                       wire.addr_text(conn.remote_addr))
-    frame = endpoint._fp.encode_frame(OK if accept else ERR, b"", sid, wire.KIND_RELAY_ACCEPT)
-    conn._send_nowait(frame)
-
-
-def _answer(endpoint: Endpoint, conn: Connection, stream_id: int, status: bytes,
-            payload: bytes) -> None:
-    frame = endpoint._fp.encode_frame(status, b"", payload, wire.KIND_RELAY_RESPONSE)
-    conn._reply_nowait(stream_id, frame)
-
-
-async def connect_relayed(endpoint: Endpoint, relays: Relays, relay_addr: Address | str,
-                          peer_id: PeerId, timeout: float) -> Connection:
-    """Dialler side: a connection to ``peer_id`` whose packets go through the relay at
-    ``relay_addr``; ``HolePunchFailed`` (a ``ConnectionError``) when it cannot be made."""
-    loop = endpoint._loop
-    deadline = loop.time() + timeout
-
-    def remaining() -> float:
-        left = deadline - loop.time()
-        if left <= 0:
-            raise HolePunchFailed(f"relaying to {peer_id} took longer than {timeout:g}s")
-        return left
-
-    try:
-        relay = await asyncio.wait_for(endpoint.connect_to(relay_addr), remaining())
-    except (ConnectionError, asyncio.TimeoutError) as exc:
-        if isinstance(exc, (HolePunchFailed, PeerAuthenticationError)):
-            raise
-        raise HolePunchFailed(f"relay {relay_addr} unreachable: {exc}") from exc
-    request = endpoint._fp.encode_frame(b"", b"", peer_id.digest, wire.KIND_RELAY_REQUEST)
-    try:
-        reply: Any = await relay._request_frame(request, remaining())
-    except MessageRejected as exc:
-        raise HolePunchFailed(f"relay {relay_addr} refused to relay: {exc}") from exc
-    except asyncio.TimeoutError as exc:
-        raise HolePunchFailed(f"relay {relay_addr} did not answer in time") from exc
-    if getattr(reply, "kind", None) != wire.KIND_RELAY_RESPONSE:
-        raise HolePunchFailed(f"relay {relay_addr} answered with a user message")
-    if reply.header != OK or len(reply.payload) != SESSION_LEN:
-        reason = bytes(reply.payload).decode("utf-8", "replace")[:200]
-        raise HolePunchFailed(f"relay {relay_addr}: {reason}")
-    addr = relays.add_path(relay, bytes(reply.payload))
-    try:
-        conn = await endpoint._dial(addr, peer_id, remaining())
-    except PeerAuthenticationError as exc:
-        relays.drop_path(addr)
-        raise HolePunchFailed(f"the relayed peer is not {peer_id}: {exc}") from exc
-    except (asyncio.TimeoutError, ConnectionError) as exc:
-        relays.drop_path(addr)
-        raise HolePunchFailed(f"no relayed connection to {peer_id} through {relay_addr}: "
-                              f"{exc}") from exc
-    logger.info("connected to %s through relay %s", peer_id, wire.addr_text(relay.remote_addr))
-    return conn

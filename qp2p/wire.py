@@ -31,6 +31,8 @@ __all__ = [
     "KIND_INTRODUCE_REQUEST",
     "KIND_INTRODUCE_RESPONSE",
     "KIND_INTRODUCTION",
+    "KIND_PATH_CHECK",
+    "KIND_PATH_OK",
     "KIND_RECEIPT",
     "KIND_RELAY_ACCEPT",
     "KIND_RELAY_OFFER",
@@ -46,14 +48,17 @@ __all__ = [
     "encode_varint",
     "format_addr",
     "parse_addr",
+    "parse_address",
     "parse_receipts",
     "to_address",
 ]
 
-FRAME_HEADER_LEN: Final = 16
+#: The frame header's size and the user kind (0) are the codec's (the fast path and its
+#: twin define them; written once more here would be a third copy).
+FRAME_HEADER_LEN: Final[int] = _speedups.impl.FRAME_HEADER_LEN
+KIND_USER: Final[int] = _speedups.impl.KIND_USER
 
-# Frame kinds (byte 14).
-KIND_USER: Final = 0
+# qp2p's own frame kinds (byte 14).
 KIND_ECHO_REQUEST: Final = 1  # "what address do you see me at?" (bidi stream)
 KIND_ECHO_RESPONSE: Final = 2  # the observed address, as "host:port" text
 KIND_INTRODUCE_REQUEST: Final = 3  # ask a rendezvous to introduce a peer (bidi)
@@ -70,6 +75,10 @@ KIND_RELAY_REQUEST: Final = 7
 KIND_RELAY_OFFER: Final = 8
 KIND_RELAY_ACCEPT: Final = 9
 KIND_RELAY_RESPONSE: Final = 10
+# a relayed connection's peers, uni, inside it: "I probe you directly with this nonce";
+# "your probe with this nonce reached me directly" (qp2p/relay.py, moving to a direct path)
+KIND_PATH_CHECK: Final = 11
+KIND_PATH_OK: Final = 12
 
 # Application error codes on streams (RESET_STREAM / STOP_SENDING).
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
@@ -140,16 +149,27 @@ def check_message(
     return FRAME_HEADER_LEN + size
 
 
-def to_address(addr: object) -> tuple[str, int]:
-    """``(host, port)`` from a tuple/list or a ``"host:port"`` / ``"[v6]:port"`` string;
+def parse_address(text: str) -> Address:
+    """``"host:port"`` or ``"[v6]:port"`` as ``(host, port)``: qp2p's one parser of address
+    text (parameters, the command line, control messages). ``ValueError`` unless the
+    port is 0-65535 and an IPv6 address is in brackets."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:5000, got {text!r}")
+    if not host or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(f"bad address {text!r}")
+    return host, int(port_text)
+
+
+def to_address(addr: object) -> Address:
+    """``(host, port)`` from a tuple/list or address text (:func:`parse_address`);
     ``ValueError`` (or ``TypeError`` for other types) otherwise."""
     if isinstance(addr, str):
-        host, sep, port_text = addr.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not sep or not host or not port_text.isdigit():
-            raise ValueError(f"not a host:port address: {addr!r}")
-        return host, int(port_text)
+        return parse_address(addr)
     if isinstance(addr, (tuple, list)) and len(addr) >= 2:
         try:
             return str(addr[0]), int(addr[1])
@@ -173,14 +193,12 @@ def format_addr(addr: SockAddr) -> bytes:
 
 
 def parse_addr(data: bytes) -> Address:
-    """The inverse of :func:`format_addr`; ``ProtocolError`` for junk."""
+    """The inverse of :func:`format_addr` (a control message's address, never port 0);
+    ``ProtocolError`` for junk."""
     try:
-        text = data.decode("ascii")
-        host, _, port_text = text.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        port = int(port_text)
+        host, port = parse_address(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"malformed address in control message: {data[:64]!r}") from None
-    if not host or not 0 < port < 65536:
+    if port == 0:
         raise ProtocolError(f"malformed address in control message: {data[:64]!r}")
     return (host, port)

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 import qp2p
-from qp2p.cli import SHUTDOWN_REASON, parse_addr
+from qp2p.cli import SHUTDOWN_REASON
+from qp2p.wire import parse_address as parse_addr
 from tests.paths import CWD, pythonpath
 
 COMBOS = [

@@ -56,3 +56,13 @@ def test_hardening_limits_validated() -> None:
     assert small.max_buffered_bytes == least
     with pytest.raises(ValueError, match="max_message_size"):
         qp2p.Config(max_message_size=1000, max_buffered_bytes=least - 1)
+
+
+def test_config_port_mapping_values() -> None:
+    """API.md: False by default, True maps; a tuple picks protocols; nothing else."""
+    assert qp2p.Config().port_mapping is False
+    assert qp2p.Config(port_mapping=True).port_mapping is True
+    assert qp2p.Config(port_mapping=("natpmp", "upnp")).port_mapping == ("natpmp", "upnp")
+    for bad in [("ssh",), (), ("pcp", "pcp"), ["pcp"], "pcp", 1]:
+        with pytest.raises(ValueError, match="port_mapping"):
+            qp2p.Config(port_mapping=bad)  # type: ignore[arg-type]

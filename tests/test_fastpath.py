@@ -123,7 +123,7 @@ def test_constants(fp: ModuleType) -> None:
     assert fp.FRAME_HEADER_LEN == 16
     assert fp.WIRE_VERSION == 0x0002
     assert fp.KIND_USER == 0
-    assert fp.MAX_KIND == 10
+    assert fp.MAX_KIND == 12
 
 
 def test_select_switches_and_rejects_unknown_names() -> None:

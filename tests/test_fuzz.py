@@ -14,7 +14,7 @@ bytes-like type, and checked against oracles that hold for *both* implementation
 - compiled and twin give identical traces (results, error messages, ``buffered``).
 
 Datagrams (random bytes and mutations of real aioquic packets) go through
-``ConnectionTable.lookup`` and ``engine.parse_long_header``, and over real UDP to a
+``ConnectionTable.lookup`` and ``engine._aioquic.parse_long_header``, and over real UDP to a
 live endpoint, which must log no error, keep no state, and keep serving a real peer;
 so do client Initials sealed with the (public) Initial keys around a damaged
 ClientHello, which reach aioquic's frame and TLS parsers through the handshake path.
@@ -532,7 +532,7 @@ def test_lookup_fuzzed_datagrams_identical(
 @FUZZ
 @given(datagrams())
 def test_parse_long_header_fuzzed_datagrams(datagram: bytes) -> None:
-    header = engine.parse_long_header(datagram)  # any exception fails the test
+    header = _aioquic.parse_long_header(datagram)  # any exception fails the test
     if header is None:
         return
     assert isinstance(header, engine.LongHeader)
@@ -555,7 +555,7 @@ def test_captured_packets_parse() -> None:
     """The capture really holds parsable Initials and short headers (else the mutations
     above would start from nothing real)."""
     cap = captured()
-    parsed = [engine.parse_long_header(d) for d in cap.datagrams]
+    parsed = [_aioquic.parse_long_header(d) for d in cap.datagrams]
     assert all(p is not None for p in parsed)
     assert any(p.is_initial for p in parsed if p is not None)
     assert any(p.version is None for p in parsed if p is not None)

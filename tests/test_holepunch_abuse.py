@@ -21,8 +21,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceived
 
 import qp2p
-from qp2p import engine, holepunch, wire
+from qp2p import engine, wire
 from qp2p.errors import ProtocolError
+from qp2p.services import holepunch, rendezvous
 from tests.conftest import FAST
 from tests.test_bad_input import frame
 
@@ -270,7 +271,7 @@ async def test_rendezvous_queues_few_introductions_for_a_silent_target(impl: str
                 await asyncio.sleep(0.01)
             print(f"\n[{impl}] 3,000 requests for a silent target: answers {answers}, "
                   f"{target_conn.stats()['queued_messages']} queued for it")
-            ok = holepunch.MAX_PENDING_INTRODUCTIONS
+            ok = rendezvous.MAX_PENDING_INTRODUCTIONS
             assert answers == {b"ok": ok, b"err": 3000 - ok}
             assert target_conn.stats()["queued_messages"] <= \
-                holepunch.MAX_PENDING_INTRODUCTIONS
+                rendezvous.MAX_PENDING_INTRODUCTIONS

@@ -243,8 +243,7 @@ async def test_junk_receipts(impl: str) -> None:
     try:
         conn, accepted = await connected(a, b)
         for payload in (b"\xc0", wire.encode_receipt(2, 0) + wire.encode_receipt(1002, 7)):
-            frame = accepted._fp.encode_frame(b"", b"", payload, wire.KIND_RECEIPT)
-            accepted._send_nowait(frame)
+            accepted.send_control(wire.KIND_RECEIPT, payload)
         await asyncio.wait_for(accepted.send(b"after"), 5)
         assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"after"
         assert conn.stats()["streams_rejected"] == 1  # the malformed one

@@ -17,13 +17,19 @@ import pytest_asyncio
 import qp2p
 from qp2p import relay
 from tests.conftest import FAST
+from tests.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 
 
 @pytest_asyncio.fixture
-async def trio(impl: str) -> AsyncIterator[tuple[qp2p.Endpoint, qp2p.Endpoint, qp2p.Endpoint]]:
-    """(relay, target, dialler); the target is connected to the relay."""
+async def trio(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[qp2p.Endpoint, qp2p.Endpoint, qp2p.Endpoint]]:
+    """(relay, target, dialler); the target is connected to the relay. On loopback a
+    direct path always exists, so relayed connections stay relayed here only because
+    these tests turn the move to a direct path off (``test_relay_upgrade`` turns it on)."""
+    monkeypatch.setattr(relay, "UPGRADE_ATTEMPTS", 0)
     r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
@@ -234,3 +240,45 @@ async def test_relay_session_limits(
 async def _accepted_last(b: qp2p.Endpoint, count: int) -> qp2p.Connection:
     accepted = [await b.accept() for _ in range(count)]
     return accepted[-1]
+
+
+async def test_relayed_connection_moves_to_a_direct_path(impl: str) -> None:
+    """With a direct path available (loopback), a relayed connection probes it, moves
+    onto it (``path`` becomes "direct") and loses or duplicates nothing sent meanwhile;
+    the relay then forwards nothing more for it. The dialler reaches the relay through a
+    delay line (20 ms each way), so the first messages travel relayed while the probes run, and the
+    relay gives the target a wrong address for the dialler (the delay line's): the
+    target learns the right one from the dialler's probe."""
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    line = UdpRelay(("127.0.0.1", 0), r.local_addr, delay_ms=20)
+    try:
+        await b.connect_to(r.local_addr)
+        conn = await a.connect_relayed(await line.start(), b.peer_id)
+        at_connect = r.stats_counters["relayed_packets"]
+        # 300 messages at once, from the moment the connection exists: the first ones
+        # travel while the probes run, through the relay
+        sending = asyncio.ensure_future(asyncio.gather(
+            *(conn.send(b"m%d" % i) for i in range(300))))
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        got = [(await asyncio.wait_for(accepted.recv(), 5)).payload for _ in range(300)]
+        await asyncio.wait_for(sending, 5)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while (conn.path, accepted.path) != ("direct", "direct") and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert (conn.path, accepted.path) == ("direct", "direct")
+        assert sorted(got) == sorted(b"m%d" % i for i in range(300))  # nothing lost or twice
+        during = r.stats_counters["relayed_packets"] - at_connect
+        relayed = r.stats_counters["relayed_packets"]
+        await exchange(conn, accepted, 20)  # both ways and a request, on the direct path
+        after = r.stats_counters["relayed_packets"] - relayed
+        assert after <= 5  # stragglers at most: the direct path carries it now
+        print(f"\n[{impl}] moved to a direct path; {during} packets relayed while 300 "
+              f"messages went, {after} after")
+        assert during > 0
+    finally:
+        line.close()
+        for ep in (a, b, r):
+            await ep.close()

@@ -221,7 +221,7 @@ async def test_introductions_only_from_a_rendezvous_we_registered_with(
     try:
         # b dialled a: a must ignore b's introduction
         from_b, _ = await connected(b, a)
-        from_b._send_nowait(b._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+        from_b.send_control(wire.KIND_INTRODUCTION, target)
         await asyncio.sleep(0.5)
         with pytest.raises(BlockingIOError):
             sink.recv(2048)
@@ -229,13 +229,13 @@ async def test_introductions_only_from_a_rendezvous_we_registered_with(
         c = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
         try:
             to_c, from_a = await connected(a, c)
-            from_a._send_nowait(c._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+            from_a.send_control(wire.KIND_INTRODUCTION, target)
             await asyncio.sleep(0.5)
             with pytest.raises(BlockingIOError):
                 sink.recv(2048)
             # a registers with c (its rendezvous): c's introduction is honoured
             assert await a.register_with(c.local_addr) is to_c
-            from_a._send_nowait(c._fp.encode_frame(b"", b"", target, wire.KIND_INTRODUCTION))
+            from_a.send_control(wire.KIND_INTRODUCTION, target)
             for _ in range(100):
                 try:
                     assert sink.recv(2048)

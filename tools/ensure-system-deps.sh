@@ -2,6 +2,9 @@
 # Make sure the system tools the network-namespace tests need are present:
 #   ip   (Debian package iproute2)  -- namespaces, veth pairs, addresses, routes
 #   nft  (Debian package nftables)  -- NAT, random loss, "drop unsolicited inbound"
+#   miniupnpd (Debian package miniupnpd-nftables) -- the UPnP-IGD / NAT-PMP / PCP daemon
+#        the port-mapping tests run in a NAT router's namespace (the binary only: the
+#        `miniupnpd` package would also configure and start a system service)
 #
 # Idempotent and silent when everything is already installed.
 # Installs the missing packages with apt-get only when we are root and apt-get exists
@@ -14,6 +17,7 @@ set -u
 missing=()
 command -v ip  >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+[ -x /usr/sbin/miniupnpd ]       || missing+=(miniupnpd-nftables)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -474,13 +474,6 @@ class LongHeader(NamedTuple):
     packet_end: int = 0
 
 
-def parse_long_header(datagram: bytes) -> LongHeader | None:
-    """The reference header parser (aioquic's), for tools and tests."""
-    from . import _aioquic
-
-    return _aioquic.parse_long_header(datagram)
-
-
 class ReceiveBudget:
     """The endpoint-wide cap on receive memory.
 
