@@ -952,7 +952,7 @@ class Connection:
                 stats["datagrams_dropped"] += 1
             if freed:
                 self._driver.release_budget(freed)
-        budget = self._budget  # the driver's charge_budget, inlined (per datagram)
+        budget = self._budget  # the endpoint's _charge_budget, inlined (per datagram)
         if cost > DATAGRAM_QUEUE_BYTES or budget.reserved + cost > budget.limit:
             stats["datagrams_dropped"] += 1
             return

@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
@@ -590,6 +591,7 @@ class Endpoint:
         table = self._table
         sock = self._sock
         queue = self._rx_queue
+        drives = self._drives
         urgent: list[tuple[bytes, SockAddr]] = []
         while len(queue) < RX_QUEUE_MAX:
             try:
@@ -599,7 +601,8 @@ class Endpoint:
                 break
             for item in batch:
                 conn = table.lookup(item[0])
-                if conn is None or not conn._established:
+                drive = drives.get(conn) if conn is not None else None
+                if drive is None or not drive.established:
                     urgent.append(item)  # all of a connection's packets take one lane
                 else:
                     queue.append(item)
@@ -708,7 +711,7 @@ class Endpoint:
                 quic.receive_datagrams(datagrams, addr, now)
             self._drain_events(conn, quic)
         except Exception:  # a bug for one connection must not stop the endpoint
-            _peer_log.exception("datagram-error", "error handling datagrams from %s", addr)
+            self._engine_failed(conn, "handling its datagrams")
 
     def _after_events(self, conn: Connection, drive: _Drive) -> None:
         """What a burst of events may have changed: establishment, receive stalls,
@@ -725,30 +728,27 @@ class Endpoint:
         try:
             self._drain_events(conn, drive.quic)
         except Exception:  # a bug for one connection must not stop the endpoint
-            logger.exception("error handling events from %s", conn.remote_addr)
+            self._engine_failed(conn, "handling its held events")
         if not drive.terminated:
             self._after_events(conn, drive)
 
     def _drain_events(self, conn: Connection, quic: quic_engine.EngineConnection) -> None:
         """Handle every event ``conn``'s engine has ready, in order."""
         next_event = quic.next_event
+        handle = conn._handle_event
         event = next_event()
         while event is not None:
             kind = type(event)
             # the per-message and per-datagram events go straight to the connection
-            if kind is _STREAM_DATA:
-                conn._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
-            elif kind is _DATAGRAM:
-                conn._on_datagram(event.data)  # type: ignore[attr-defined]
+            if kind is _STREAM_DATA or kind is _DATAGRAM:
+                handle(event)
             else:
                 self._on_event(conn, event)
             event = next_event()
 
     def _on_event(self, conn: Connection, event: quic_engine.Event) -> None:
         kind = type(event)
-        if kind is quic_engine.StreamData or kind is quic_engine.Datagram:
-            conn._handle_event(event)
-        elif kind is quic_engine.CidIssued:
+        if kind is quic_engine.CidIssued:
             self._register(conn, event.connection_id)  # type: ignore[attr-defined]
         elif kind is quic_engine.CidRetired:
             cid = event.connection_id  # type: ignore[attr-defined]
@@ -977,6 +977,30 @@ class Endpoint:
         self._fail(conn, event)
         self._forget(conn)
 
+    def _engine_failed(self, conn: Connection, during: str) -> None:
+        """An engine call for ``conn`` raised (called from its ``except`` block): a bug in
+        the engine or its adapter, after which that engine's state can't be trusted. Close
+        this connection with the reason (CONNECTION_CLOSE if the engine still builds one)
+        and keep serving the others."""
+        exc = sys.exc_info()[1]
+        reason = f"internal error {during}: {type(exc).__name__}: {exc}"
+        _peer_log.log(logging.ERROR, "engine-error", "closing the connection to %s: %s",
+                      wire.addr_text(conn.remote_addr), reason, exc_info=True)
+        drive = self._drives.get(conn)
+        if drive is None or drive.terminated:
+            return
+        drive.terminated = True
+        quic = drive.quic
+        try:
+            quic.shutdown(wire.CLOSE_INTERNAL_ERROR, reason)
+            self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(_now())))
+        except Exception:  # the engine can't even close: the peer's idle timeout will
+            logger.debug("no CONNECTION_CLOSE for %s", conn.remote_addr, exc_info=True)
+        self._fail(conn, quic_engine.Terminated(wire.CLOSE_INTERNAL_ERROR, None, reason))
+        self._forget(conn)
+        if self._backlog and not self._writer_armed:
+            self._send_backlog()
+
     def _fail(self, conn: Connection, event: quic_engine.Terminated | None) -> None:
         reason = event.reason_phrase if event is not None else ""
         code = event.error_code if event is not None else None
@@ -1105,9 +1129,14 @@ class Endpoint:
                 self._drain_held_events(conn, drive)
                 if drive.terminated:
                     continue
-            if conn._receipts:
-                conn._flush_receipts()
-            datagrams = quic.datagrams_to_send(now)
+            try:
+                if conn._receipts:
+                    conn._flush_receipts()
+                datagrams = quic.datagrams_to_send(now)
+                timer = quic.get_timer()
+            except Exception:  # one broken connection must not stop the others' flush
+                self._engine_failed(conn, "building its packets")
+                continue
             if datagrams:
                 if relay_paths and conn.remote_addr in relay_paths:
                     datagrams = self._relays.wrap(datagrams)
@@ -1118,7 +1147,7 @@ class Endpoint:
                 for data, _addr in datagrams:  # a plain loop: no generator per connection
                     nbytes += len(data)
                 stats["bytes_sent"] += nbytes
-            self._arm_timer(conn, drive, quic.get_timer())
+            self._arm_timer(conn, drive, timer)
         if out and not self._writer_armed:
             self._send_backlog()
 
@@ -1197,8 +1226,12 @@ class Endpoint:
         now = _now()
         if deadline is not None and now < deadline:  # fired a little early: it is due
             now = deadline
-        quic.handle_timer(now)
-        self._drain_events(conn, quic)
+        try:
+            quic.handle_timer(now)
+            self._drain_events(conn, quic)
+        except Exception:  # a bug for one connection must not stop the endpoint
+            self._engine_failed(conn, "handling its timer")
+            return
         if not drive.terminated:
             self._check_engine_closed(conn)
             self._mark_dirty(conn)
@@ -1212,10 +1245,14 @@ class Endpoint:
             return
         quic = drive.quic
         now = _now()
-        if conn._receipts:
-            conn._flush_receipts()  # the peer's sends that reached us complete
-        quic.ack_now(now)
-        self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
+        try:
+            if conn._receipts:
+                conn._flush_receipts()  # the peer's sends that reached us complete
+            quic.ack_now(now)
+            self._backlog.extend(self._relays.wrap(quic.datagrams_to_send(now)))
+        except Exception:
+            self._engine_failed(conn, "closing")
+            return
         quic.shutdown(wire.CLOSE_NORMAL, reason)
         conn._set_closed(ConnectionClosed(local_reason, wire.CLOSE_NORMAL))
         self._mark_dirty(conn)

@@ -87,6 +87,7 @@ ERR_BUFFER_FULL: Final = 0x71_70_03  # unfinished messages filled the receiver's
 
 # Connection close codes (application CONNECTION_CLOSE).
 CLOSE_NORMAL: Final = 0
+CLOSE_INTERNAL_ERROR: Final = 1  # our engine failed on this connection (a bug): closed
 
 
 def encode_receipt(stream_id: int, code: int) -> bytes:

@@ -50,6 +50,7 @@ from .. import engine as _engine  # looked up per call: tests replace what we ad
 from ..config import Config
 from ..errors import PeerAuthenticationError
 from ..identity import Identity, PeerId, Trust
+from ..ratelog import RateLimitedLog
 from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
@@ -205,6 +206,9 @@ class Qh3Connection(QuicConnection):
         self._announced = False
         self._min_rtt: float | None = None
         self._closed_by_peer: bool | None = None
+        self._carried = 0  # datagrams still to send with copies (see datagrams_to_send)
+        #: How often the core failed a packet build on a stale retransmission (STALE_STREAM).
+        self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
 
     # -- the facade's steps, replaced -------------------------------------------------
@@ -424,6 +428,7 @@ class Qh3Connection(QuicConnection):
         if core is None:
             return []
         out: list[tuple[bytes, Any]] = []
+        stale = 0
         while True:
             try:
                 transmit = core.poll_transmit(now)
@@ -433,9 +438,34 @@ class Qh3Connection(QuicConnection):
                 # datagrams already built still go out (the facade would drop them)
                 logger.debug("qh3 core stopped building packets: %s", exc)
                 break
+            except ValueError as exc:
+                # qh3 2.1 under loss (see STALE_STREAM): the failed build dropped the
+                # stale entry, and the next build or the one after goes on; anything else
+                # is for the caller (the endpoint closes the connection)
+                text = str(exc)
+                if stale >= MAX_STALE_PER_POLL or not (
+                    text == STALE_STREAM or (text == STALE_RESERVATION and self._carried)
+                ):
+                    raise
+                stale += 1
+                self.stale_stream_errors += 1
+                self._carried = CARRIED_DATAGRAMS
+                _core_log.log(
+                    logging.DEBUG, "stale-stream",
+                    "qh3 core: %s (a retransmission of a completed stream); the next %d "
+                    "datagrams go out %d times", exc, CARRIED_DATAGRAMS, 1 + EXTRA_COPIES,
+                )
+                continue
             if transmit is None:
                 break
-            out.append((transmit[0], transmit[1]))
+            datagram = (transmit[0], transmit[1])
+            out.append(datagram)
+            if self._carried:
+                # it may carry frames of the failed build that the core no longer tracks
+                # for loss recovery: copies (the peer drops all but one) make their loss,
+                # which would stall their stream for good, far less likely
+                self._carried -= 1
+                out.extend([datagram] * EXTRA_COPIES)
         return out
 
     def next_event(self) -> Event | None:  # type: ignore[override]
@@ -670,6 +700,27 @@ class Qh3Connection(QuicConnection):
     def undelivered_bytes(self, stream_id: int) -> int:
         return 0  # only what was pulled counts as held; the core accounts for the rest
 
+
+#: What qh3 2.1's core raises from ``poll_transmit`` when a retransmission it queued
+#: belongs to a stream that completed meanwhile. A probe timeout (PTO) queues again the
+#: data of every packet in flight; when an ACK of the original then completes the stream,
+#: the core forgets the stream but not the queued entry, and the build that reaches the
+#: entry fails. The frames that build had already taken (retransmissions queued before the
+#: stale entry) go out in the next packet, but the core no longer tracks them for loss
+#: recovery: if that packet is lost, their stream never completes (measured in a lossy
+#: simulation of two cores; see tests/test_qh3_core.py).
+STALE_STREAM = "reserved stream is missing"
+#: What the build right after that failure may raise, once (its reservation of the frames
+#: taken was left open); the build after it succeeds.
+STALE_RESERVATION = "another stream reservation is already active"
+#: Stale entries skipped in one ``datagrams_to_send`` before the error counts as a fault.
+MAX_STALE_PER_POLL = 64
+#: Datagrams after a stale-entry failure that may carry the untracked frames (the failed
+#: build filled at most one packet; what did not fit spills into the next).
+CARRIED_DATAGRAMS = 2
+#: Extra copies of each of those: a frame is then lost only if every copy is (p^4 at loss p).
+EXTRA_COPIES = 3
+_core_log = RateLimitedLog(logger)
 
 #: Native core states of a closing connection: the gate holds nothing back then.
 _CLOSING_STATES = frozenset(("closing", "draining", "terminated"))
