@@ -38,6 +38,7 @@ from ..errors import (
 from ..identity import PeerId
 from ..ratelog import RateLimitedLog
 from .holepunch import PROBE_SCHEDULE, numeric_target
+from .rendezvous import asked_for
 
 if TYPE_CHECKING:
     from ..connection import Connection, ControlMessage
@@ -84,15 +85,9 @@ class Relay:
         if not host.relay:
             answer(ERR, b"not a relay")
             return
-        if len(msg.payload) != 32:
-            answer(ERR, b"malformed peer id")
-            return
-        wanted = PeerId(msg.payload)
-        target = next(
-            (c for c in host.connections() if c.peer_id == wanted and c is not conn), None
-        )
+        target, problem = asked_for(host, conn, msg.payload)
         if target is None:
-            answer(ERR, f"unknown peer id {wanted}".encode())
+            answer(ERR, problem)
             return
         relays.sweep(host.loop.time(), host.config.idle_timeout or relay.SESSION_IDLE)
         if (len(relays.sessions) + len(relays.offers) >= relay.MAX_SESSIONS

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..connection import Connection, ControlMessage
     from .host import ServiceHost
 
-__all__ = ["ERR", "MAX_PENDING_INTRODUCTIONS", "OK", "Rendezvous"]
+__all__ = ["ERR", "MAX_PENDING_INTRODUCTIONS", "OK", "Rendezvous", "asked_for"]
 
 logger = logging.getLogger("qp2p.holepunch")
 _peer_log = RateLimitedLog(logger)
@@ -37,6 +37,21 @@ _peer_log = RateLimitedLog(logger)
 MAX_PENDING_INTRODUCTIONS = 16
 #: The ``INTRODUCE_RESPONSE`` header: introduced, or refused (the payload says why).
 OK, ERR = b"ok", b"err"
+
+
+def asked_for(host: ServiceHost, conn: Connection,
+              payload: bytes) -> tuple[Connection | None, bytes]:
+    """The connected peer (other than ``conn``'s) whose id ``payload`` is, for an
+    introduction or a relay; else None and why, for the asker."""
+    if len(payload) != 32:
+        return None, b"malformed peer id"
+    wanted = PeerId(payload)
+    target = next(
+        (c for c in host.connections() if c.peer_id == wanted and c is not conn), None
+    )
+    if target is None:
+        return None, f"unknown peer id {wanted}".encode()
+    return target, b""
 
 
 class Rendezvous:
@@ -68,15 +83,9 @@ class Rendezvous:
         def answer(status: bytes, payload: bytes) -> None:
             conn.reply_control(stream_id, wire.KIND_INTRODUCE_RESPONSE, payload, status)
 
-        if len(msg.payload) != 32:
-            answer(ERR, b"malformed peer id")
-            return
-        wanted = PeerId(msg.payload)
-        target = next(
-            (c for c in host.connections() if c.peer_id == wanted and c is not conn), None
-        )
+        target, problem = asked_for(host, conn, msg.payload)
         if target is None:
-            answer(ERR, f"unknown peer id {wanted}".encode())
+            answer(ERR, problem)
             return
         queued = self._queued
         if queued.get(target, 0) >= MAX_PENDING_INTRODUCTIONS:
