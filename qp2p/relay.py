@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ipaddress
 import os
 import socket
@@ -71,6 +72,7 @@ __all__ = [
     "is_probe",
     "is_wrapped",
     "on_probe",
+    "probe_tag",
     "same_address",
 ]
 
@@ -96,8 +98,10 @@ MAX_PATHS_PER_RELAY = 16
 
 #: Moving a relayed connection to a direct path: each peer probes the other's address (as
 #: the relay saw it) with ``PROBE_MARKER`` + a 16-byte nonce on ``holepunch.PROBE_SCHEDULE``
-#: and tells the peer the nonce inside the connection (``KIND_PATH_CHECK``); a peer that got
-#: both answers ``KIND_PATH_OK``, and the prober then sends straight there. Tried every
+#: and tells the peer only the nonce's tag (``probe_tag``) inside the connection
+#: (``KIND_PATH_CHECK``); a peer that got both answers ``KIND_PATH_OK`` with the nonce
+#: itself, which only the probe carried — so a peer cannot claim a probe it never got —
+#: and the prober then sends straight there. Tried every
 #: ``UPGRADE_INTERVAL`` seconds, ``UPGRADE_ATTEMPTS`` times, while the connection is relayed.
 PROBE_MARKER = 0x01
 PROBE_LEN = 1 + 16
@@ -107,6 +111,11 @@ UPGRADE_ATTEMPTS = 12
 MAX_PROBES_SEEN = 256
 
 OK, ERR = b"ok", b"err"
+
+
+def probe_tag(nonce: bytes) -> bytes:
+    """What ``KIND_PATH_CHECK`` names of a probe's nonce: a commitment, not the nonce."""
+    return hashlib.sha256(b"qp2p path check" + nonce).digest()[:PROBE_LEN - 1]
 
 
 def is_probe(data: bytes) -> bool:
@@ -200,9 +209,10 @@ class Relays:
         # peer role: placeholder (host, port), the relayed connection's remote_addr -> path
         self.paths: dict[Any, RelayPath] = {}
         self.by_session: dict[bytes, RelayPath] = {}
-        # direct-path probes: nonces seen on raw probes (-> source), and the peer's own
-        # checks waiting for their probe (-> path); both bounded
-        self.probes_seen: collections.OrderedDict[bytes, Address] = collections.OrderedDict()
+        # direct-path probes: tags of nonces seen on raw probes (-> nonce, source), and the
+        # peer's checks waiting for their probe (tag -> connection); both bounded
+        self.probes_seen: collections.OrderedDict[bytes, tuple[bytes, Address]] = (
+            collections.OrderedDict())
         self.checks: collections.OrderedDict[bytes, Connection] = collections.OrderedDict()
 
     # -- peer role: placeholder addresses --------------------------------------------
@@ -347,15 +357,17 @@ def forward(relays: Relays, data: bytes, addr: Address, now: float) -> bool:
 
 def on_probe(relays: Relays, data: bytes, addr: Address) -> None:
     """A raw probe from ``addr``: remember its nonce; if the peer already told us it
-    (inside a relayed connection), the peer reaches us directly from ``addr``."""
+    (inside a relayed connection, as its tag), the peer reaches us directly from
+    ``addr``."""
     nonce = bytes(data[1:])
+    tag = probe_tag(nonce)
     seen = relays.probes_seen
-    if nonce in seen:
+    if tag in seen:
         return
-    seen[nonce] = addr
+    seen[tag] = (nonce, addr)
     if len(seen) > MAX_PROBES_SEEN:
         seen.popitem(last=False)
-    conn = relays.checks.pop(nonce, None)
+    conn = relays.checks.pop(tag, None)
     if conn is not None and relays.on_confirm is not None:
         relays.on_confirm(conn, nonce, addr)
 
