@@ -11,6 +11,7 @@ import pytest
 
 import qp2p
 from qp2p import relay, wire
+from qp2p.services.holepunch import PROBE_SCHEDULE
 from tests.conftest import FAST
 
 pytestmark = pytest.mark.asyncio
@@ -98,7 +99,7 @@ async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
         await asyncio.wait(acks, timeout=3)
         sends = [asyncio.ensure_future(accepted.send(b"x" * 1000 + b"%d" % i))
                  for i in range(50)]  # the target's application sends to the dialler
-        done, pending = await asyncio.wait(sends, timeout=5)
+        _done, pending = await asyncio.wait(sends, timeout=5)
         for fut in pending:
             fut.cancel()
         print(f"\n[{impl}] after a false PATH_OK: target path {accepted.path}, "
@@ -108,9 +109,66 @@ async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
         assert not pending
         assert victim.other_bytes == 0
         # one probe train: PROBE_SCHEDULE probes of PROBE_LEN bytes
-        from qp2p.services.holepunch import PROBE_SCHEDULE
+
         assert victim.probe_bytes <= len(PROBE_SCHEDULE) * relay.PROBE_LEN
     finally:
         victim.close()
+        for ep in (a, b, r):
+            await ep.close()
+
+
+async def test_malformed_and_flooded_relay_control(impl: str) -> None:
+    """Junk and floods of every relay control kind, from a peer to a relay and from a
+    relay to a target that dialled it: nothing escapes into the event loop, the target
+    keeps at most ``MAX_PATHS_PER_RELAY`` relayed paths through that relay, the relay
+    holds no session or offer for them, and both keep serving."""
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    old_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        await b.connect_to(r.local_addr)
+        to_r = await a.connect_to(r.local_addr)
+        r_to_b = next(c for c in r.connections() if c.peer_id == b.peer_id)
+        junk = [b"", b"\x00", os.urandom(7), os.urandom(8), os.urandom(9), os.urandom(31),
+                os.urandom(33), os.urandom(200), b"\xff" * 8 + b"not an address",
+                b"\x01" * 8 + b"240.1.2.3:9", b"\x02" * 8 + b"[::1]:0", os.urandom(8)
+                + b"\xc3\x28:1"]
+        kinds = (wire.KIND_RELAY_REQUEST, wire.KIND_RELAY_OFFER, wire.KIND_RELAY_ACCEPT,
+                 wire.KIND_RELAY_RESPONSE, wire.KIND_PATH_CHECK, wire.KIND_PATH_OK)
+        for kind in kinds:
+            for payload in junk:
+                for header in (b"", b"ok", b"err", os.urandom(40)):
+                    to_r.send_control(kind, payload, header)
+                    r_to_b.send_control(kind, payload, header)
+        # a flood of well-formed offers, each its own session id and a victim address
+        for _ in range(200):
+            r_to_b.send_control(wire.KIND_RELAY_OFFER,
+                                os.urandom(8) + wire.format_addr(("127.0.0.1", 9)),
+                                a.peer_id.digest)
+        # each endpoint still answers a plain request
+        c = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+        for ep in (r, b):
+            conn = await c.connect_to(ep.local_addr)
+            replying = asyncio.ensure_future(conn.request(b"ping"))
+            peer = await asyncio.wait_for(ep.accept(), 5)
+            while peer.peer_id != c.peer_id:
+                peer = await asyncio.wait_for(ep.accept(), 5)
+            msg = await asyncio.wait_for(peer.recv(), 5)
+            await msg.reply(b"pong")
+            assert (await asyncio.wait_for(replying, 5)).payload == b"pong"
+        paths = len(b._relays.paths)
+        print(f"\n[{impl}] after junk and 200 offers: target holds {paths} relayed paths, "
+              f"relay {len(r._relays.sessions)} sessions / {len(r._relays.offers)} offers, "
+              f"{len(errors)} loop errors")
+        assert paths <= relay.MAX_PATHS_PER_RELAY
+        assert not r._relays.sessions and not r._relays.offers
+        assert errors == []
+        await c.close()
+    finally:
+        loop.set_exception_handler(old_handler)
         for ep in (a, b, r):
             await ep.close()
