@@ -172,3 +172,116 @@ async def test_malformed_and_flooded_relay_control(impl: str) -> None:
         loop.set_exception_handler(old_handler)
         for ep in (a, b, r):
             await ep.close()
+
+
+async def test_raw_probe_and_wrapped_floods(impl: str) -> None:
+    """Raw probes with fresh nonces and wrapped datagrams naming random session ids, from
+    raw sockets, to a relay and to a peer holding a relayed path: nothing is sent back to
+    the sources, the probes remembered stay at ``MAX_PROBES_SEEN``, the heap grows by no
+    more than that, and a relayed connection keeps working."""
+    import tracemalloc
+
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    socks = []
+    for _ in range(8):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    try:
+        await b.connect_to(r.local_addr)
+        conn = await a.connect_relayed(r.local_addr, b.peer_id)
+        accepted = await asyncio.wait_for(b.accept(), 5)
+        sid = b._relays.by_session and next(iter(b._relays.by_session))
+        tracemalloc.start()
+        await asyncio.sleep(0)
+        before = tracemalloc.get_traced_memory()[0]
+        sent = 0
+        for _ in range(5):
+            for s in socks:
+                for _ in range(100):
+                    for dst in (r.local_addr, b.local_addr):
+                        s.sendto(bytes([relay.PROBE_MARKER]) + os.urandom(16), dst)
+                        s.sendto(b"\x00" + os.urandom(8) + os.urandom(100), dst)
+                        # the real session id, from the wrong address
+                        s.sendto(b"\x00" + bytes(sid) + os.urandom(100), dst)
+                        sent += 3
+            await asyncio.sleep(0.05)
+        # the relayed connection still carries a request, after the flood
+        replying = asyncio.ensure_future(conn.request(b"ping"))
+        msg = await asyncio.wait_for(accepted.recv(), 5)
+        await msg.reply(b"pong")
+        assert (await asyncio.wait_for(replying, 5)).payload == b"pong"
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        back = 0
+        for s in socks:
+            while True:
+                try:
+                    back += len(s.recv(65536))
+                except BlockingIOError:
+                    break
+        print(f"\n[{impl}] {sent} flood datagrams: {back} B sent back, probes remembered "
+              f"{len(r._relays.probes_seen)} / {len(b._relays.probes_seen)}, heap +{grown} B, "
+              f"relay dropped {r.stats_counters['relay_dropped']}")
+        assert back == 0
+        assert len(r._relays.probes_seen) <= relay.MAX_PROBES_SEEN
+        assert len(b._relays.probes_seen) <= relay.MAX_PROBES_SEEN
+        # 8,000 probes kept would be ~3 MB; the flood's own transients stay under 1 MiB
+        assert grown < 2**20
+    finally:
+        for s in socks:
+            s.close()
+        for ep in (a, b, r):
+            await ep.close()
+
+
+async def test_probes_to_an_address_a_relay_names(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay names a victim as the dialler's address (the victim socket); the dialler
+    never probes and sends one PATH_CHECK. The target probes the victim for all its
+    attempts: what reaches the victim is at most ``UPGRADE_ATTEMPTS`` trains of 7 probes of 17 B,
+    less than the dialler sent to get it (counted at the same raw socket)."""
+    monkeypatch.setattr(relay, "UPGRADE_INTERVAL", 0.85)  # a whole train per attempt
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    victim = Victim(r.local_addr)
+    sent = 0
+
+    def counting() -> None:  # what the dialler sends (to the relay, through the victim)
+        nonlocal sent
+        while True:
+            try:
+                data, victim.client = victim.front.recvfrom(65536)
+            except BlockingIOError:
+                return
+            sent += len(data)
+            victim.back.sendto(data, victim.relay_addr)
+
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(victim.front.fileno())
+    loop.add_reader(victim.front.fileno(), counting)
+    try:
+        await b.connect_to(r.local_addr)
+        a._services.relay._start_upgrade = lambda conn: None
+        conn = await a.connect_relayed(victim.addr, b.peer_id)
+        await asyncio.wait_for(b.accept(), 5)
+        conn.send_control(wire.KIND_PATH_CHECK, os.urandom(relay.PROBE_LEN - 1))
+        trains = relay.UPGRADE_ATTEMPTS * len(PROBE_SCHEDULE)
+        deadline = loop.time() + relay.UPGRADE_ATTEMPTS * 0.85 + 5
+        while victim.probe_bytes < trains * relay.PROBE_LEN and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # nothing more comes
+        print(f"\n[{impl}] a named victim got {victim.probe_bytes} B of probes "
+              f"({victim.other_bytes} B else); the dialler sent {sent} B")
+        assert victim.other_bytes == 0
+        assert 0 < victim.probe_bytes <= trains * relay.PROBE_LEN
+        assert victim.probe_bytes <= sent
+    finally:
+        victim.close()
+        for ep in (a, b, r):
+            await ep.close()
