@@ -56,6 +56,7 @@ __all__ = [
     "HEADER_LEN",
     "MAX_PATHS_PER_RELAY",
     "MAX_SESSIONS",
+    "MAX_SESSIONS_PER_IP",
     "MAX_SESSIONS_PER_PEER",
     "RELAY_BURST",
     "RELAY_RATE",
@@ -82,9 +83,12 @@ MARKER = 0x00
 SESSION_LEN = 8
 HEADER_LEN = 1 + SESSION_LEN
 
-#: Sessions a relay forwards at once, in all and per peer (as either side).
+#: Sessions a relay forwards at once, in all and per peer (as either side); per source IP
+#: (an IPv4 address, an IPv6 /64, as ``max_connections_per_ip`` counts), so that one host
+#: with many peers cannot take every session and leave the relay busy for all others.
 MAX_SESSIONS = 256
 MAX_SESSIONS_PER_PEER = 8
+MAX_SESSIONS_PER_IP = 32
 #: Bytes per second (and burst) one session may have forwarded, and the relay in all.
 SESSION_RATE = 4 * 2**20
 SESSION_BURST = 512 * 2**10
@@ -192,14 +196,17 @@ class Relays:
     session id) and the probes for a direct path."""
 
     def __init__(self, family: int, now: float, counters: dict[str, int],
-                 send_raw: Callable[[bytes, Address], None]) -> None:
+                 send_raw: Callable[[bytes, Address], None],
+                 ip_key: Callable[[Any], str] = str) -> None:
         self.family = family
+        self.ip_key = ip_key  # the host a peer's sessions count under
         self.send_raw = send_raw  # the endpoint's socket
         #: the relay service's: a raw probe arrived whose check was waiting (conn, nonce, addr)
         self.on_confirm: Callable[[Connection, bytes, Address], None] | None = None
         self.sessions: dict[bytes, Session] = {}
         self.offers: dict[bytes, Offer] = {}
         self.per_peer: dict[Connection, int] = {}
+        self.per_ip: dict[str, int] = {}
         self.bucket = _Bucket(RELAY_RATE, RELAY_BURST, now)
         # the endpoint's counters: what we forwarded, and what we dropped (spoofed source,
         # over a rate)
@@ -300,10 +307,25 @@ class Relays:
         if session is not None:
             self.release_peers(session.dialler, session.target)
 
+    def hosts(self, *peers: Connection) -> set[str]:
+        """The hosts ``peers`` count under (one session between two peers of one host
+        counts once)."""
+        return {self.ip_key(p.remote_addr[0]) for p in peers}
+
+    def busy(self, *peers: Connection) -> bool:
+        """A new offer involving ``peers`` would exceed a limit."""
+        return (len(self.sessions) + len(self.offers) >= MAX_SESSIONS
+                or any(self.per_peer.get(p, 0) >= MAX_SESSIONS_PER_PEER for p in peers)
+                or any(self.per_ip.get(h, 0) >= MAX_SESSIONS_PER_IP
+                       for h in self.hosts(*peers)))
+
     def hold_peers(self, *peers: Connection) -> None:
-        """An offer or session involving ``peers`` (toward the per-peer limit)."""
+        """An offer or session involving ``peers`` (toward the per-peer and per-IP
+        limits)."""
         for side in peers:
             self.per_peer[side] = self.per_peer.get(side, 0) + 1
+        for host in self.hosts(*peers):
+            self.per_ip[host] = self.per_ip.get(host, 0) + 1
 
     def release_peers(self, *peers: Connection) -> None:
         """An offer or session involving ``peers`` ended."""
@@ -313,6 +335,12 @@ class Relays:
                 self.per_peer[side] = left
             else:
                 self.per_peer.pop(side, None)
+        for host in self.hosts(*peers):
+            left = self.per_ip.get(host, 0) - 1
+            if left > 0:
+                self.per_ip[host] = left
+            else:
+                self.per_ip.pop(host, None)
 
     def go_direct(self, path: RelayPath) -> None:
         """Send the path's packets straight to the address its probe reached."""

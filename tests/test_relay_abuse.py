@@ -285,3 +285,48 @@ async def test_probes_to_an_address_a_relay_names(
         victim.close()
         for ep in (a, b, r):
             await ep.close()
+
+
+async def test_one_host_cannot_take_every_relay_session(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One host (127.0.0.1) runs diallers and targets that never answer offers and asks
+    for sessions until the relay says busy; a peer pair on another host (127.0.0.2) must
+    still get a relayed connection. (The limits are scaled down: 16 sessions in all,
+    8 per host.)"""
+    monkeypatch.setattr(relay, "UPGRADE_ATTEMPTS", 0)
+    monkeypatch.setattr(relay, "MAX_SESSIONS", 16)
+    monkeypatch.setattr(relay, "MAX_SESSIONS_PER_IP", 8, raising=False)
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    attackers = [await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) for _ in range(4)]
+    honest = [await qp2p.Endpoint.bind(("127.0.0.2", 0), config=FAST) for _ in range(2)]
+    tasks: list[asyncio.Future[qp2p.Connection]] = []
+    try:
+        for t in attackers[2:]:
+            t._control_handlers[wire.KIND_RELAY_OFFER] = lambda c, m: None  # silent
+            await t.connect_to(r.local_addr)
+        for d in attackers[:2]:
+            await d.connect_to(r.local_addr)
+            for t in attackers[2:]:
+                tasks += [asyncio.ensure_future(d.connect_relayed(r.local_addr, t.peer_id))
+                          for _ in range(8)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while (len(r._relays.offers) + sum(t.done() for t in tasks) < len(tasks)
+               and loop.time() < deadline):
+            await asyncio.sleep(0.01)
+        held = len(r._relays.offers)
+        await honest[1].connect_to(r.local_addr)
+        try:
+            conn = await honest[0].connect_relayed(r.local_addr, honest[1].peer_id)
+            outcome = conn.path
+        except qp2p.HolePunchFailed as exc:
+            outcome = str(exc)
+        print(f"\n[{impl}] one host asked {len(tasks)} sessions: {held} offers held; "
+              f"another host's pair: {outcome}")
+        assert outcome == "relayed"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for ep in (*honest, *attackers, r):
+            await ep.close()

@@ -96,9 +96,7 @@ class Relay:
             answer(ERR, f"unknown peer id {wanted}".encode())
             return
         relays.sweep(host.loop.time(), host.config.idle_timeout or relay.SESSION_IDLE)
-        if (len(relays.sessions) + len(relays.offers) >= relay.MAX_SESSIONS
-                or relays.per_peer.get(conn, 0) >= relay.MAX_SESSIONS_PER_PEER
-                or relays.per_peer.get(target, 0) >= relay.MAX_SESSIONS_PER_PEER):
+        if relays.busy(conn, target):
             answer(ERR, b"relay busy: too many sessions")
             return
         sid = os.urandom(relay.SESSION_LEN)
