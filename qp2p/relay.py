@@ -27,9 +27,9 @@ Control (qp2p frames, DESIGN.md §3; kinds in ``wire``):
 The relay forwards a wrapped datagram only within a session both peers asked for, only
 from the address of one side's QUIC connection to it (validated by that connection's
 handshake) and only to the other side's: it sends at most what it received, never to an
-address a peer names. Each session and the relay as a whole are held to a byte rate
-(token buckets), and sessions are limited per peer and in total (constants below; README
-"Relayed connections").
+address a peer names. Each session, each source host and the relay as a whole are held
+to a byte rate (token buckets), and sessions are limited per peer, per host and in total
+(constants below; README "Relayed connections").
 
 On each peer, a relayed path is given a placeholder address in 240.0.0.0/4 (reserved,
 never routed): the engine and the pool see an ordinary, distinct address, and the
@@ -54,6 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "HEADER_LEN",
+    "HOST_BURST",
+    "HOST_RATE",
     "MAX_PATHS_PER_RELAY",
     "MAX_SESSIONS",
     "MAX_SESSIONS_PER_IP",
@@ -94,6 +96,10 @@ SESSION_RATE = 4 * 2**20
 SESSION_BURST = 512 * 2**10
 RELAY_RATE = 32 * 2**20
 RELAY_BURST = 4 * 2**20
+#: Bytes per second (and burst) the relay forwards from one host (``MAX_SESSIONS_PER_IP``'s
+#: key) over all its sessions: a quarter of the relay, so one host cannot starve the rest.
+HOST_RATE = 8 * 2**20
+HOST_BURST = 1 * 2**20
 #: Seconds without a forwarded packet after which a session ends, when the relay's
 #: ``idle_timeout`` is None (otherwise that).
 SESSION_IDLE = 60.0
@@ -207,6 +213,7 @@ class Relays:
         self.offers: dict[bytes, Offer] = {}
         self.per_peer: dict[Connection, int] = {}
         self.per_ip: dict[str, int] = {}
+        self.host_buckets: dict[str, _Bucket] = {}  # hosts with an offer or session
         self.bucket = _Bucket(RELAY_RATE, RELAY_BURST, now)
         # the endpoint's counters: what we forwarded, and what we dropped (spoofed source,
         # over a rate)
@@ -326,6 +333,8 @@ class Relays:
             self.per_peer[side] = self.per_peer.get(side, 0) + 1
         for host in self.hosts(*peers):
             self.per_ip[host] = self.per_ip.get(host, 0) + 1
+            if host not in self.host_buckets:
+                self.host_buckets[host] = _Bucket(HOST_RATE, HOST_BURST, 0.0)  # starts full
 
     def release_peers(self, *peers: Connection) -> None:
         """An offer or session involving ``peers`` ended."""
@@ -341,6 +350,7 @@ class Relays:
                 self.per_ip[host] = left
             else:
                 self.per_ip.pop(host, None)
+                self.host_buckets.pop(host, None)
 
     def go_direct(self, path: RelayPath) -> None:
         """Send the path's packets straight to the address its probe reached."""
@@ -373,7 +383,9 @@ def forward(relays: Relays, data: bytes, addr: Address, now: float) -> bool:
         relays.counters["relay_dropped"] += 1
         return True
     size = len(data)
-    if not session.bucket.take(size, now) or not relays.bucket.take(size, now):
+    host = relays.host_buckets.get(relays.ip_key(addr[0]))
+    if (not session.bucket.take(size, now) or (host is not None and not host.take(size, now))
+            or not relays.bucket.take(size, now)):
         relays.counters["relay_dropped"] += 1
         return True
     session.last = now

@@ -330,3 +330,42 @@ async def test_one_host_cannot_take_every_relay_session(
             task.cancel()
         for ep in (*honest, *attackers, r):
             await ep.close()
+
+
+async def test_one_host_cannot_take_the_relay_bandwidth(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two peers of one host (127.0.0.1) with two sessions between them flood wrapped
+    datagrams through the relay from their own endpoint sockets: the relay forwards no
+    more than the host's burst for them (scaled down to 20 KB, refilled at 1 KB/s), and a
+    pair on another host (127.0.0.2) still exchanges messages through it."""
+    monkeypatch.setattr(relay, "UPGRADE_ATTEMPTS", 0)
+    monkeypatch.setattr(relay, "HOST_RATE", 1000, raising=False)
+    monkeypatch.setattr(relay, "HOST_BURST", 20_000, raising=False)
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    d = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    t = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    hd = await qp2p.Endpoint.bind(("127.0.0.2", 0), config=FAST)
+    ht = await qp2p.Endpoint.bind(("127.0.0.2", 0), config=FAST)
+    try:
+        await t.connect_to(r.local_addr)
+        await ht.connect_to(r.local_addr)
+        for _ in range(2):
+            await d.connect_relayed(r.local_addr, t.peer_id)
+        honest = await hd.connect_relayed(r.local_addr, ht.peer_id)
+        honest_peer = await asyncio.wait_for(ht.accept(), 5)
+        before = r.stats_counters["relayed_bytes"]
+        for _ in range(100):
+            for sid in list(d._relays.by_session):
+                d._send_raw(b"\x00" + sid + os.urandom(1190), r.local_addr)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        flooded = r.stats_counters["relayed_bytes"] - before
+        await asyncio.wait_for(honest.send(b"still here"), 5)
+        assert (await asyncio.wait_for(honest_peer.recv(), 5)).payload == b"still here"
+        print(f"\n[{impl}] one host sent 200 x 1,199 B through 2 sessions: the relay "
+              f"forwarded {flooded} B, dropped {r.stats_counters['relay_dropped']}")
+        assert flooded <= 20_000 + 5_000  # the burst, and a little refill and ACKs
+    finally:
+        for ep in (hd, ht, d, t, r):
+            await ep.close()
