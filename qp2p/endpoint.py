@@ -244,7 +244,7 @@ class Endpoint:
         self._control_handlers: dict[int, ControlHandler] = {}
         # relayed paths and, as a relay, the sessions we forward (the data plane)
         self._relays = relay_mod.Relays(sock.family, self._loop.time(), self.stats_counters,
-                                        self._send_raw)
+                                        self._send_raw, ip_key)
         self._gone_callbacks: list[Callable[[Connection], None]] = []
         self._host = _Host(
             self, self._loop, self._pool, sock.family, self._resolve, self._dial, self._adopt,

@@ -27,9 +27,9 @@ Control (qp2p frames, DESIGN.md §3; kinds in ``wire``):
 The relay forwards a wrapped datagram only within a session both peers asked for, only
 from the address of one side's QUIC connection to it (validated by that connection's
 handshake) and only to the other side's: it sends at most what it received, never to an
-address a peer names. Each session and the relay as a whole are held to a byte rate
-(token buckets), and sessions are limited per peer and in total (constants below; README
-"Relayed connections").
+address a peer names. Each session, each source host and the relay as a whole are held
+to a byte rate (token buckets), and sessions are limited per peer, per host and in total
+(constants below; README "Relayed connections").
 
 On each peer, a relayed path is given a placeholder address in 240.0.0.0/4 (reserved,
 never routed): the engine and the pool see an ordinary, distinct address, and the
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ipaddress
 import os
 import socket
@@ -53,8 +54,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "HEADER_LEN",
+    "HOST_BURST",
+    "HOST_RATE",
     "MAX_PATHS_PER_RELAY",
     "MAX_SESSIONS",
+    "MAX_SESSIONS_PER_IP",
     "MAX_SESSIONS_PER_PEER",
     "RELAY_BURST",
     "RELAY_RATE",
@@ -71,6 +75,7 @@ __all__ = [
     "is_probe",
     "is_wrapped",
     "on_probe",
+    "probe_tag",
     "same_address",
 ]
 
@@ -80,14 +85,21 @@ MARKER = 0x00
 SESSION_LEN = 8
 HEADER_LEN = 1 + SESSION_LEN
 
-#: Sessions a relay forwards at once, in all and per peer (as either side).
+#: Sessions a relay forwards at once, in all and per peer (as either side); per source IP
+#: (an IPv4 address, an IPv6 /64, as ``max_connections_per_ip`` counts), so that one host
+#: with many peers cannot take every session and leave the relay busy for all others.
 MAX_SESSIONS = 256
 MAX_SESSIONS_PER_PEER = 8
+MAX_SESSIONS_PER_IP = 32
 #: Bytes per second (and burst) one session may have forwarded, and the relay in all.
 SESSION_RATE = 4 * 2**20
 SESSION_BURST = 512 * 2**10
 RELAY_RATE = 32 * 2**20
 RELAY_BURST = 4 * 2**20
+#: Bytes per second (and burst) the relay forwards from one host (``MAX_SESSIONS_PER_IP``'s
+#: key) over all its sessions: a quarter of the relay, so one host cannot starve the rest.
+HOST_RATE = 8 * 2**20
+HOST_BURST = 1 * 2**20
 #: Seconds without a forwarded packet after which a session ends, when the relay's
 #: ``idle_timeout`` is None (otherwise that).
 SESSION_IDLE = 60.0
@@ -96,8 +108,10 @@ MAX_PATHS_PER_RELAY = 16
 
 #: Moving a relayed connection to a direct path: each peer probes the other's address (as
 #: the relay saw it) with ``PROBE_MARKER`` + a 16-byte nonce on ``holepunch.PROBE_SCHEDULE``
-#: and tells the peer the nonce inside the connection (``KIND_PATH_CHECK``); a peer that got
-#: both answers ``KIND_PATH_OK``, and the prober then sends straight there. Tried every
+#: and tells the peer only the nonce's tag (``probe_tag``) inside the connection
+#: (``KIND_PATH_CHECK``); a peer that got both answers ``KIND_PATH_OK`` with the nonce
+#: itself, which only the probe carried — so a peer cannot claim a probe it never got —
+#: and the prober then sends straight there. Tried every
 #: ``UPGRADE_INTERVAL`` seconds, ``UPGRADE_ATTEMPTS`` times, while the connection is relayed.
 PROBE_MARKER = 0x01
 PROBE_LEN = 1 + 16
@@ -107,6 +121,11 @@ UPGRADE_ATTEMPTS = 12
 MAX_PROBES_SEEN = 256
 
 OK, ERR = b"ok", b"err"
+
+
+def probe_tag(nonce: bytes) -> bytes:
+    """What ``KIND_PATH_CHECK`` names of a probe's nonce: a commitment, not the nonce."""
+    return hashlib.sha256(b"qp2p path check" + nonce).digest()[:PROBE_LEN - 1]
 
 
 def is_probe(data: bytes) -> bool:
@@ -183,14 +202,18 @@ class Relays:
     session id) and the probes for a direct path."""
 
     def __init__(self, family: int, now: float, counters: dict[str, int],
-                 send_raw: Callable[[bytes, Address], None]) -> None:
+                 send_raw: Callable[[bytes, Address], None],
+                 ip_key: Callable[[Any], str] = str) -> None:
         self.family = family
+        self.ip_key = ip_key  # the host a peer's sessions count under
         self.send_raw = send_raw  # the endpoint's socket
         #: the relay service's: a raw probe arrived whose check was waiting (conn, nonce, addr)
         self.on_confirm: Callable[[Connection, bytes, Address], None] | None = None
         self.sessions: dict[bytes, Session] = {}
         self.offers: dict[bytes, Offer] = {}
         self.per_peer: dict[Connection, int] = {}
+        self.per_ip: dict[str, int] = {}
+        self.host_buckets: dict[str, _Bucket] = {}  # hosts with an offer or session
         self.bucket = _Bucket(RELAY_RATE, RELAY_BURST, now)
         # the endpoint's counters: what we forwarded, and what we dropped (spoofed source,
         # over a rate)
@@ -200,9 +223,10 @@ class Relays:
         # peer role: placeholder (host, port), the relayed connection's remote_addr -> path
         self.paths: dict[Any, RelayPath] = {}
         self.by_session: dict[bytes, RelayPath] = {}
-        # direct-path probes: nonces seen on raw probes (-> source), and the peer's own
-        # checks waiting for their probe (-> path); both bounded
-        self.probes_seen: collections.OrderedDict[bytes, Address] = collections.OrderedDict()
+        # direct-path probes: tags of nonces seen on raw probes (-> nonce, source), and the
+        # peer's checks waiting for their probe (tag -> connection); both bounded
+        self.probes_seen: collections.OrderedDict[bytes, tuple[bytes, Address]] = (
+            collections.OrderedDict())
         self.checks: collections.OrderedDict[bytes, Connection] = collections.OrderedDict()
 
     # -- peer role: placeholder addresses --------------------------------------------
@@ -290,10 +314,27 @@ class Relays:
         if session is not None:
             self.release_peers(session.dialler, session.target)
 
+    def hosts(self, *peers: Connection) -> set[str]:
+        """The hosts ``peers`` count under (one session between two peers of one host
+        counts once)."""
+        return {self.ip_key(p.remote_addr[0]) for p in peers}
+
+    def busy(self, *peers: Connection) -> bool:
+        """A new offer involving ``peers`` would exceed a limit."""
+        return (len(self.sessions) + len(self.offers) >= MAX_SESSIONS
+                or any(self.per_peer.get(p, 0) >= MAX_SESSIONS_PER_PEER for p in peers)
+                or any(self.per_ip.get(h, 0) >= MAX_SESSIONS_PER_IP
+                       for h in self.hosts(*peers)))
+
     def hold_peers(self, *peers: Connection) -> None:
-        """An offer or session involving ``peers`` (toward the per-peer limit)."""
+        """An offer or session involving ``peers`` (toward the per-peer and per-IP
+        limits)."""
         for side in peers:
             self.per_peer[side] = self.per_peer.get(side, 0) + 1
+        for host in self.hosts(*peers):
+            self.per_ip[host] = self.per_ip.get(host, 0) + 1
+            if host not in self.host_buckets:
+                self.host_buckets[host] = _Bucket(HOST_RATE, HOST_BURST, 0.0)  # starts full
 
     def release_peers(self, *peers: Connection) -> None:
         """An offer or session involving ``peers`` ended."""
@@ -303,6 +344,13 @@ class Relays:
                 self.per_peer[side] = left
             else:
                 self.per_peer.pop(side, None)
+        for host in self.hosts(*peers):
+            left = self.per_ip.get(host, 0) - 1
+            if left > 0:
+                self.per_ip[host] = left
+            else:
+                self.per_ip.pop(host, None)
+                self.host_buckets.pop(host, None)
 
     def go_direct(self, path: RelayPath) -> None:
         """Send the path's packets straight to the address its probe reached."""
@@ -335,7 +383,9 @@ def forward(relays: Relays, data: bytes, addr: Address, now: float) -> bool:
         relays.counters["relay_dropped"] += 1
         return True
     size = len(data)
-    if not session.bucket.take(size, now) or not relays.bucket.take(size, now):
+    host = relays.host_buckets.get(relays.ip_key(addr[0]))
+    if (not session.bucket.take(size, now) or (host is not None and not host.take(size, now))
+            or not relays.bucket.take(size, now)):
         relays.counters["relay_dropped"] += 1
         return True
     session.last = now
@@ -347,15 +397,17 @@ def forward(relays: Relays, data: bytes, addr: Address, now: float) -> bool:
 
 def on_probe(relays: Relays, data: bytes, addr: Address) -> None:
     """A raw probe from ``addr``: remember its nonce; if the peer already told us it
-    (inside a relayed connection), the peer reaches us directly from ``addr``."""
+    (inside a relayed connection, as its tag), the peer reaches us directly from
+    ``addr``."""
     nonce = bytes(data[1:])
+    tag = probe_tag(nonce)
     seen = relays.probes_seen
-    if nonce in seen:
+    if tag in seen:
         return
-    seen[nonce] = addr
+    seen[tag] = (nonce, addr)
     if len(seen) > MAX_PROBES_SEEN:
         seen.popitem(last=False)
-    conn = relays.checks.pop(nonce, None)
+    conn = relays.checks.pop(tag, None)
     if conn is not None and relays.on_confirm is not None:
         relays.on_confirm(conn, nonce, addr)
 

@@ -75,7 +75,8 @@ KIND_RELAY_REQUEST: Final = 7
 KIND_RELAY_OFFER: Final = 8
 KIND_RELAY_ACCEPT: Final = 9
 KIND_RELAY_RESPONSE: Final = 10
-# a relayed connection's peers, uni, inside it: "I probe you directly with this nonce";
+# a relayed connection's peers, uni, inside it: "I probe you directly with the nonce of
+# this tag" (relay.probe_tag);
 # "your probe with this nonce reached me directly" (qp2p/relay.py, moving to a direct path)
 KIND_PATH_CHECK: Final = 11
 KIND_PATH_OK: Final = 12

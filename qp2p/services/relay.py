@@ -14,8 +14,9 @@ datagrams are :mod:`qp2p.relay`'s):
    reason), and forwards that session's wrapped datagrams from then on.
 
 Then each peer of the relayed connection probes the other's address for a direct path
-(``KIND_PATH_CHECK`` inside the connection names the nonce of its raw probes;
-``KIND_PATH_OK`` answers one that arrived straight), and moves its sending there once
+(``KIND_PATH_CHECK`` inside the connection names a tag of its raw probes' nonce;
+``KIND_PATH_OK`` answers one that arrived straight with the nonce, which only the probe
+carried), and moves its sending there once
 its own direction is confirmed. The engines keep the placeholder address, so the QUIC
 connection never notices.
 """
@@ -90,9 +91,7 @@ class Relay:
             answer(ERR, problem)
             return
         relays.sweep(host.loop.time(), host.config.idle_timeout or relay.SESSION_IDLE)
-        if (len(relays.sessions) + len(relays.offers) >= relay.MAX_SESSIONS
-                or relays.per_peer.get(conn, 0) >= relay.MAX_SESSIONS_PER_PEER
-                or relays.per_peer.get(target, 0) >= relay.MAX_SESSIONS_PER_PEER):
+        if relays.busy(conn, target):
             answer(ERR, b"relay busy: too many sessions")
             return
         sid = os.urandom(relay.SESSION_LEN)
@@ -242,7 +241,8 @@ class Relay:
             path.timer.cancel()
         nonce = os.urandom(relay.PROBE_LEN - 1)
         path.nonce, path.probed = nonce, path.candidate
-        conn.send_control(wire.KIND_PATH_CHECK, nonce)
+        # the peer learns the nonce only from the probe itself: its PATH_OK proves it got it
+        conn.send_control(wire.KIND_PATH_CHECK, relay.probe_tag(nonce))
         probe = bytes([relay.PROBE_MARKER]) + nonce
         loop = host.loop
         for delay in PROBE_SCHEDULE:
@@ -255,21 +255,22 @@ class Relay:
             self._host.send_raw(probe, path.probed)
 
     def _on_path_check(self, conn: Connection, msg: ControlMessage) -> None:
-        """The peer of relayed ``conn`` says it probes us with the payload's nonce."""
+        """The peer of relayed ``conn`` says it probes us with the nonce whose tag is the
+        payload."""
         relays = self._relays
         path = relays.path_of(conn.remote_addr)
         if len(msg.payload) != relay.PROBE_LEN - 1 or path is None:
             return
         if path.attempt == 0:  # the target side starts probing on the dialler's first
             self._start_upgrade(conn)
-        nonce = bytes(msg.payload)
-        addr = relays.probes_seen.get(nonce)
-        if addr is not None:
-            self._confirm(conn, nonce, addr)
+        tag = bytes(msg.payload)
+        seen = relays.probes_seen.get(tag)
+        if seen is not None:
+            self._confirm(conn, *seen)
             return
         for old in [n for n, c in relays.checks.items() if c is conn]:
             del relays.checks[old]  # one check waiting per connection
-        relays.checks[nonce] = conn
+        relays.checks[tag] = conn
         if len(relays.checks) > relay.MAX_PROBES_SEEN:
             relays.checks.popitem(last=False)
 
