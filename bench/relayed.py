@@ -8,7 +8,8 @@ case does not: the ratio is an upper bound of the relay's cost on one machine).
 Prints bulk MiB/s (1 MiB messages, 4 in flight) and 64 B messages/s (64 concurrent
 ``send()`` loops) per path, and relayed / direct. The move to a direct path is turned off
 (``qp2p.relay.UPGRADE_ATTEMPTS = 0``): on loopback it would happen at once. The relay's
-per-session and total rates (``qp2p.relay.SESSION_RATE``, ``RELAY_RATE``) cap relayed bulk
+per-session, per-host and total rates (``qp2p.relay.SESSION_RATE``, ``HOST_RATE``,
+``RELAY_RATE``) cap relayed bulk
 by design; ``--uncapped`` lifts them to show what forwarding itself costs.
 """
 
@@ -86,7 +87,8 @@ async def main(args: argparse.Namespace) -> None:
 
     relay.UPGRADE_ATTEMPTS = 0  # stay relayed (loopback always has a direct path)
     if args.uncapped:
-        relay.SESSION_RATE = relay.RELAY_RATE = relay.SESSION_BURST = relay.RELAY_BURST = 2**40
+        relay.SESSION_RATE = relay.RELAY_RATE = relay.HOST_RATE = 2**40
+        relay.SESSION_BURST = relay.RELAY_BURST = relay.HOST_BURST = 2**40
     rows: list[tuple[str, str, float, float]] = []
     for name, size, window, unit, scale in (
         ("bulk, 1 MiB messages", MiB, 4, "MiB/s", MiB),
