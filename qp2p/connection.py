@@ -52,6 +52,9 @@ DATAGRAM_COST = 64
 #: engine's stream state and our assembler; measured: tests/test_hardening_unread.py),
 #: charged to the endpoint's receive budget until the stream ends.
 STREAM_COST = 3 * 2**10
+#: Streams in ``Connection._sending`` before the first sweep drops those whose bytes are
+#: all in packets (then at twice what the last sweep kept).
+SENDING_SWEEP = 256
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
 STALL_CREDIT = 4096
 #: Receipts (wire.KIND_RECEIPT) we keep for a peer that grants no stream to send them on;
@@ -241,6 +244,7 @@ class Connection:
         # streams we wrote that may still have bytes to put in packets -> frame size
         self._sending: dict[int, int] = {}
         self._sending_bytes = 0
+        self._sending_sweep = SENDING_SWEEP  # its size that makes _pump sweep it
         self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
         self._unacked_bytes = 0
         self._last_large = -1  # stream id of the newest large frame written
@@ -672,7 +676,23 @@ class Connection:
                     self._unacked[stream_id] = pending
                     self._unacked_bytes += pending.size
         if wrote:
+            if len(self._sending) > self._sending_sweep:
+                self._sweep_sending()
             self._driver.mark_dirty(self)
+
+    def _sweep_sending(self) -> None:
+        """Forget the streams in ``_sending`` whose bytes are all in packets. Sends leave
+        it when acknowledged or on their receipt, but requests and replies are not
+        completed so: without a sweep each stayed for the connection's lifetime. The
+        entries dropped are those ``_credit_covers`` drops (it counts them as nothing
+        left to send), so no decision changes; the next sweep waits for twice the
+        streams this one kept (amortized, a constant per message)."""
+        quic = self._quic
+        for sid, frame_size in list(self._sending.items()):
+            if quic.unsent_bytes(sid) == 0:
+                del self._sending[sid]
+                self._sending_bytes -= frame_size
+        self._sending_sweep = max(SENDING_SWEEP, 2 * len(self._sending))
 
     def _may_start(self, size: int) -> bool:
         """Whether a message of ``size`` bytes may go on a stream now: a large one when

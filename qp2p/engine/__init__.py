@@ -332,6 +332,12 @@ class EngineConnection(Protocol):
         """For a stream the peer reset: bytes below its final size never handed to us
         that qp2p counted as held."""
 
+    # -- debugging
+    def tracked_streams(self) -> int:
+        """How many per-stream entries the engine and its QUIC library's Python layer
+        keep (a stream may count more than once): bounded by the streams not yet over,
+        never growing with the streams a connection ever used. For tests and profiling."""
+
 
 class Engine(Protocol):
     """A QUIC library behind qp2p (each adapter module is one)."""

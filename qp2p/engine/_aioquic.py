@@ -663,6 +663,11 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def undelivered_bytes(self, stream_id: int) -> int:
         return undelivered_bytes(self, stream_id)
 
+    def tracked_streams(self) -> int:
+        # aioquic's only per-stream state; it drops a stream once both sides are done
+        # (at the next packet it builds), and this adapter keeps none of its own
+        return len(self._streams)
+
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
         credit = self.credit

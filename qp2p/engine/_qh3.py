@@ -320,12 +320,12 @@ class Qh3Connection(QuicConnection):
         if kind == "datagram":
             return Datagram(native[1])
         if kind == "stream_finished":
-            self._unfinished.discard(native[1])
+            self._sent_all(native[1])
         elif kind == "stream_reset":
             self._end_peer_stream(native[1])
             return StreamReset(native[1], native[2])
         elif kind == "stop_sending":
-            self._unfinished.discard(native[1])
+            self._sent_all(native[1])
             return StopSending(native[1], native[2])
         elif kind == "connection_id_issued":
             return CidIssued(native[1])
@@ -411,6 +411,17 @@ class Qh3Connection(QuicConnection):
                 self._exempt -= rejected.pop(sid, 0)
         else:
             self._peer_streams[sid] = self._peer_streams.get(sid, 0) + nbytes
+
+    def _sent_all(self, sid: int) -> None:
+        """Our sending side of ``sid`` is over (acknowledged, stopped or reset): forget it.
+        The facade records every local stream it is handed (to number the next one) and
+        forgets one only in its own ``_drain_core``, which this class replaces: without
+        this its set grew by one entry per message for the connection's lifetime. A
+        stream handed to it again is recorded again (a no-op once the handshake is done);
+        before that its record replays the stream, so it stays."""
+        self._unfinished.discard(sid)
+        if self._handshake_complete:
+            self._created_local_stream_ids.discard(sid)
 
     def _end_peer_stream(self, sid: int) -> None:
         self._peer_streams.pop(sid, None)
@@ -500,8 +511,11 @@ class Qh3Connection(QuicConnection):
                     return StreamData(sid, data, fin)
                 if kind == "datagram":
                     return Datagram(native[1])
-                if kind == "stream_finished":
-                    self._unfinished.discard(native[1])
+                if kind == "stream_finished":  # _sent_all, inlined (once per message;
+                    # acknowledged data means 1-RTT: the handshake is complete)
+                    sid = native[1]
+                    self._unfinished.discard(sid)
+                    self._created_local_stream_ids.discard(sid)
                 elif kind != "streams_available" and kind != "connection_credit":
                     break
             mine = self._translate(native)
@@ -540,13 +554,13 @@ class Qh3Connection(QuicConnection):
         except QuicConnectionError as exc:
             if self._core_closed():
                 return  # never acknowledged: its waiter fails with the close
-            self._unfinished.discard(stream_id)
+            self._sent_all(stream_id)
             raise ValueError(str(exc)) from exc
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        self._unfinished.discard(stream_id)
         with contextlib.suppress(QuicConnectionError, AssertionError):  # finished or gone
             super().reset_stream(stream_id, error_code)
+        self._sent_all(stream_id)  # after the facade's call: it records the stream
 
     def reject_stream(self, stream_id: int, error_code: int) -> None:
         if stream_id in self._peer_streams and stream_id not in self._rejected:
@@ -695,6 +709,14 @@ class Qh3Connection(QuicConnection):
 
     def undelivered_bytes(self, stream_id: int) -> int:
         return 0  # only what was pulled counts as held; the core accounts for the rest
+
+    def tracked_streams(self) -> int:
+        # the facade's record of local streams, and ours of unacknowledged sends and of
+        # the peer's unfinished (and rejected) streams
+        return (
+            len(self._created_local_stream_ids) + len(self._unfinished)
+            + len(self._peer_streams) + len(self._rejected)
+        )
 
 
 #: What qh3 2.1's core raises from ``poll_transmit`` under heavy loss (diagnosed by
