@@ -102,6 +102,48 @@ async def test_nothing_lost_through_delay_jitter_reorder(impl: str) -> None:
         await b.close()
 
 
+async def test_probes_keep_coming_through_a_long_outage(impl: str, engine_name: str) -> None:
+    # An unanswered probe doubles the next probe's wait (RFC 9002's backoff). Uncapped,
+    # nine unlucky probes in a row under 20 % loss each way wait ~28 s: longer than the
+    # idle timeout, so a live connection died. qp2p caps the wait on aioquic
+    # (engine.MAX_PROBE_INTERVAL); qh3's native core backs off on its own (README).
+    capped = engine_name == "aioquic"
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=LOSSY)
+    relay = UdpRelay(("127.0.0.1", 0), b.local_addr)
+    await relay.start()
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=LOSSY)
+    try:
+        conn = await a.connect_to(relay.address)
+        await conn.send(b"before")
+        relay.set_impairment(loss=1.0)
+        # enough in flight to fill a collapsed congestion window: probes must still go
+        during = [i.to_bytes(2, "big") + os.urandom(2000) for i in range(50)]
+        sending = asyncio.gather(*(conn.send(body) for body in during))
+        loop = asyncio.get_running_loop()
+        seen, last, gaps = relay.upstream.received, loop.time(), []
+        end = last + 8.0
+        while loop.time() < end:
+            await asyncio.sleep(0.05)
+            if relay.upstream.received != seen:
+                seen, now = relay.upstream.received, loop.time()
+                gaps.append(now - last)
+                last = now
+        gaps.append(loop.time() - last)
+        if capped:
+            assert max(gaps) < 2.5 * qp2p.engine.MAX_PROBE_INTERVAL, gaps
+        else:  # doubling: the last probe went out about half the outage in
+            assert max(gaps) > 2.5 * qp2p.engine.MAX_PROBE_INTERVAL, gaps
+        relay.set_impairment(loss=0.0)
+        await asyncio.wait_for(sending, 2 * qp2p.engine.MAX_PROBE_INTERVAL + 1 if capped else 20)
+        accepted = await asyncio.wait_for(b.accept(), 1)
+        got = [(await accepted.recv()).payload for _ in range(1 + len(during))]
+        assert got[0] == b"before" and sorted(got[1:]) == during
+    finally:
+        await a.close()
+        relay.close()
+        await b.close()
+
+
 @pytest.mark.netns
 async def test_discover_public_addr_through_nat(lab: Lab, impl: str) -> None:
     net = behind_nat(lab, mode="masquerade")

@@ -82,6 +82,11 @@ MAX_CREDIT = 4 * 2**20
 MIN_INITIAL_SIZE = 1200
 #: How long a Retry token stays valid (seconds): one round trip is all it needs.
 RETRY_TOKEN_LIFETIME = 10.0
+#: Longest wait between loss probes (seconds). RFC 9002 doubles the wait after every
+#: unanswered probe; on a lossy path a run of unlucky probes then outwaits the idle timeout
+#: (nine in a row under 20 % loss each way: ~28 s) and a live connection dies. The aioquic
+#: adapter caps it; qh3 2.1's native core has no hook for it (README, engine differences).
+MAX_PROBE_INTERVAL = 1.0
 #: Every ``Terminated.reason_phrase`` qp2p produces for a rejected peer starts so.
 AUTH_REASON_PREFIX = "qp2p: peer authentication failed"
 

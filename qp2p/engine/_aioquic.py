@@ -11,7 +11,8 @@ Everything qp2p needs beyond aioquic's public API is here (and its TLS hooks in
   is fully acknowledged);
 - ``QuicStreamReceiver`` state, to keep a rejected stream alive until its STOP_SENDING
   has been written (aioquic discards a finished stream before writing it);
-- ``_local_max_data`` and ``_write_connection_limits``: qp2p's receive credit policy.
+- ``_local_max_data`` and ``_write_connection_limits``: qp2p's receive credit policy;
+- ``_loss._pto_count``: the probe backoff, capped at ``MAX_PROBE_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from . import (
     CID_LENGTH,
     INITIAL_MAX_DATA,
     MAX_CREDIT,
+    MAX_PROBE_INTERVAL,
     NO_PARAMETERS,
     CidIssued,
     CidRetired,
@@ -535,6 +537,10 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
         if not from_session_ticket:
             self.peer_params = parse_peer_parameters(data)
 
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        cap_probe_backoff(self._loss)
+
     # -- the engine interface (qp2p.engine.EngineConnection) ----------------------------
 
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
@@ -693,6 +699,14 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = used
+
+
+def cap_probe_backoff(loss: Any) -> None:
+    """Keep the wait before the next loss probe (aioquic doubles it per unanswered probe,
+    without limit) at most ``MAX_PROBE_INTERVAL``, or one unbacked-off probe timeout."""
+    base = loss.get_probe_timeout()
+    while loss._pto_count > 0 and base * 2**loss._pto_count > MAX_PROBE_INTERVAL:
+        loss._pto_count -= 1
 
 
 def _terminated(event: events.ConnectionTerminated) -> Terminated:
