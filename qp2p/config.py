@@ -66,8 +66,8 @@ class Config:
     - ``handshake_timeout``: the longest one dial attempt may take.
     - ``max_datagram_size``: the UDP payload size QUIC builds packets for (1200 is safe on
       every path).
-    - ``max_pending_send_bytes``: per connection, ``send()`` waits while more than this many
-      bytes are queued and unacknowledged (backpressure).
+    - ``max_pending_send_bytes`` (4 MiB): per connection, ``send()`` waits while more than
+      this many bytes are queued and unacknowledged (backpressure).
     - ``max_buffered_bytes``: per connection, the most stream bytes the peer can make us
       hold: messages waiting for ``recv()``, messages still arriving, out-of-order data.
       QUIC flow control stops the peer there (its ``send()`` calls wait); if half-sent
@@ -89,7 +89,9 @@ class Config:
     - ``address_validation_threshold``: with this many incoming handshakes in progress,
       new ones must first prove their address with a QUIC Retry (spoofed floods then
       cost no state).
-    - ``hole_punch_timeout``: the longest ``connect_via`` takes before ``HolePunchFailed``.
+    - ``hole_punch_timeout`` (5 s): the longest the hole punch of ``connect_via`` takes
+      before ``HolePunchFailed``; when it finds no direct path and the relay is allowed,
+      the relayed attempt gets as long again, so ``connect_via`` takes at most twice it.
     - ``require_address_validation``: answer every new incoming handshake with a QUIC Retry
       first (costs one round trip, protects against spoofed-source floods).
     - ``engine``: the QUIC engine, ``"aioquic"`` or ``"qh3"``; ``"auto"`` (the default)

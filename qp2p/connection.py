@@ -119,7 +119,8 @@ class ConnectionStats(TypedDict):
 
 
 class Message:
-    """One received message: ``header``, ``dst`` and ``payload`` bytes.
+    """One received message: ``header``, ``dst`` and ``payload`` bytes, and the
+    ``connection`` it arrived on.
 
     ``is_request`` is True for a message that arrived on a bidirectional stream;
     answer it (once) with :meth:`reply`.
@@ -390,6 +391,8 @@ class Connection(ClosesOnExit):
                        None if sid is None else self._reply_message)
 
     def __aiter__(self) -> AsyncIterator[Message]:
+        """``async for msg in conn``: each message as ``recv()`` returns it; ends when the
+        connection closes (after the messages received before)."""
         return self._iter_messages()
 
     async def _iter_messages(self) -> AsyncIterator[Message]:
@@ -438,7 +441,10 @@ class Connection(ClosesOnExit):
             limit = self.max_datagram_payload
             if self._established:
                 self._datagram_limit = limit
-        if len(data) > limit:
+        if len(data) > limit or limit == 0:
+            if limit == 0:
+                raise MessageTooLarge("the peer takes no datagrams (it advertised no "
+                                      "max_datagram_frame_size)")
             raise MessageTooLarge(f"datagram of {len(data)} bytes exceeds the {limit}-byte limit")
         self._quic.send_datagram(data)
         self._stats["datagrams_sent"] += 1
@@ -474,12 +480,14 @@ class Connection(ClosesOnExit):
     @property
     def max_datagram_payload(self) -> int:
         """The largest ``send_datagram`` payload that fits one QUIC packet and the peer's
-        advertised DATAGRAM frame size."""
+        advertised DATAGRAM frame size (0 for a peer that takes no datagrams)."""
         # short header (1 + CID) + packet number (4) + AEAD tag (16) + frame type and length (3)
         own = self._config.max_datagram_size - (1 + engine.CID_LENGTH + 4 + 16 + 3)
         peer = self._quic.peer_max_datagram_frame_size()
         if peer is None:
-            return own
+            # not known before the handshake; after it, the peer takes none (RFC 9221 §3:
+            # a DATAGRAM frame it did not ask for closes the connection)
+            return 0 if self._established else own
         # frame type and length (3); aioquic refuses a frame of exactly the advertised size
         return max(0, min(own, peer - 4))
 

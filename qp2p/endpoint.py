@@ -52,11 +52,15 @@ logger = logging.getLogger("qp2p.endpoint")
 #: Lines a peer can trigger: one per cause per interval, with counts.
 _peer_log = RateLimitedLog(logger)
 
-#: Datagrams read per ``recv_batch`` call, and batches per readable event (fairness).
+#: Datagrams read per ``recv_batch`` call.
 RECV_BATCH = 64
-RECV_BATCHES_PER_TURN = 16
-#: Datagrams read ahead of handling them, at most (then the kernel's buffer holds the rest).
+#: Datagrams read ahead of handling them, at most, and their bytes at most (then the
+#: kernel's buffer holds the rest): anyone who knows a connection ID can fill the queue.
 RX_QUEUE_MAX = 65536
+RX_QUEUE_MAX_BYTES = 16 * 2**20
+#: Datagrams of handshakes and unknown connection IDs handled per readable event, at most:
+#: a flood of them ends the read, so it cannot hold the loop (the rest wait in the kernel).
+RX_URGENT_PER_TURN = 1024
 #: Queued datagrams handled per loop turn: few enough that the socket is read again soon
 #: (new peers' handshakes overtake the queue only when they are read).
 RX_DRAIN_PER_TURN = 256
@@ -171,6 +175,17 @@ class Endpoint(ClosesOnExit):
 
     Create with ``await Endpoint.bind(addr)``, or ``async with Endpoint.bind(addr) as ep``
     to close it on exit (an endpoint is itself an async context manager too).
+
+    Attributes (read them; they are set at bind):
+
+    - ``local_addr``: the ``(host, port)`` the socket is bound to.
+    - ``public_addr``: the address peers see us at, once known (``discover_public_addr``,
+      port mapping), else ``None``.
+    - ``config``, ``identity``, ``trust``: what the endpoint was bound with.
+    - ``rendezvous``, ``relay``: whether it introduces peers and relays for them.
+    - ``stats_counters``: the endpoint's own counters (datagrams in and out, send errors,
+      datagrams for unknown connections dropped, Version Negotiations, refused and timed-out
+      handshakes, Retries sent).
     """
 
     def __init__(
@@ -222,6 +237,7 @@ class Endpoint(ClosesOnExit):
         self._writer_armed = False
         # datagrams read from the socket, not handled yet (see _on_readable)
         self._rx_queue: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
+        self._rx_queue_bytes = 0  # the bytes of the datagrams in _rx_queue
         self._rx_drain_scheduled = False
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
@@ -381,10 +397,12 @@ class Endpoint(ClosesOnExit):
                 return
 
     async def discover_public_addr(self, peer_addr: wire.Address | str) -> wire.Address:
-        """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``."""
+        """Ask the peer at ``peer_addr`` which address it sees us at; sets ``public_addr``.
+        A peer that does not answer within ``config.handshake_timeout`` raises
+        ``RequestTimeout`` (a ``TimeoutError``)."""
         self._check_open()
         conn = await self.connect_to(peer_addr)
-        observed = await services.echo.echo(conn)
+        observed = await services.echo.echo(conn, self.config.handshake_timeout)
         self.public_addr = observed
         return observed
 
@@ -449,6 +467,7 @@ class Endpoint(ClosesOnExit):
         """Close every connection (peers see the reason), flush, release the socket.
         Idempotent; calls on a closed endpoint then raise ``EndpointClosed``."""
         if self._close_task is None:
+            self._closed = True  # at once: no dial, accept or new peer from here on
             self._close_task = asyncio.ensure_future(self._close())
         await asyncio.shield(self._close_task)
 
@@ -558,17 +577,20 @@ class Endpoint(ClosesOnExit):
 
     def _on_readable(self) -> None:
         """Drain the socket: datagrams of handshakes (unknown connection IDs, connections
-        not yet established) are handled at once, the rest queue in arrival order and are
-        handled ``RECV_BATCH * RECV_BATCHES_PER_TURN`` per loop turn. Emptying the kernel
-        queue first is what lets a new peer's handshake overtake the traffic of thousands
-        of busy connections instead of waiting behind all of it (and keeps the kernel
-        from dropping what it cannot hold)."""
+        not yet established) are handled at once (``RX_URGENT_PER_TURN`` at most), the
+        rest queue in arrival order (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``)
+        and are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue
+        first is what lets a new peer's handshake overtake the traffic of thousands of
+        busy connections instead of waiting behind all of it (and keeps the kernel from
+        dropping what it cannot hold)."""
         fp = self._fp
         table = self._table
         sock = self._sock
         queue = self._rx_queue
         urgent: list[tuple[bytes, SockAddr]] = []
-        while len(queue) < RX_QUEUE_MAX:
+        queued = self._rx_queue_bytes
+        while (len(queue) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES
+               and len(urgent) < RX_URGENT_PER_TURN):
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
             except OSError as exc:
@@ -580,8 +602,10 @@ class Endpoint(ClosesOnExit):
                     urgent.append(item)  # all of a connection's packets take one lane
                 else:
                     queue.append(item)
+                    queued += len(item[0])
             if len(batch) < RECV_BATCH:
                 break
+        self._rx_queue_bytes = queued
         if urgent:
             self._handle_datagrams(urgent)
         self._drain_rx_queue()
@@ -594,7 +618,9 @@ class Endpoint(ClosesOnExit):
             return
         n = min(len(queue), RX_DRAIN_PER_TURN)
         popleft = queue.popleft
-        self._handle_datagrams([popleft() for _ in range(n)])
+        batch = [popleft() for _ in range(n)]
+        self._rx_queue_bytes -= sum([len(item[0]) for item in batch])
+        self._handle_datagrams(batch)
         if queue and not self._rx_drain_scheduled:
             self._rx_drain_scheduled = True
             self._loop.call_soon(self._drain_rx_queue)
@@ -1258,7 +1284,6 @@ class Endpoint(ClosesOnExit):
         self._mapped_addr = mapping.external if mapping is not None else None
 
     async def _close(self) -> None:
-        self._closed = True
         # the lease is deleted alongside the connections' close (bounded: one delete)
         unmap = (asyncio.ensure_future(self._portmap.stop())
                  if self._portmap is not None else None)
@@ -1279,6 +1304,7 @@ class Endpoint(ClosesOnExit):
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         self._rx_queue.clear()
+        self._rx_queue_bytes = 0
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False

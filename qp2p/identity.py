@@ -33,10 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import PeerAuthenticationError
+from .ratelog import RateLimitedLog
 
 __all__ = ["CertificateAuthority", "Identity", "PeerId", "PrivateKey", "Trust"]
 
 logger = logging.getLogger("qp2p.identity")
+#: Lines a peer can trigger (a handshake whose chain fails the CA check): rate limited.
+_peer_log = RateLimitedLog(logger)
 
 #: The private key types an identity can hold (the ones TLS 1.3 in aioquic can sign with).
 PrivateKey: TypeAlias = (
@@ -302,9 +305,10 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 class Identity:
     """A private key and the certificate chain (leaf first) an endpoint presents.
 
-    ``peer_id`` is the :class:`PeerId` of the leaf certificate. Create one with
-    :meth:`generate` (self-signed), :meth:`CertificateAuthority.issue`, :meth:`load` or
-    :meth:`from_pem`.
+    ``peer_id`` is the :class:`PeerId` of the leaf certificate, ``certificate`` the leaf,
+    ``chain`` every certificate presented (leaf first) and ``private_key`` the leaf's key.
+    Create one with :meth:`generate` (self-signed), :meth:`CertificateAuthority.issue`,
+    :meth:`load` or :meth:`from_pem`.
     """
 
     def __init__(self, private_key: PrivateKey, chain: list[x509.Certificate]) -> None:
@@ -646,7 +650,8 @@ class Trust:
             if reason is not None:
                 # the verifier's words ("invalid extension: 2.5.29.35: ...") go to the log;
                 # the error says what it means for a person
-                logger.info("peer %s fails the CA check: %s", peer_id, reason)
+                _peer_log.log(logging.INFO, "ca-check", "peer %s fails the CA check: %s",
+                              peer_id, reason)
                 return _Verdict(
                     peer_id, _Failure.UNTRUSTED_CHAIN, self._explain(peer_id, chain, reason)
                 )

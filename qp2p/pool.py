@@ -49,7 +49,12 @@ class Pool:
             if not pending.done():
                 waiting[key] -= 1
                 if waiting[key] == 0:
-                    pending.cancel()  # nobody waits for this dial any more: stop dialling
+                    # nobody waits for this dial any more: stop dialling. Forget it first:
+                    # it finishes cancelling only later, and a caller arriving meanwhile
+                    # must start its own dial, not join one that ends cancelled
+                    del self._pending[key]
+                    del waiting[key]
+                    pending.cancel()
 
     def dials_in_flight(self) -> int:
         """Shared dials not finished yet."""
@@ -58,8 +63,9 @@ class Pool:
     def _dial_done(self, key: _DialKey, dial: asyncio.Future[Any]) -> None:
         """A shared dial ended: forget it, and retrieve its outcome so a failure that no
         caller awaited any more is not reported as "never retrieved"."""
-        self._pending.pop(key, None)
-        self._waiting.pop(key, None)
+        if self._pending.get(key) is dial:  # not a cancelled one a new dial replaced
+            del self._pending[key]
+            self._waiting.pop(key, None)
         if not dial.cancelled():
             dial.exception()
 
