@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict qp2p
 	$(BIN)/python tools/check_structure.py  # no import cycles, no new private reaches
 
-# the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too
+# the API reference from the docstrings (docs/api.rst); tests/loopback/test_docs.py builds it too
 docs: $(STAMP)
 	$(BIN)/python -m sphinx -q -W --keep-going -b html docs docs/_build/html
 	@echo "API reference: docs/_build/html/index.html"
@@ -59,7 +59,7 @@ fuzz: build
 	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 soak: build sysdeps
-	$(BIN)/python -m tests.soak --minutes $(SOAK_MINUTES)
+	$(BIN)/python -m tests.support.soak --minutes $(SOAK_MINUTES)
 
 scale: build
 	$(BIN)/python bench/scale.py

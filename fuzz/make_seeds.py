@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qp2p import _purepy  # noqa: E402
-from tests.test_fuzz import captured, frame_header  # noqa: E402
+from tests.support.frames import frame_header  # noqa: E402
+from tests.support.packets import captured  # noqa: E402
 
 enc = _purepy.encode_frame
 

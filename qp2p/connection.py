@@ -49,7 +49,7 @@ DATAGRAM_QUEUE_BYTES = 256 * 2**10
 #: What one queued datagram costs beyond its payload (the bytes object, the queue slot).
 DATAGRAM_COST = 64
 #: What a stream the peer keeps open with data on it costs us beyond its bytes (the
-#: engine's stream state and our assembler; measured: tests/test_hardening_unread.py),
+#: engine's stream state and our assembler; measured: tests/loopback/test_hardening_unread.py),
 #: charged to the endpoint's receive budget until the stream ends.
 STREAM_COST = 3 * 2**10
 #: Streams in ``Connection._sending`` before the first sweep drops those whose bytes are
@@ -462,7 +462,7 @@ class Connection:
         out["queued_messages"] = (
             len(self._queue_uni) + len(self._queue_bidi) + len(self._queue_reply)
         )
-        return cast(ConnectionStats, out)  # its keys: tests/test_surface.py checks them
+        return cast(ConnectionStats, out)  # its keys: tests/loopback/test_surface.py checks them
 
     async def close(self, reason: str = "") -> None:
         """Close gracefully; the peer sees ``reason``. Idempotent."""

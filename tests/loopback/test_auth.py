@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 import qp2p
-from tests.conftest import FAST
-from tests.udp_relay import UdpRelay
+from tests.support.endpoints import FAST
+from tests.support.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 

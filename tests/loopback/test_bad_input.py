@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import struct
 
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamReset
+from aioquic.quic.events import QuicEvent
 
 import qp2p
-from tests.conftest import FAST
+from tests.support.endpoints import FAST
+from tests.support.frames import frame
+from tests.support.raw_quic import Attacker, raw_client_config
 
 pytestmark = pytest.mark.asyncio
-
-
-def frame(header: bytes, dst: bytes, payload: bytes, *, version: int = 2, kind: int = 0,
-          reserved: int = 0, lengths: tuple[int, int, int] | None = None) -> bytes:
-    hl, dl, pl = lengths or (len(header), len(dst), len(payload))
-    return struct.pack(">HIIIBB", version, hl, dl, pl, kind, reserved) + header + dst + payload
 
 
 BAD_FRAMES = {
@@ -40,28 +35,13 @@ BAD_FRAMES = {
 }
 
 
-class Recorder(QuicConnectionProtocol):
-    """Collects the stream resets/stops the qp2p endpoint answers with."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.stopped: dict[int, int] = {}
-        self.reset: dict[int, int] = {}
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StopSendingReceived):
-            self.stopped[event.stream_id] = event.error_code
-        elif isinstance(event, StreamReset):
-            self.reset[event.stream_id] = event.error_code
-
-
 async def test_raw_client_bad_frames_then_valid_message(impl: str) -> None:
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
-        config = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        config = raw_client_config()
         host, port = server.local_addr
-        async with connect(host, port, configuration=config, create_protocol=Recorder,
+        async with connect(host, port, configuration=config, create_protocol=Attacker,
                            wait_connected=True) as client:
-            assert isinstance(client, Recorder)
+            assert isinstance(client, Attacker)
             quic = client._quic
             conn = await asyncio.wait_for(server.accept(), 5)
             assert conn.peer_id is None  # a raw client presents no certificate
@@ -143,9 +123,9 @@ async def test_stream_flood_is_bounded(impl: str) -> None:
     """A peer opening many streams of junk: each is rejected, credit keeps flowing."""
     cfg = qp2p.Config(max_concurrent_uni_streams=16, handshake_timeout=3.0)
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
-        config = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        config = raw_client_config()
         host, port = server.local_addr
-        async with connect(host, port, configuration=config, create_protocol=Recorder) as client:
+        async with connect(host, port, configuration=config, create_protocol=Attacker) as client:
             quic = client._quic
             conn = await asyncio.wait_for(server.accept(), 5)
             sent = 0

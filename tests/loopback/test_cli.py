@@ -28,7 +28,7 @@ import pytest
 import qp2p
 from qp2p.cli import SHUTDOWN_REASON
 from qp2p.wire import parse_address as parse_addr
-from tests.paths import CWD, pythonpath
+from tests.support.paths import CWD, pythonpath
 
 COMBOS = [
     ("cython", "uvloop"),

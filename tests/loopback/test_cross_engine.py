@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import qp2p
-from tests.conftest import FAST
+from tests.support.endpoints import FAST
 
 #: (dialler's engine, acceptor's engine)
 DIRECTIONS = [("aioquic", "qh3"), ("qh3", "aioquic")]

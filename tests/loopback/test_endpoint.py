@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.conftest import FAST, connected
+from tests.support.endpoints import FAST, connected
 
 pytestmark = pytest.mark.asyncio
 
@@ -226,7 +226,7 @@ async def test_sender_side_validation(pair: tuple[qp2p.Endpoint, qp2p.Endpoint])
 
 async def test_oversized_for_receiver_is_refused_locally(impl: str) -> None:
     """The receiver advertised its limit in the handshake: the sender refuses what
-    exceeds it before sending a byte (tests/test_message_limits.py covers a receiver
+    exceeds it before sending a byte (tests/loopback/test_message_limits.py covers a receiver
     whose limit the sender did not learn)."""
     small = qp2p.Config(max_message_size=1024, handshake_timeout=3.0)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)

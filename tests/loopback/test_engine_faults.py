@@ -15,7 +15,7 @@ import pytest
 import qp2p
 from qp2p import wire
 from qp2p.engine import _aioquic
-from tests.conftest import FAST, connected
+from tests.support.endpoints import FAST, connected
 
 pytestmark = pytest.mark.asyncio
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.paths import CWD, pythonpath
+from tests.support.paths import CWD, ROOT, pythonpath
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 README = ROOT / "README.md"
 #: Each example must finish well within this (they take about a second).

@@ -1,5 +1,6 @@
 """Hostile peers against one endpoint: floods of streams and headers, of connections, of
-half-open and spoofed-source handshakes. The attackers are raw aioquic clients or raw UDP
+half-open handshakes (spoofed-source ones: ``tests/netns/test_hardening_spoofed.py``).
+The attackers are raw aioquic clients or raw UDP
 (no qp2p code on the attacking side); each test checks the bound held and that the
 endpoint kept serving an honest qp2p peer meanwhile."""
 
@@ -8,54 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
-import struct
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import QuicEvent, StopSendingReceived
 from cryptography.hazmat.primitives import serialization
 
 import qp2p
 from qp2p import engine, wire
-from tests.conftest import FAST
-from tests.netlab import Lab, two_hosts
-from tests.test_fastpath import frame_header
-from tests.udp_relay import UdpRelay
+from tests.support.endpoints import FAST
+from tests.support.frames import frame_header
+from tests.support.raw_quic import (
+    Attacker,
+    attacker,
+    client_initials,
+    honest_exchange,
+    raw_client_config,
+)
+from tests.support.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 
 KiB, MiB = 2**10, 2**20
-
-
-class Attacker(QuicConnectionProtocol):
-    """A raw aioquic client that records the streams the endpoint stopped."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stopped: dict[int, int] = {}
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StopSendingReceived):
-            self.stopped[event.stream_id] = event.error_code
-
-
-def raw_client_config() -> QuicConfiguration:
-    return QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
-
-
-@contextlib.asynccontextmanager
-async def attacker(server: qp2p.Endpoint) -> AsyncIterator[Attacker]:
-    host, port = server.local_addr
-    async with connect(host, port, configuration=raw_client_config(),
-                       create_protocol=Attacker, wait_connected=True) as client:
-        assert isinstance(client, Attacker)
-        yield client
 
 
 def open_flood(client: Attacker, streams: int, claim: int, body: int, gap: int) -> None:
@@ -85,31 +59,6 @@ async def sample_peak(server: qp2p.Endpoint, seconds: float) -> tuple[int, int]:
         peak_sum = max(peak_sum, sum(held))
         await asyncio.sleep(0.003)
     return peak_one, peak_sum
-
-
-async def honest_exchange(server: qp2p.Endpoint, rounds: int = 10) -> None:
-    """An honest qp2p peer connects and exchanges messages and requests with ``server``."""
-    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
-        conn = await asyncio.wait_for(peer.connect_to(server.local_addr), 10)
-        accepted = None
-        while accepted is None:
-            candidate = await asyncio.wait_for(server.accept(), 10)
-            if candidate.peer_id == peer.peer_id:
-                accepted = candidate
-
-        async def echo() -> None:
-            async for msg in accepted:
-                if msg.is_request:
-                    await msg.reply(msg.payload)
-
-        echoing = asyncio.ensure_future(echo())
-        try:
-            for i in range(rounds):
-                body = b"honest %d " % i * 100
-                assert (await asyncio.wait_for(conn.request(body), 10)).payload == body
-                await asyncio.wait_for(conn.send(body), 10)
-        finally:
-            echoing.cancel()
 
 
 # ---------------------------------------------------------------------------- memory
@@ -217,17 +166,6 @@ async def test_per_address_limit_refuses_raw_clients(impl: str) -> None:
                 await conn.send(b"from elsewhere")
 
 
-def client_initials(count: int, server_addr: tuple[str, int]) -> list[bytes]:
-    """``count`` genuine first Initials from fresh aioquic clients (distinct DCIDs)."""
-    out = []
-    for _ in range(count):
-        quic = QuicConnection(configuration=raw_client_config())
-        quic.connect(server_addr, now=0.0)
-        (datagram, _), *_ = quic.datagrams_to_send(now=0.0)
-        out.append(datagram)
-    return out
-
-
 async def test_half_open_handshakes_time_out(impl: str) -> None:
     cfg = qp2p.Config(handshake_timeout=0.5)
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
@@ -313,82 +251,6 @@ async def test_anti_amplification_before_address_validation(impl: str) -> None:
 
 
 # ---------------------------------------------------------------------------- spoofing
-
-
-def spoofed_udp(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
-    """An IPv4/UDP packet from an address we do not own (the kernel fills the checksum)."""
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP,
-                     0, socket.inet_aton(src), socket.inet_aton(dst))
-    return ip + udp
-
-
-@pytest.mark.netns
-@pytest.mark.one_loop
-@pytest.mark.parametrize("mode", ["required", "under_load"])
-async def test_spoofed_initial_flood_costs_no_state(lab: Lab, impl: str, mode: str) -> None:
-    """10,000 genuine-looking Initials from spoofed sources (raw packets from another
-    namespace, 198.19.128.0/17): with address validation required every one is answered
-    with a stateless Retry and no connection state is kept; without it, Retry takes over
-    once ``address_validation_threshold`` handshakes are open, and those time out."""
-    net = two_hosts(lab)
-    net.b.route("198.19.128.0/17", via=net.a)  # answers to the spoofed sources go to A
-    threshold = 16
-    cfg = qp2p.Config(require_address_validation=(mode == "required"),
-                      address_validation_threshold=threshold, handshake_timeout=1.0)
-    with net.b.entered():
-        server = await qp2p.Endpoint.bind((net.b.addr, 0), config=cfg)
-    raw = net.a.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    try:
-        dst, dport = server.local_addr
-        initials = client_initials(200, (dst, dport))
-        count, peak_half_open = 10_000, 0
-        flood_start = asyncio.get_running_loop().time()
-        for i in range(count):
-            src = f"198.19.{128 + i // 250}.{i % 250 + 1}"
-            raw.sendto(spoofed_udp(src, 1024 + i, dst, dport, initials[i % len(initials)]),
-                       (dst, 0))
-            if i % 50 == 49:  # let the endpoint drain its socket
-                await asyncio.sleep(0.001)
-                peak_half_open = max(peak_half_open, len(server._half_open))
-        for _ in range(200):  # until the last datagrams are handled
-            before = server.stats_counters["datagrams_received"]
-            await asyncio.sleep(0.02)
-            if server.stats_counters["datagrams_received"] == before:
-                break
-        flood_time = asyncio.get_running_loop().time() - flood_start
-        stats = dict(server.stats_counters)
-        print(f"\n[{impl}/{mode}] {count} spoofed Initials: received "
-              f"{stats['datagrams_received']}, Retry sent {stats['retries_sent']}, "
-              f"peak half-open {peak_half_open}, live now {len(server._live)}")
-        assert stats["datagrams_received"] >= count // 2  # the flood did arrive
-        if mode == "required":
-            assert stats["retries_sent"] == stats["datagrams_received"]
-            assert peak_half_open == 0 and not server._live and not server._half_open
-        else:
-            assert 0 < peak_half_open <= threshold
-            # the rest got a Retry, except replays of the open handshakes' own Initials;
-            # half-open ones time out after handshake_timeout, so a flood that lasts
-            # longer (a loaded machine) lets `threshold` new ones in per such window
-            windows = 1 + int(flood_time // cfg.handshake_timeout)
-            replays = threshold * windows * (count // len(initials))
-            assert stats["retries_sent"] >= stats["datagrams_received"] - replays
-            await asyncio.sleep(cfg.handshake_timeout + 0.3)
-            assert not server._live and not server._half_open  # the half-open timed out
-        # an honest peer with a real address still gets in
-        with net.a.entered():
-            peer = await qp2p.Endpoint.bind((net.a.addr, 0), config=FAST)
-        try:
-            conn = await asyncio.wait_for(peer.connect_to(server.local_addr), 10)
-            await conn.send(b"hello after the flood")
-            got = await asyncio.wait_for(server.accept(), 5)
-            assert (await asyncio.wait_for(got.recv(), 5)).payload == b"hello after the flood"
-        finally:
-            await peer.close()
-    finally:
-        raw.close()
-        await server.close()
-
 
 
 async def test_idle_connections_reserve_little_of_the_budget(impl: str) -> None:

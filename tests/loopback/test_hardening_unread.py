@@ -13,8 +13,8 @@ from aioquic.asyncio.client import connect
 
 import qp2p
 from qp2p import engine
-from tests.test_fastpath import frame_header
-from tests.test_hardening import Attacker, honest_exchange, raw_client_config
+from tests.support.frames import frame_header
+from tests.support.raw_quic import Attacker, honest_exchange, raw_client_config
 
 pytestmark = pytest.mark.asyncio
 

@@ -24,8 +24,8 @@ import qp2p
 from qp2p import engine, wire
 from qp2p.errors import ProtocolError
 from qp2p.services import holepunch, rendezvous
-from tests.conftest import FAST
-from tests.test_bad_input import frame
+from tests.support.endpoints import FAST
+from tests.support.frames import frame
 
 
 class Sink:

@@ -10,8 +10,8 @@ import pytest
 
 import qp2p
 from qp2p import engine
-from tests.conftest import FAST, connected
-from tests.udp_relay import UdpRelay
+from tests.support.endpoints import FAST, connected
+from tests.support.udp_relay import UdpRelay
 
 SMALL = qp2p.Config(
     max_message_size=100, idle_timeout=10.0, handshake_timeout=3.0, retry=FAST.retry

@@ -17,8 +17,8 @@ import qp2p
 from qp2p import wire
 from qp2p.connection import _peer_log as connection_log
 from qp2p.ratelog import RateLimitedLog
-from tests.conftest import FAST, connected
-from tests.test_bad_input import frame
+from tests.support.endpoints import FAST, connected
+from tests.support.frames import frame
 
 
 @pytest.mark.asyncio

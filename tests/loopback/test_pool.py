@@ -9,7 +9,7 @@ import pytest
 
 import qp2p
 from qp2p.engine._qh3 import CORE_WINDOW
-from tests.conftest import FAST, connected
+from tests.support.endpoints import FAST, connected
 
 pytestmark = pytest.mark.asyncio
 
@@ -261,7 +261,7 @@ async def test_address_validation_with_retry(impl: str) -> None:
 
 async def test_backpressure_bounds_unacked_bytes(impl: str) -> None:
     """A sender far faster than its path: unacknowledged bytes stay under the bound."""
-    from tests.udp_relay import UdpRelay
+    from tests.support.udp_relay import UdpRelay
 
     bound = 256 * 1024
     cfg = qp2p.Config(max_pending_send_bytes=bound, handshake_timeout=3.0)

@@ -16,8 +16,8 @@ import pytest_asyncio
 
 import qp2p
 from qp2p import relay
-from tests.conftest import FAST
-from tests.udp_relay import UdpRelay
+from tests.support.endpoints import FAST
+from tests.support.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
 

@@ -12,7 +12,7 @@ import pytest
 import qp2p
 from qp2p import relay, wire
 from qp2p.services.holepunch import PROBE_SCHEDULE
-from tests.conftest import FAST
+from tests.support.endpoints import FAST
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,7 +11,7 @@ import traceback
 import pytest
 
 import qp2p
-from tests.conftest import FAST, connected
+from tests.support.endpoints import FAST, connected
 
 pytestmark = pytest.mark.asyncio
 

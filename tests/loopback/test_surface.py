@@ -19,9 +19,8 @@ from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 import qp2p
-from tests.conftest import FAST, connected
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.endpoints import FAST, connected
+from tests.support.paths import ROOT
 
 # --------------------------------------------------------------------------- types
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import ROOT
+
 PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 SOURCES = [
     *ROOT.glob("qp2p/*.py"),
@@ -109,7 +110,11 @@ def test_sdist_carries_c_source_stub_and_types(artifacts: Artifacts) -> None:
         "pyproject.toml",
         "README.md",
         "tests/conftest.py",
-        "tests/paths.py",
+        "tests/support/paths.py",  # every layer of the suite, and its helpers
+        "tests/support/peer_proc.py",
+        "tests/unit/test_fastpath.py",
+        "tests/loopback/test_endpoint.py",
+        "tests/netns/test_netlab.py",
         "conftest.py",  # the rootdir conftest: the suite tests the installed qp2p
         "docs/pypi.md",
         "docs/api.rst",
@@ -311,10 +316,10 @@ def test_sdist_suite_tests_the_installed_wheel(artifacts: Artifacts, tmp_path: P
     [src] = (tmp_path / "sdist").iterdir()
     assert not list((src / "qp2p").glob("*.so"))  # the tree beside the tests is not compiled
     selection = [
-        "tests/test_endpoint.py::test_message_with_header_and_dst",  # in-process, both impls
-        "tests/test_fastpath.py::test_qp2p_no_extensions_env",  # subprocess `python -c`
-        "tests/test_examples.py::test_example_runs",  # subprocess running a script
-        "tests/test_cli.py::test_help_lists_every_subcommand",  # subprocess `python -m qp2p`
+        "tests/loopback/test_endpoint.py::test_message_with_header_and_dst",  # in-process
+        "tests/unit/test_fastpath.py::test_qp2p_no_extensions_env",  # subprocess `python -c`
+        "tests/loopback/test_examples.py::test_example_runs",  # subprocess running a script
+        "tests/loopback/test_cli.py::test_help_lists_every_subcommand",  # `python -m qp2p`
     ]
     result = subprocess.run(
         [python, "-m", "pytest", "-p", "no:cacheprovider", *selection,

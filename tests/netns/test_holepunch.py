@@ -4,60 +4,22 @@ peers behind two NATs connect directly via a rendezvous; symmetric NATs fail cle
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import qp2p
-from tests.netlab import Host, Lab, double_nat
-from tests.paths import CWD, pythonpath
+from tests.support.netlab import Host, Lab, double_nat
+from tests.support.peers import PeerProcess
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
-ROOT = Path(__file__).resolve().parents[1]
 CFG = qp2p.Config(hole_punch_timeout=4.0, handshake_timeout=3.0,
                   retry=qp2p.RetryConfig(max_elapsed_time=5.0))
 
 
-class Rendezvous:
-    """A rendezvous peer as a subprocess inside a namespace."""
-
-    def __init__(self, host: Host, addr: str, rendezvous: bool = True,
-                 relay: bool = False) -> None:
-        argv = [sys.executable, str(ROOT / "tests" / "peer_proc.py"), addr, "0", "30"]
-        if rendezvous:
-            argv.append("--rendezvous")
-        if relay:
-            argv.append("--relay")
-        self.proc = host.popen(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               cwd=CWD, env={**os.environ, "PYTHONPATH": pythonpath()})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().split()
-        assert line and line[0] == "READY", line
-        self.addr = (line[1], int(line[2]))
-
-    def user_messages(self) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("count\n")
-        self.proc.stdin.flush()
-        word, count = self.proc.stdout.readline().split()
-        assert word == "COUNT"
-        return int(count)
-
-    def relayed_bytes(self) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("relayed\n")
-        self.proc.stdin.flush()
-        word, count = self.proc.stdout.readline().split()
-        assert word == "RELAYED"
-        return int(count)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+def rendezvous_in(host: Host, addr: str, relay: bool = False) -> PeerProcess:
+    """A rendezvous peer (relaying if ``relay``) as a subprocess inside ``host``."""
+    return PeerProcess(addr, 0, 30, "--rendezvous", *(["--relay"] if relay else []), netns=host)
 
 
 async def bind_in(host: Host) -> qp2p.Endpoint:
@@ -80,7 +42,7 @@ async def test_connect_via_through_two_nats(lab: Lab, impl: str, target_joins: s
     """API.md's target reaches its rendezvous with plain ``connect_to``; ``register_with``
     also locks introductions to that rendezvous. Both must punch."""
     net = double_nat(lab, mode="masquerade")
-    rdv = Rendezvous(net.p, "198.18.0.10")
+    rdv = rendezvous_in(net.p, "198.18.0.10")
     b = await bind_in(net.c2)
     endpoints = [b]
     try:
@@ -117,7 +79,7 @@ async def test_connect_via_through_two_nats(lab: Lab, impl: str, target_joins: s
 
 async def test_symmetric_nat_fails_cleanly(lab: Lab, impl: str) -> None:
     net = double_nat(lab, mode="fully-random")
-    rdv = Rendezvous(net.p, "198.18.0.10")
+    rdv = rendezvous_in(net.p, "198.18.0.10")
     a, b = await bind_in(net.c1), await bind_in(net.c2)
     try:
         rb = await b.register_with(rdv.addr)
@@ -144,7 +106,7 @@ async def test_symmetric_nats_connect_through_a_relay(lab: Lab, impl: str) -> No
     back to the rendezvous relaying (``relay=True``): a relayed, end-to-end encrypted
     connection that carries every message; the relay delivers none to itself."""
     net = double_nat(lab, mode="fully-random")
-    rdv = Rendezvous(net.p, "198.18.0.10", relay=True)
+    rdv = rendezvous_in(net.p, "198.18.0.10", relay=True)
     a, b = await bind_in(net.c1), await bind_in(net.c2)
     try:
         await b.connect_to(rdv.addr)
@@ -170,8 +132,8 @@ async def test_symmetric_nats_connect_through_a_relay(lab: Lab, impl: str) -> No
 
 async def test_unknown_peer_and_refusing_rendezvous_fail_fast(lab: Lab, impl: str) -> None:
     net = double_nat(lab, mode="masquerade")
-    rdv = Rendezvous(net.p, "198.18.0.10")
-    plain = Rendezvous(net.p, "198.18.0.11", rendezvous=False)
+    rdv = rendezvous_in(net.p, "198.18.0.10")
+    plain = PeerProcess("198.18.0.11", 0, 30, netns=net.p)
     a = await bind_in(net.c1)
     try:
         loop = asyncio.get_running_loop()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.netlab import Host, Lab, Lan
-from tests.test_holepunch import Rendezvous
-from tests.upnp_lab import StunServer, miniupnpd_missing, start_miniupnpd, stop_process
+from tests.support.netlab import Host, Lab, Lan
+from tests.support.peers import PeerProcess
+from tests.support.upnp_lab import StunServer, miniupnpd_missing, start_miniupnpd, stop_process
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.one_loop]
 
@@ -89,11 +89,11 @@ async def test_every_pair_connects(lab: Lab, impl: str, dialler_kind: str,
     stun = StunServer(p, ("198.18.0.10", "198.18.0.11"))  # miniupnpd's check of its address
     daemons: list[subprocess.Popen[str]] = []
     endpoints: list[qp2p.Endpoint] = []
-    rdv: Rendezvous | None = None
+    rdv: PeerProcess | None = None
     try:
         c1 = site(lab, public, 1, dialler_kind, tmp_path, daemons)
         c2 = site(lab, public, 2, target_kind, tmp_path, daemons)
-        rdv = Rendezvous(p, "198.18.0.10", relay=True)
+        rdv = PeerProcess("198.18.0.10", 0, 30, "--rendezvous", "--relay", netns=p)
         target = await bind_in(c2, target_kind)
         endpoints.append(target)
         await target.connect_to(rdv.addr)

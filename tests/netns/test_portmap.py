@@ -1,8 +1,8 @@
 """Port mapping against a real daemon: Debian's miniupnpd (UPnP-IGD, NAT-PMP, PCP) in the
 NAT router's namespace, the mapped peer behind a NAT that drops unsolicited packets
-(tests/upnp_lab.py); and against a scripted hostile gateway for the strict parsing.
+(tests/support/upnp_lab.py); and against a scripted hostile gateway for the strict parsing.
 
-The peer behind the NAT runs as a subprocess inside its namespace (tests/peer_proc.py):
+The peer behind the NAT runs as a subprocess inside its namespace (tests/support/peer_proc.py):
 port mapping opens its own sockets (to the gateway, SSDP, HTTP) after bind, and those must
 live in the peer's namespace, which a whole process does.
 """
@@ -15,16 +15,16 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import qp2p
-from tests.netlab import Host, Lab, behind_nat
-from tests.paths import CWD, ROOT, pythonpath
-from tests.upnp_lab import TABLE, UpnpRouter, miniupnpd_missing, upnp_router
+from tests.support.netlab import Host, Lab, behind_nat
+from tests.support.paths import CWD, pythonpath
+from tests.support.peers import PeerProcess
+from tests.support.upnp_lab import TABLE, UpnpRouter, miniupnpd_missing, upnp_router
 
 pytestmark = [pytest.mark.netns, pytest.mark.one_loop]
 CFG = qp2p.Config(handshake_timeout=2.0, retry=qp2p.RetryConfig(max_elapsed_time=3.0))
@@ -44,10 +44,10 @@ def router(lab: Lab, tmp_path: Path) -> Iterator[UpnpRouter]:
         rt.close()
 
 
-class Peer:
-    """tests/peer_proc.py inside ``host``, on this test's implementation and engine; on
-    uvloop with qh3 and asyncio with aioquic (so the four implementation x engine runs
-    cover both loops too: the port mapping runs in this process)."""
+class Peer(PeerProcess):
+    """tests/support/peer_proc.py inside ``host``, on this test's implementation and
+    engine; on uvloop with qh3 and asyncio with aioquic (so the four implementation x
+    engine runs cover both loops too: the port mapping runs in this process)."""
 
     def __init__(self, host: Host, impl: str, *flags: str, stderr: int | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": pythonpath()}
@@ -56,18 +56,7 @@ class Peer:
             env["QP2P_NO_EXTENSIONS"] = "1"
         if os.environ.get("QP2P_ENGINE") == "qh3":
             flags = (*flags, "--uvloop")
-        self.proc = host.popen(sys.executable, str(ROOT / "tests" / "peer_proc.py"),
-                               "0.0.0.0", "0", "30", *flags, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=CWD,
-                               env=env)
-        line = self._line().split()
-        assert line and line[0] == "READY", line
-        self.port = int(line[2])
-        self.peer_id = qp2p.PeerId.from_str(line[3])
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline()
+        super().__init__("0.0.0.0", 0, 30, *flags, netns=host, env=env, stderr=stderr)
 
     async def log_until(self, marker: str) -> list[str]:
         """Lines of the peer's ``--log`` output up to the one containing ``marker``."""
@@ -78,14 +67,6 @@ class Peer:
             lines.append(line)
         return lines
 
-    def public_addr(self) -> tuple[str, int] | None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("public\n")
-        self.proc.stdin.flush()
-        words = self._line().split()
-        assert words[0] == "PUBLIC", words
-        return None if words[1] == "none" else (words[1], int(words[2]))
-
     async def wait_public_addr(self, timeout: float = 15.0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -93,18 +74,6 @@ class Peer:
             assert loop.time() < deadline, "no mapping within the time bound"
             await asyncio.sleep(0.05)
         return addr
-
-    def close(self) -> None:
-        """Close stdin: the peer closes its endpoint (deleting its lease) and exits."""
-        assert self.proc.stdin is not None
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            assert self.proc.wait(15) == 0
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
 
 
 async def bind_in(host: Host) -> qp2p.Endpoint:

@@ -1,10 +1,10 @@
-"""The soak (tests/soak.py, ``make soak``) in short: a few seconds per implementation with
-fast churn. Every message whose send() returned arrives exactly once, byte-identical,
-across connection closes, peer restarts (in-process and namespace peers), 2 % random loss
-and reordering; and no file descriptor is left behind. Needs root for the namespaces:
-skips with the reason where they can't be made (the ``lab`` fixture). Runs under uvloop
-only (``one_loop``): both loops would double its time; ``python -m tests.soak --loop asyncio``
-runs it on asyncio."""
+"""The soak (tests/support/soak.py, ``make soak``) in short: a few seconds per
+implementation with fast churn. Every message whose send() returned arrives exactly once,
+byte-identical, across connection closes, peer restarts (in-process and namespace peers),
+2 % random loss and reordering; and no file descriptor is left behind. Needs root for the
+namespaces: skips with the reason where they can't be made (the ``lab`` fixture). Runs
+under uvloop only (``one_loop``): both loops would double its time;
+``python -m tests.support.soak --loop asyncio`` runs it on asyncio."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from tests.netlab import Lab
-from tests.soak import Ledger, Traffic, run_soak
+from tests.support.netlab import Lab
+from tests.support.soak import Ledger, Traffic, run_soak
 
 
 @pytest.mark.asyncio

@@ -7,7 +7,7 @@ What this host can do (checked 2025-11-25: kernel 6.18.44-fc-v595, iproute2 6.1.
   modules (no /lib/modules/<release>, no modprobe). Therefore:
     - random loss comes from nftables: ``numgen random mod 10000 < N drop`` (``Lab.set_loss``);
     - delay, jitter, reordering and duplication come from the userspace relay
-      ``tests/udp_relay.py`` (``UdpRelay``), which also runs inside a namespace
+      ``tests/support/udp_relay.py`` (``UdpRelay``), which also runs inside a namespace
       (``UdpRelay(..., socket_factory=host.socket)``).
   ``netem_available()`` re-checks at run time, should a later kernel have it.
 * Yes: network namespaces, veth pairs created straight into namespaces, Linux bridges,

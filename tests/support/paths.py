@@ -1,4 +1,5 @@
-"""Where the qp2p under test lives, for tests that start Python subprocesses.
+"""Where things are: the tree's root, the test helpers subprocesses run, and the qp2p
+under test, for tests that start Python subprocesses.
 
 The subprocess must import the same qp2p as the test process: this tree in a checkout, the
 installed package when the suite runs from an unpacked sdist against an installed wheel (see
@@ -15,7 +16,12 @@ from pathlib import Path
 
 import qp2p
 
-ROOT = Path(__file__).resolve().parent.parent
+#: The checkout (or unpacked sdist): the directory holding ``tests/``, ``qp2p/``, ``examples/``.
+ROOT = Path(__file__).resolve().parents[2]
+#: The test helpers' directory (``tests/support/``).
+SUPPORT = ROOT / "tests" / "support"
+#: The script of a qp2p peer in its own process (see its docstring).
+PEER_PROC = SUPPORT / "peer_proc.py"
 #: The directory that holds the ``qp2p`` package under test.
 QP2P_HOME = Path(qp2p.__file__).resolve().parent.parent
 #: A working directory for subprocesses that does not shadow the qp2p under test.

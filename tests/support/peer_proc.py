@@ -1,6 +1,6 @@
 """A qp2p peer in its own process, for tests that kill, restart or namespace a peer.
 
-``python tests/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous] [--relay]
+``python tests/support/peer_proc.py HOST PORT [IDLE_TIMEOUT] [--rendezvous] [--relay]
 [--port-mapping[=P,Q]] [--uvloop] [--log]``: binds, prints ``READY <host> <port> <peer_id>``,
 then echoes every message back (and answers every request with its payload). Each line
 ``count`` on stdin prints ``COUNT <n>``: the user messages this peer has received;

@@ -1,14 +1,14 @@
 """Soak: many qp2p peers exchange messages for minutes under churn and impairment, and
 every message whose ``send()`` returned must arrive exactly once, byte-identical.
 
-``python -m tests.soak --minutes 10 [--seed S] [--peers 20] [--json]`` (``make soak``); the
-short CI version is tests/test_soak.py, which calls :func:`run_soak`.
+``python -m tests.support.soak --minutes 10 [--seed S] [--peers 20] [--json]`` (``make soak``); the
+short CI version is tests/netns/test_soak.py, which calls :func:`run_soak`.
 
 Set-up (needs root for the namespaces; ``--ns-peers 0`` runs without them):
 
 * ``--peers`` endpoints in this process on 127.0.0.1;
-* ``--ns-peers`` peers, each a subprocess in its own network namespace (tests/netlab.py)
-  behind an impairment path: main peers dial a :class:`~tests.udp_relay.UdpRelay` on
+* ``--ns-peers`` peers, each a subprocess in its own network namespace (tests/support/netlab.py)
+  behind an impairment path: main peers dial a :class:`~tests.support.udp_relay.UdpRelay` on
   127.0.0.1 (delay, jitter, reordering) whose upstream sockets live in a ``gw`` namespace
   linked to the peer's namespace by a veth pair with nftables random loss both ways.
   Namespace peers send on the connections the main peers opened to them (QUIC connections
@@ -69,18 +69,16 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import qp2p
 from qp2p import _speedups
-from tests.paths import CWD, pythonpath
-from tests.udp_relay import UdpRelay, _Client, set_big_buffers
+from tests.support.paths import CWD, pythonpath
+from tests.support.udp_relay import UdpRelay, _Client, set_big_buffers
 
 __all__ = ["SoakReport", "main", "run_soak"]
 
 logger = logging.getLogger("soak")
-ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = struct.Struct("!IQI32s")  # origin tag, sequence, payload length, sha256(payload)
 PREFIX = struct.Struct("!IQ")      # payloads start with tag+sequence (tiny ones: a prefix)
@@ -579,8 +577,8 @@ class NsPeer:
 
     name: str
     index: int
-    host: Any  # tests.netlab.Host
-    relay: Any  # tests.udp_relay.UdpRelay
+    host: Any  # tests.support.netlab.Host
+    relay: Any  # tests.support.udp_relay.UdpRelay
     proc: subprocess.Popen[str] | None = None
     tag: int = 0
     up: bool = False
@@ -661,7 +659,7 @@ class Soak:
     # -- set-up
 
     async def setup(self) -> None:
-        from tests.netlab import Lab  # imported here so the module loads without pytest
+        from tests.support.netlab import Lab  # imported here so the module loads without pytest
 
         for i in range(self.n_peers):
             peer = Peer(f"p{i}", self.ledger, self.traffic, self.failures, self.hang,
@@ -694,7 +692,7 @@ class Soak:
     async def start_ns(self, ns: NsPeer) -> None:
         ns.tag = self.next_tag
         self.next_tag += 1
-        argv = [sys.executable, "-m", "tests.soak", "--ns-peer", ns.host.addr, str(NS_PORT),
+        argv = [sys.executable, "-m", "tests.support.soak", "--ns-peer", ns.host.addr, str(NS_PORT),
                 "--tag", str(ns.tag), "--seed", str(self.seed + 1000 * ns.tag),
                 "--ns-workers", str(self.ns_workers), "--close-every", str(self.close_every * 4),
                 "--hang", str(self.hang), "--impl", _speedups.implementation,
@@ -990,7 +988,7 @@ async def run_soak(seconds: float, *, seed: int = 1, peers: int = 20, ns_peers: 
                    lab: Any = None) -> SoakReport:
     """Run the soak for ``seconds`` on the running loop with the active fast path.
 
-    ``lab``: a tests.netlab.Lab to build the namespaces in (e.g. the pytest fixture);
+    ``lab``: a tests.support.netlab.Lab to build the namespaces in (e.g. the pytest fixture);
     without one, a Lab is made and removed here. ``ns_peers=0`` needs no root.
     """
     soak = Soak(seconds, seed, peers, ns_peers, workers or peers + 4, ns_workers,
@@ -1072,7 +1070,7 @@ def _runner(loop_name: str) -> asyncio.Runner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.soak",
+    ap = argparse.ArgumentParser(prog="python -m tests.support.soak",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--seconds", type=float, default=None, help="overrides --minutes")

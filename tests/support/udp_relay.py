@@ -1,6 +1,6 @@
 """A userspace UDP relay that delays, jitters, reorders, duplicates and drops packets.
 
-This kernel has no ``sch_netem`` (see tests/netlab.py), so this relay is how tests get
+This kernel has no ``sch_netem`` (see tests/support/netlab.py), so this relay is how tests get
 latency and reordering. A client (e.g. a QUIC endpoint) sends to the relay's address and
 talks to the target through it; every client gets its own upstream socket, so the target
 sees one distinct source port per client, and replies travel back the same way. Both
@@ -15,7 +15,7 @@ jitter below ~1 ms reorders nothing there; asyncio's timers are finer.
 
 Command line::
 
-    python tests/udp_relay.py --listen 127.0.0.1:9000 --target 127.0.0.1:5000 \\
+    python tests/support/udp_relay.py --listen 127.0.0.1:9000 --target 127.0.0.1:5000 \\
         --delay-ms 25 --jitter-ms 10 --reorder 0.1 --duplicate 0.01 --loss 0
 
 prints ``listening on HOST:PORT`` once ready and its counters (JSON) when stopped
@@ -27,7 +27,7 @@ prints ``listening on HOST:PORT`` once ready and its counters (JSON) when stoppe
     relay.upstream.received, relay.downstream.duplicated, relay.stats()
     relay.close()
 
-``socket_factory=host.socket`` (tests/netlab.py) puts the relay's sockets in a namespace.
+``socket_factory=host.socket`` (tests/support/netlab.py) puts the relay's sockets in a namespace.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """What an unvalidated source can send an endpoint, built with raw aioquic: genuine first
 Initials, token-bearing Initials (after a real Retry), junk shaped like Initials, long
-headers of unknown versions. Shared by tests/test_unvalidated.py and
+headers of unknown versions; and the raw socket's side. Shared by the unvalidated-source
+tests (tests/loopback/test_unvalidated.py, tests/netns/test_unvalidated_v6.py) and
 bench/unvalidated_cost.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
@@ -19,6 +21,7 @@ Address = tuple[Any, ...]
 
 
 def raw_client_config() -> QuicConfiguration:
+    """A raw client's configuration: no certificate, no ALPN, any server certificate."""
     return QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
 
 
@@ -64,3 +67,14 @@ def drain(sock: socket.socket) -> list[bytes]:
             out.append(sock.recv(65536))
         except BlockingIOError:
             return out
+
+
+async def receive(sock: socket.socket, count: int, seconds: float = 3.0) -> list[bytes]:
+    """Datagrams arriving at ``sock`` until ``count`` came or ``seconds`` passed."""
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while len(got) < count and loop.time() < end:
+        got.extend(drain(sock))
+        await asyncio.sleep(0.005)
+    return got

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.netlab import Host, Lab, Lan, NatTopology, behind_nat
+from tests.support.netlab import Host, Lab, Lan, NatTopology, behind_nat
 
 MINIUPNPD = "/usr/sbin/miniupnpd"
 TABLE = "qpupnp"

@@ -23,35 +23,23 @@ ClientHello, which reach aioquic's frame and TLS parsers through the handshake p
 from __future__ import annotations
 
 import array
-import asyncio
-import functools
-import logging
-import random
 import re
-import socket
-import ssl
-import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import pytest
 from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import pull_quic_header
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import qp2p
 from qp2p import _fastpath, _purepy, engine
 from qp2p.engine import _aioquic
 from qp2p.errors import ProtocolError
-from tests.conftest import FAST
-from tests.test_fastpath import frame_header
+from tests.support.frames import frame_header
+from tests.support.packets import captured, initial_plaintext, sealed_initial
 
 IMPLS = (_fastpath, _purepy)
 KIB = 1 << 10
@@ -430,53 +418,6 @@ def test_many_streams_of_a_few_bytes_cost_a_few_bytes_each(mod: ModuleType) -> N
 # ----------------------------------------------------------------------------- datagrams
 
 
-@dataclass(frozen=True)
-class Captured:
-    """Datagrams a raw aioquic client sent in a real handshake (no qp2p code)."""
-
-    datagrams: tuple[bytes, ...]
-    first_packet: tuple[int, ...]  # length of each datagram's first QUIC packet
-    cids: tuple[bytes, ...]  # connection IDs seen in them
-
-
-@functools.cache
-def captured() -> Captured:
-    """A real client's Initial, Handshake and 1-RTT (short header) datagrams, from an
-    aioquic client and server exchanging packets in memory until a stream was sent."""
-    ident = qp2p.Identity.generate()
-    client = QuicConnection(configuration=QuicConfiguration(
-        is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None,
-        connection_id_length=engine.CID_LENGTH))
-    server_config = QuicConfiguration(
-        is_client=False, alpn_protocols=None, certificate=ident.certificate,
-        private_key=ident.private_key, connection_id_length=engine.CID_LENGTH)
-    server: QuicConnection | None = None
-    caught: list[bytes] = []
-    now = 100.0
-    client.connect(("198.18.0.2", 4433), now=now)
-    for step in range(12):
-        for data, _ in client.datagrams_to_send(now=now):
-            caught.append(data)
-            if server is None:
-                first = pull_quic_header(Buffer(data=data), engine.CID_LENGTH)
-                server = QuicConnection(configuration=server_config,
-                                        original_destination_connection_id=first.destination_cid)
-            server.receive_datagram(data, ("198.18.0.1", 5000), now)
-        assert server is not None
-        for data, _ in server.datagrams_to_send(now=now):
-            client.receive_datagram(data, ("198.18.0.2", 4433), now)
-        if step == 4:
-            sid = client.get_next_available_stream_id(is_unidirectional=True)
-            client.send_stream_data(sid, _purepy.encode_frame(b"h", b"", b"hello"),
-                                    end_stream=True)
-        now += 0.01
-    heads = [pull_quic_header(Buffer(data=d), engine.CID_LENGTH) for d in caught]
-    kinds = {h.packet_type.name for h in heads}
-    assert {"INITIAL", "ONE_RTT"} <= kinds, kinds
-    cids = {h.destination_cid for h in heads} | {h.source_cid for h in heads if h.source_cid}
-    return Captured(tuple(caught), tuple(h.packet_length for h in heads), tuple(sorted(cids)))
-
-
 @st.composite
 def datagrams(draw: st.DrawFn) -> bytes:
     cap = captured()
@@ -564,210 +505,9 @@ def test_captured_packets_parse() -> None:
             assert mod.parse_dcid(d, engine.CID_LENGTH) in cap.cids
 
 
-# ----------------------------------------------------------------------------- over UDP
-
-
-def fuzz_datagrams(rng: random.Random, count: int, dcids: Sequence[bytes] = ()) -> list[bytes]:
-    """Junk for a live endpoint: random bytes, and real packets with at least one byte of
-    their first QUIC packet changed (an unchanged Initial would rightly be accepted).
-    With ``dcids``, mutated packets are re-addressed to those connection IDs."""
-    cap = captured()
-    out = []
-    for _ in range(count):
-        roll = rng.random()
-        if roll < 0.25:
-            out.append(rng.randbytes(rng.choice([0, 1, 5, 6, 9, 30, 200, 1200, 1400])))
-            continue
-        i = rng.randrange(len(cap.datagrams))
-        buf = bytearray(cap.datagrams[i])
-        if dcids:
-            cid = rng.choice(dcids)
-            if buf[0] & 0x80:  # long header: same length, so the rest still parses
-                buf[6 : 6 + buf[5]] = cid[: buf[5]].ljust(buf[5], b"\0")
-            else:
-                buf[1 : 1 + len(cid)] = cid
-        # a change inside the first packet (its header or its protected payload)
-        lo = 1 + engine.CID_LENGTH if (dcids and not buf[0] & 0x80) else 0
-        pos = rng.randrange(lo, cap.first_packet[i])
-        buf[pos] ^= rng.randrange(1, 256)
-        for _ in range(rng.randrange(3)):
-            edit = rng.random()
-            if not buf:
-                break
-            if edit < 0.4:
-                buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
-            elif edit < 0.6:
-                del buf[rng.randrange(len(buf)) :]
-            elif edit < 0.8:
-                buf += rng.randbytes(rng.randrange(1, 64))
-            else:
-                buf[rng.randrange(len(buf))] = rng.randrange(256)
-        end = cap.first_packet[i]
-        if len(buf) >= end and buf[lo:end] == cap.datagrams[i][lo:end]:
-            buf[pos] ^= 0x01  # the edits undid the change: a real packet must not pass
-        out.append(bytes(buf))
-    return out
-
-
-@functools.cache
-def initial_plaintext() -> tuple[bytes, bytes, int, bytes]:
-    """The captured client Initial opened: ``(plain header, payload, packet number,
-    what follows the packet in its datagram)``. Initial keys derive from the DCID alone,
-    so anyone can seal a changed payload again: the endpoint then really parses it."""
-    cap = captured()
-    data = cap.datagrams[0]
-    buf = Buffer(data=data)
-    header = pull_quic_header(buf, engine.CID_LENGTH)
-    assert header.packet_type.name == "INITIAL" and len(header.destination_cid) == 8
-    end = header.packet_length
-    pair = CryptoPair()
-    pair.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
-    plain_header, payload, number = pair.decrypt_packet(data[:end], buf.tell(), 0)
-    return plain_header, payload, number, data[end:]
-
-
-def sealed_initial(payload: bytes, dcid: bytes) -> bytes:
-    """A client Initial carrying ``payload`` (the captured one's length) to ``dcid``."""
-    plain_header, original, number, padding = initial_plaintext()
-    assert len(payload) == len(original) and len(dcid) == 8
-    pair = CryptoPair()
-    pair.setup_initial(cid=dcid, is_client=True, version=1)
-    # the DCID sits at bytes 6..14 of the long header (its length byte is 8)
-    return pair.encrypt_packet(plain_header[:6] + dcid + plain_header[14:], payload, number) \
-        + padding
-
-
-def fuzzed_initials(rng: random.Random, count: int) -> list[bytes]:
-    """Initials that decrypt, each to a fresh DCID, whose frames (a CRYPTO frame with the
-    TLS ClientHello and its QUIC transport parameters) were damaged."""
-    payload = initial_plaintext()[1]
-    out = []
-    for _ in range(count):
-        p = bytearray(payload)
-        for _ in range(rng.randrange(1, 6)):
-            pos = rng.randrange(len(p))
-            roll = rng.random()
-            if roll < 0.5:
-                p[pos] ^= 1 << rng.randrange(8)
-            elif roll < 0.8:
-                p[pos] = rng.randrange(256)
-            else:
-                size = len(p[pos : pos + rng.randrange(1, 32)])
-                p[pos : pos + size] = rng.randbytes(size)
-        out.append(sealed_initial(bytes(p), rng.randbytes(8)))
-    return out
-
-
-async def blast(sock: socket.socket, endpoint: qp2p.Endpoint, packets: Sequence[bytes]) -> None:
-    """Send ``packets`` to ``endpoint`` in small bursts (so the kernel drops none) and wait
-    until the endpoint has read every one of them."""
-    start = endpoint.stats_counters["datagrams_received"]
-    for pos in range(0, len(packets), 32):
-        burst = packets[pos : pos + 32]
-        for packet in burst:
-            sock.sendto(packet, endpoint.local_addr)
-        deadline = time.monotonic() + 5
-        while endpoint.stats_counters["datagrams_received"] < start + pos + len(burst):
-            assert time.monotonic() < deadline, "the endpoint stopped reading datagrams"
-            await asyncio.sleep(0.002)
-
-
-def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("validation", [False, True], ids=["plain", "retry"])
-async def test_fuzzed_datagrams_over_udp_leave_endpoint_serving(
-    impl: str, validation: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING)
-    rng = random.Random(f"{impl}-{validation}")
-    config = qp2p.Config(
-        idle_timeout=FAST.idle_timeout, handshake_timeout=FAST.handshake_timeout,
-        retry=FAST.retry, require_address_validation=validation,
-    )
-    fuzzer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fuzzer.bind(("127.0.0.1", 0))
-    fuzzer.setblocking(False)
-    try:
-        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=config) as server:
-            junk = fuzz_datagrams(rng, 400)
-            await blast(fuzzer, server, junk)
-            # nothing was accepted, nothing is kept
-            assert len(server._live) == 0 and len(server._table) == 0
-            assert server.stats_counters["datagrams_received"] == len(junk)
-            async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
-                conn = await peer.connect_to(server.local_addr)
-                accepted = await asyncio.wait_for(server.accept(), 5)
-                await conn.send(b"before")
-                assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"before"
-                # now junk aimed at the live connection's own connection IDs
-                cids = sorted(server._drives[accepted].cids)
-                assert cids
-                await blast(fuzzer, server, fuzz_datagrams(rng, 300, cids))
-                await blast(fuzzer, server, [
-                    bytes([0x40 | rng.randrange(64)]) + rng.choice(cids)
-                    + rng.randbytes(rng.randrange(0, 1300))
-                    for _ in range(100)
-                ])
-                assert len(server._live) == 1 and not accepted.is_closed
-                await accepted.send(b"after, from the fuzzed side")
-                got = await asyncio.wait_for(conn.recv(), 5)
-                assert got.payload == b"after, from the fuzzed side"
-                await conn.send(b"after")
-                assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"after"
-                assert accepted.stats()["streams_rejected"] == 0
-    finally:
-        fuzzer.close()
-    assert errors_logged(caplog) == []
-
-
 def test_sealed_initial_round_trip() -> None:
     """``sealed_initial`` makes what a real client makes: the unchanged payload sealed to
     the original DCID is the captured datagram, byte for byte."""
     cap = captured()
     dcid = pull_quic_header(Buffer(data=cap.datagrams[0]), engine.CID_LENGTH).destination_cid
     assert sealed_initial(initial_plaintext()[1], dcid) == cap.datagrams[0]
-
-
-@pytest.mark.asyncio
-async def test_fuzzed_decryptable_initials_leave_no_state(
-    impl: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Damaged ClientHellos the endpoint can decrypt reach aioquic's TLS and frame parsers
-    through the endpoint's handshake path: no error escapes, every half-open handshake
-    they start is dropped again, and a real peer is served."""
-    caplog.set_level(logging.WARNING)
-    rng = random.Random(f"initials-{impl}")
-    config = qp2p.Config(idle_timeout=FAST.idle_timeout, handshake_timeout=0.5, retry=FAST.retry)
-    fuzzer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fuzzer.bind(("127.0.0.1", 0))
-    fuzzer.setblocking(False)
-    try:
-        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=config) as server:
-            junk = fuzzed_initials(rng, 200)
-            await blast(fuzzer, server, junk)
-            assert server.stats_counters["datagrams_received"] == len(junk)
-            # they really were parsed: aioquic refused some of them for what was inside
-            # (and says so in its log); qh3's core opened handshakes for the decryptable ones
-            if server.engine == "aioquic":
-                assert any("quic" in r.name and r.levelno == logging.WARNING
-                           for r in caplog.records)
-            else:
-                counters = server.stats_counters
-                assert counters["dropped_unknown"] < len(junk), counters
-            deadline = time.monotonic() + 10
-            while len(server._live) or len(server._table):
-                assert time.monotonic() < deadline, (len(server._live), len(server._table))
-                await asyncio.sleep(0.05)
-            async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
-                conn = await peer.connect_to(server.local_addr)
-                accepted = await asyncio.wait_for(server.accept(), 5)
-                await conn.send(b"real")
-                assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"real"
-                await accepted.send(b"reply")
-                assert (await asyncio.wait_for(conn.recv(), 5)).payload == b"reply"
-    finally:
-        fuzzer.close()
-    assert errors_logged(caplog) == []

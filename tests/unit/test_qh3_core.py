@@ -3,7 +3,7 @@
 
 The failure needs a precise pattern of lost packets (a stream's data lost more than once,
 then completed by a late acknowledgement while a retransmission of it is still queued).
-Over UDP it takes 20 % random loss (tests/test_faults.py); here two real qh3 cores behind
+Over UDP it takes 20 % random loss (tests/netns/test_faults.py); here two real qh3 cores behind
 qp2p's adapter exchange their datagrams in memory, on a virtual clock, and a fixed list of
 datagrams is dropped: the same list reaches the failure on every run (found by shrinking
 the losses of a seeded 20 % run). Before the adapter handled it, the core's ``ValueError``

@@ -6,7 +6,7 @@
 - the compiled ``qp2p._fastpath`` exposes exactly the twin's public names, with the same
   parameters where Cython reports them and the same constant values.
 
-(``tests/test_fastpath.py`` also runs mypy's stubtest on the compiled module.)
+(``tests/unit/test_fastpath.py`` also runs mypy's stubtest on the compiled module.)
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import ast
 import contextlib
 import importlib
 import inspect
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from qp2p import _purepy
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STUB = ROOT / "qp2p" / "_fastpath.pyi"
 
 
