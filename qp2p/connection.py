@@ -1116,6 +1116,30 @@ class Connection:
         self._datagram_signal.notify_all()
         self._driver.closed(self, bool(self._inbox))
 
+    def debug_snapshot(self) -> dict[str, Any]:
+        """Internal state, copied, for tests and diagnostics: **not** part of the API, no
+        stability promise (keys and values may change in any release).
+
+        Keys: ``inbox_messages`` / ``inbox_bytes`` (received, not yet read),
+        ``assemblers`` (incoming streams with a frame being assembled); from the engine:
+        ``held`` (stream bytes received, not released), ``credit`` (the receive window it
+        grants, or None), ``reservation`` (what the peer may still make us hold),
+        ``starved`` (the endpoint's budget could not give the credit wanted),
+        ``tracked_streams`` (per-stream entries kept), ``peer_parameters`` (qp2p's
+        transport parameters the peer advertised)."""
+        quic = self._quic
+        return {
+            "inbox_messages": len(self._inbox),
+            "inbox_bytes": self._inbox_bytes,
+            "assemblers": len(self._assemblers),
+            "held": quic.held,
+            "credit": getattr(quic, "credit", None),  # an adapter's, not the Protocol's
+            "reservation": quic.reservation(),
+            "starved": quic.starved(),
+            "tracked_streams": quic.tracked_streams(),
+            "peer_parameters": quic.peer_parameters(),
+        }
+
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():

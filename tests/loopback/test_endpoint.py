@@ -419,4 +419,4 @@ async def test_long_lived_connection_keeps_no_state_per_stream_ever_used(
     assert after - before < 4000 * 8, (before, after)
     limit = FAST.max_concurrent_bidi_streams + FAST.max_concurrent_uni_streams
     for side in (conn, accepted):
-        assert side._quic.tracked_streams() <= limit
+        assert side.debug_snapshot()["tracked_streams"] <= limit

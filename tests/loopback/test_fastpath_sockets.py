@@ -297,6 +297,8 @@ def raw_gro_receive(sock: socket.socket, timeout: float = 2.0) -> list[tuple[byt
 
 @pytest.fixture
 def gso_module() -> Iterator[ModuleType]:
+    """The compiled module with its kernel-offload probe reset (``_reset_offload``, the
+    module's test hook: a private reach, on purpose, here and below)."""
     c = compiled()
     c._reset_offload()
     if not c.features()["gso"]:

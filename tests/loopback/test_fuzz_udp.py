@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 
 import qp2p
-from tests.support.endpoints import FAST
+from tests.support.endpoints import FAST, state_kept
 from tests.support.packets import fuzz_datagrams, fuzzed_initials
 
 
@@ -56,7 +56,7 @@ async def test_fuzzed_datagrams_over_udp_leave_endpoint_serving(
             junk = fuzz_datagrams(rng, 400)
             await blast(fuzzer, server, junk)
             # nothing was accepted, nothing is kept
-            assert len(server._live) == 0 and len(server._table) == 0
+            assert state_kept(server) == (0, 0)
             assert server.stats_counters["datagrams_received"] == len(junk)
             async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
                 conn = await peer.connect_to(server.local_addr)
@@ -64,7 +64,7 @@ async def test_fuzzed_datagrams_over_udp_leave_endpoint_serving(
                 await conn.send(b"before")
                 assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"before"
                 # now junk aimed at the live connection's own connection IDs
-                cids = sorted(server._drives[accepted].cids)
+                cids = sorted(server.debug_snapshot()["cids"][accepted])
                 assert cids
                 await blast(fuzzer, server, fuzz_datagrams(rng, 300, cids))
                 await blast(fuzzer, server, [
@@ -72,7 +72,7 @@ async def test_fuzzed_datagrams_over_udp_leave_endpoint_serving(
                     + rng.randbytes(rng.randrange(0, 1300))
                     for _ in range(100)
                 ])
-                assert len(server._live) == 1 and not accepted.is_closed
+                assert len(server.debug_snapshot()["live"]) == 1 and not accepted.is_closed
                 await accepted.send(b"after, from the fuzzed side")
                 got = await asyncio.wait_for(conn.recv(), 5)
                 assert got.payload == b"after, from the fuzzed side"
@@ -111,8 +111,8 @@ async def test_fuzzed_decryptable_initials_leave_no_state(
                 counters = server.stats_counters
                 assert counters["dropped_unknown"] < len(junk), counters
             deadline = time.monotonic() + 10
-            while len(server._live) or len(server._table):
-                assert time.monotonic() < deadline, (len(server._live), len(server._table))
+            while (kept := state_kept(server)) != (0, 0):
+                assert time.monotonic() < deadline, kept
                 await asyncio.sleep(0.05)
             async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
                 conn = await peer.connect_to(server.local_addr)

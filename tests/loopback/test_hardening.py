@@ -54,7 +54,7 @@ async def sample_peak(server: qp2p.Endpoint, seconds: float) -> tuple[int, int]:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     while loop.time() < end:
-        held = [c._quic.held for c in list(server._live)]
+        held = [c.debug_snapshot()["held"] for c in list(server.debug_snapshot()["live"])]
         peak_one = max(peak_one, *held, 0)
         peak_sum = max(peak_sum, sum(held))
         await asyncio.sleep(0.003)
@@ -112,7 +112,7 @@ async def test_flooding_peers_capped_endpoint_wide(impl: str) -> None:
         assert peak_one <= per_conn
         assert peak_sum <= endpoint_cap + slack
         assert peak_sum >= endpoint_cap // 2
-        assert server._budget.reserved <= endpoint_cap + slack
+        assert server.debug_snapshot()["budget_reserved"] <= endpoint_cap + slack
 
 
 # ---------------------------------------------------------------------------- connections
@@ -133,11 +133,11 @@ async def test_max_connections_refusal_is_a_clear_connection_error(impl: str) ->
                 await peers[2].connect_to(server.local_addr)
             elapsed = loop.time() - started
             text = f"{info.value} <- {info.value.__cause__}"
-            detail = (text, elapsed, server.stats_counters, len(server._live))
+            detail = (text, elapsed, server.stats_counters, len(server.debug_snapshot()["live"]))
             assert "max_connections" in text, detail
             assert elapsed < quick.handshake_timeout, detail  # refused, not timed out
             assert server.stats_counters["handshakes_refused"] >= 1, detail
-            assert len(server._live) == 2, detail
+            assert len(server.debug_snapshot()["live"]) == 2, detail
         finally:
             for peer in peers:
                 await peer.close()
@@ -174,12 +174,12 @@ async def test_half_open_handshakes_time_out(impl: str) -> None:
             for datagram in client_initials(5, server.local_addr):
                 sock.sendto(datagram, server.local_addr)  # ... and never answer
             for _ in range(100):
-                if len(server._half_open) == 5:
+                if len(server.debug_snapshot()["half_open"]) == 5:
                     break
                 await asyncio.sleep(0.01)
-            assert len(server._half_open) == 5
+            assert len(server.debug_snapshot()["half_open"]) == 5
             await asyncio.sleep(0.8)
-            assert not server._half_open and not server._live
+            assert not server.debug_snapshot()["half_open"] and not server.debug_snapshot()["live"]
             assert server.stats_counters["handshakes_timed_out"] == 5
         finally:
             sock.close()
@@ -270,16 +270,18 @@ async def test_idle_connections_reserve_little_of_the_budget(impl: str) -> None:
             for conn in accepted:
                 if conn.peer_id != peers[0].peer_id:
                     await asyncio.wait_for(conn.recv(), 5)
-            assert server._budget.reserved <= len(peers) * engine.INITIAL_MAX_DATA
+            reserved = server.debug_snapshot()["budget_reserved"]
+            assert reserved <= len(peers) * engine.INITIAL_MAX_DATA
             receiver = next(c for c in accepted if c.peer_id == peers[0].peer_id)
             sizes = [1 * MiB] * 6
             sending = asyncio.ensure_future(asyncio.gather(*(busy.send(b"b" * n) for n in sizes)))
             got = [await asyncio.wait_for(receiver.recv(), 30) for _ in sizes]
             await asyncio.wait_for(sending, 30)
             assert [len(m.payload) for m in got] == sizes
+            credit = receiver.debug_snapshot()["credit"]
             if server.engine == "aioquic":  # qh3's core window is fixed (README)
-                assert receiver._quic.credit > engine.INITIAL_MAX_DATA  # it grew when needed
-            assert receiver._quic.credit <= engine.MAX_CREDIT
+                assert credit > engine.INITIAL_MAX_DATA  # it grew when needed
+            assert credit <= engine.MAX_CREDIT
         finally:
             for p in peers:
                 await p.close()
@@ -332,7 +334,7 @@ async def test_peers_starved_by_the_endpoint_budget_still_finish(impl: str) -> N
             # exactly once, nothing else (on qh3 thanks to receipts: its core may have
             # acknowledged a stream qp2p then shed)
             assert sorted(arrived) == sorted(returned)
-            assert server._budget.reserved <= (cfg.max_endpoint_buffered_bytes
+            assert server.debug_snapshot()["budget_reserved"] <= (cfg.max_endpoint_buffered_bytes
                                                + len(conns) * engine.INITIAL_MAX_DATA)
         finally:
             for p in peers:
@@ -388,7 +390,7 @@ async def test_starved_connection_resumes_when_another_closes(impl: str) -> None
         accepted_b = await asyncio.wait_for(server.accept(), 5)
         sending = asyncio.ensure_future(conn_b.send(b"b" * (big - 100)))
         await asyncio.sleep(0.5)
-        assert accepted_b._quic.starved() and not sending.done()  # B is held back
+        assert accepted_b.debug_snapshot()["starved"] and not sending.done()  # B is held back
         await conn_a.close()
         got = await asyncio.wait_for(accepted_b.recv(), 5)
         assert got.payload == b"b" * (big - 100)

@@ -24,9 +24,9 @@ KiB, MiB = 2**10, 2**20
 def queued_inbox_bytes(server: qp2p.Endpoint) -> tuple[int, int]:
     """(messages, bytes) in the inboxes of the connections waiting for accept()."""
     messages = size = 0
-    for conn in list(server._accept_queue):
-        messages += len(conn._inbox)
-        size += conn._inbox_bytes
+    for conn in list(server.debug_snapshot()["accept_queue"]):
+        messages += conn.debug_snapshot()["inbox_messages"]
+        size += conn.debug_snapshot()["inbox_bytes"]
     return messages, size
 
 
@@ -64,7 +64,7 @@ async def send_and_close(server: qp2p.Endpoint, payloads: list[int], wait: float
 async def settle(server: qp2p.Endpoint) -> None:
     """Wait until every closed connection's engine is gone (draining over)."""
     for _ in range(300):
-        if all(not c.is_closed for c in server._live):
+        if all(not c.is_closed for c in server.debug_snapshot()["live"]):
             return
         await asyncio.sleep(0.02)
 
@@ -90,10 +90,10 @@ async def test_closed_unread_connections_stay_within_the_endpoint_budget(impl: s
                 refused += 1
             else:
                 acked += got
-            peak = max(peak, server._budget.reserved)
+            peak = max(peak, server.debug_snapshot()["budget_reserved"])
         await settle(server)
         messages, held = queued_inbox_bytes(server)
-        reserved = server._budget.reserved
+        reserved = server.debug_snapshot()["budget_reserved"]
         # each queued connection may hold the credit every connection keeps; on qh3 also
         # what the native core took within its fixed window before the close (README)
         keeps = engine.INITIAL_MAX_DATA * (2 if server.engine == "qh3" else 1)
@@ -109,8 +109,8 @@ async def test_closed_unread_connections_stay_within_the_endpoint_budget(impl: s
         assert acked <= messages  # every acknowledged message is still there to read
         # reading everything gives the budget back
         taken = 0
-        while server._accept_queue:
-            conn = server._accept_queue[0]
+        while server.debug_snapshot()["accept_queue"]:
+            conn = server.debug_snapshot()["accept_queue"][0]
             accepted = await asyncio.wait_for(server.accept(), 5)
             assert accepted is conn
             with contextlib.suppress(qp2p.ConnectionClosed):
@@ -118,7 +118,9 @@ async def test_closed_unread_connections_stay_within_the_endpoint_budget(impl: s
                     await asyncio.wait_for(accepted.recv(), 5)
                     taken += 1
         assert taken == messages
-        assert server._budget.reserved == sum(c._quic.reservation() for c in server._live)
+        snap = server.debug_snapshot()
+        assert snap["budget_reserved"] == sum(
+            c.debug_snapshot()["reservation"] for c in snap["live"])
         await honest_exchange(server, rounds=2)
 
 
@@ -130,13 +132,13 @@ async def test_dropped_unread_connection_gives_its_budget_back(impl: str) -> Non
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as server:
         assert await send_and_close(server, [300 * KiB, 300 * KiB], wait=3.0) == 2
         await settle(server)
-        assert not server._live
+        assert not server.debug_snapshot()["live"]
         conn = await asyncio.wait_for(server.accept(), 5)
         assert conn.is_closed
-        assert server._budget.reserved >= 600 * KiB
+        assert server.debug_snapshot()["budget_reserved"] >= 600 * KiB
         del conn  # nothing else refers to it: collected at once, no gc pass needed
         await asyncio.sleep(0.05)
-        assert server._budget.reserved == 0
+        assert server.debug_snapshot()["budget_reserved"] == 0
 
 
 async def test_accept_backlog_refuses_beyond_its_bound(impl: str) -> None:
@@ -155,7 +157,7 @@ async def test_accept_backlog_refuses_beyond_its_bound(impl: str) -> None:
             text = f"{info.value} <- {info.value.__cause__}"
             assert "accept backlog full" in text, text
             assert server.stats_counters["handshakes_refused"] >= 1
-            assert len(server._accept_queue) == 3
+            assert len(server.debug_snapshot()["accept_queue"]) == 3
             await asyncio.wait_for(server.accept(), 5)
             conn = await peers[4].connect_to(server.local_addr)
             await asyncio.wait_for(conn.send(b"made room"), 5)
@@ -211,10 +213,10 @@ async def test_unread_datagrams_are_bounded_and_drops_counted(impl: str) -> None
             assert stats["datagrams_dropped"] == stats["datagrams_received"] - kept
             assert stats["datagrams_dropped"] > 0
             # the queue is charged to the budget: reading it gives it back
-            before = server._budget.reserved
+            before = server.debug_snapshot()["budget_reserved"]
             first = await asyncio.wait_for(victim.recv_datagram(), 5)
             assert first == b"d" * size
-            assert server._budget.reserved == before - size - DATAGRAM_COST
+            assert server.debug_snapshot()["budget_reserved"] == before - size - DATAGRAM_COST
             assert victim.stats()["datagram_bytes_buffered"] == queued - size
             assert not victim.is_closed
 
@@ -307,27 +309,28 @@ async def test_streams_held_open_are_charged_to_the_budget(impl: str) -> None:
             await asyncio.sleep(0.2)
             tracemalloc.start()
             before_mem = tracemalloc.get_traced_memory()[0]
-            before = server._budget.reserved
+            before = server.debug_snapshot()["budget_reserved"]
             proc.stdin.write(b"go\n")
             assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"open\n"
             for _ in range(200):
-                if victim.stats()["bytes_received"] and len(victim._assemblers) == 2 * streams:
+                if (victim.stats()["bytes_received"]
+                        and victim.debug_snapshot()["assemblers"] == 2 * streams):
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)
             cost = tracemalloc.get_traced_memory()[0] - before_mem
             tracemalloc.stop()
-            charged = server._budget.reserved - before
+            charged = server.debug_snapshot()["budget_reserved"] - before
             print(f"\n[{impl}] {2 * streams} streams held open with 17 B each: "
                   f"{cost} bytes allocated ({cost // (2 * streams)} per stream, Python heap), "
                   f"{charged} charged to the budget ({STREAM_COST} per stream)")
-            assert len(victim._assemblers) == 2 * streams
+            assert victim.debug_snapshot()["assemblers"] == 2 * streams
             assert charged >= 2 * streams * STREAM_COST
             if server.engine == "aioquic":  # qh3's stream state is native, unseen here
                 assert STREAM_COST * 2 * streams >= cost
             await victim.close()
             await asyncio.sleep(0.1)
-            assert server._budget.reserved <= before
+            assert server.debug_snapshot()["budget_reserved"] <= before
         finally:
             if proc.returncode is None:
                 proc.kill()

@@ -48,8 +48,9 @@ async def test_sender_learns_the_limit(impl: str) -> None:
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=SMALL)
     try:
         conn, accepted = await connected(a, b)
-        assert conn._quic.peer_parameters().max_message_size == 100
-        assert accepted._quic.peer_parameters().max_message_size == FAST.max_message_size
+        assert conn.debug_snapshot()["peer_parameters"].max_message_size == 100
+        theirs = accepted.debug_snapshot()["peer_parameters"]
+        assert theirs.max_message_size == FAST.max_message_size
         before = conn.stats()
         with pytest.raises(qp2p.MessageTooLarge, match="peer's max_message_size of 100"):
             await conn.send(b"x" * 101)
@@ -86,8 +87,8 @@ async def test_limits_cross_engines(dialler: str, acceptor: str) -> None:
     try:
         assert (a.engine, b.engine) == (dialler, acceptor)
         conn, accepted = await connected(a, b)
-        assert conn._quic.peer_parameters().max_message_size == 200
-        assert accepted._quic.peer_parameters().max_message_size == 300
+        assert conn.debug_snapshot()["peer_parameters"].max_message_size == 200
+        assert accepted.debug_snapshot()["peer_parameters"].max_message_size == 300
         with pytest.raises(qp2p.MessageTooLarge, match="peer's max_message_size of 200"):
             await conn.send(b"x" * 201)
         with pytest.raises(qp2p.MessageTooLarge, match="max_message_size of 200"):
@@ -215,10 +216,10 @@ async def test_peer_without_parameters(impl: str, monkeypatch: pytest.MonkeyPatc
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=SMALL)
     try:
         conn, accepted = await connected(a, b)
-        assert conn._quic.peer_parameters() == engine.NO_PARAMETERS
+        assert conn.debug_snapshot()["peer_parameters"] == engine.NO_PARAMETERS
         # qp2p on qh3 promises receipts on top of its limit (its core acknowledges early)
-        assert accepted._quic.peer_parameters() == (FAST.max_message_size, a.engine == "qh3",
-                                                    False)
+        assert accepted.debug_snapshot()["peer_parameters"] == (
+            FAST.max_message_size, a.engine == "qh3", False)
         for i in range(20):
             await asyncio.wait_for(conn.send(b"m%d" % i), 5)
         for i in range(20):

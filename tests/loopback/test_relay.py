@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
@@ -17,6 +17,7 @@ import pytest_asyncio
 import qp2p
 from qp2p import relay
 from tests.support.endpoints import FAST
+from tests.support.forwarder import UdpForwarder
 from tests.support.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
@@ -96,56 +97,17 @@ async def test_connect_via_falls_back_to_the_relay(
     assert conn.path == "direct"
 
 
-class Spy:
-    """A UDP forwarder between the dialler and the relay: it sees exactly what the
-    relay receives from the dialler and can flip bytes in wrapped datagrams."""
+def flip_every(n: int, spy: UdpForwarder, flipped: list[int]) -> Callable[[bytes], bytes]:
+    """A tamper that flips a byte in the middle of every ``n``-th wrapped datagram."""
 
-    def __init__(self, relay_addr: tuple[str, int]) -> None:
-        self.relay_addr = relay_addr
-        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.front.bind(("127.0.0.1", 0))
-        self.front.setblocking(False)
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.bind(("127.0.0.1", 0))
-        self.back.setblocking(False)
-        self.addr = self.front.getsockname()
-        self.client: tuple[str, int] | None = None
-        self.seen: list[bytes] = []
-        self.tamper_every = 0
-        self.tampered = 0
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.front.fileno(), self._from_client)
-        loop.add_reader(self.back.fileno(), self._from_relay)
+    def tamper(data: bytes) -> bytes:
+        if relay.is_wrapped(data) and len(spy.seen) % n == 0:
+            pos = relay.HEADER_LEN + len(data[relay.HEADER_LEN:]) // 2
+            data = data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1:]
+            flipped[0] += 1
+        return data
 
-    def _from_client(self) -> None:
-        while True:
-            try:
-                data, self.client = self.front.recvfrom(65536)
-            except BlockingIOError:
-                return
-            self.seen.append(data)
-            if (self.tamper_every and relay.is_wrapped(data)
-                    and len(self.seen) % self.tamper_every == 0):
-                pos = relay.HEADER_LEN + len(data[relay.HEADER_LEN:]) // 2
-                data = data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1:]
-                self.tampered += 1
-            self.back.sendto(data, self.relay_addr)
-
-    def _from_relay(self) -> None:
-        while True:
-            try:
-                data = self.back.recv(65536)
-            except BlockingIOError:
-                return
-            self.seen.append(data)
-            if self.client is not None:
-                self.front.sendto(data, self.client)
-
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for s in (self.front, self.back):
-            loop.remove_reader(s.fileno())
-            s.close()
+    return tamper
 
 
 async def test_relay_cannot_read_or_forge(
@@ -155,18 +117,19 @@ async def test_relay_cannot_read_or_forge(
     datagrams tampered with on the way are dropped by the peers' AEAD: every message
     still arrives exactly as sent."""
     r, b, a = trio
-    spy = Spy(r.local_addr)
+    spy = UdpForwarder(r.local_addr)  # sees exactly what the relay gets from the dialler
+    flipped = [0]
     try:
         conn = await a.connect_relayed(spy.addr, b.peer_id)
         accepted = await asyncio.wait_for(b.accept(), 5)
-        spy.tamper_every = 7
+        spy.tamper = flip_every(7, spy, flipped)
         marker = b"PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
         for i in range(50):
             await asyncio.wait_for(conn.send(marker + b" %d" % i), 10)
         got = sorted([(await asyncio.wait_for(accepted.recv(), 10)).payload
                       for _ in range(50)])
         assert got == sorted(marker + b" %d" % i for i in range(50))
-        assert spy.tampered > 0
+        assert flipped[0] > 0
         wrapped = [d for d in spy.seen if relay.is_wrapped(d)]
         assert len(wrapped) > 50
         assert not any(marker in d for d in spy.seen)
@@ -199,7 +162,7 @@ async def test_relay_forwards_only_sessions_both_asked_for(
         conn = await a.connect_relayed(r.local_addr, b.peer_id)
         await asyncio.wait_for(b.accept(), 5)
         await asyncio.wait_for(conn.send(b"hello"), 5)
-        sessions = [sid for sid in r._relays.sessions]  # the relay's own view, for the attack
+        sessions = r.debug_snapshot()["relay"]["sessions"]  # the relay's own view, for the attack
         assert len(sessions) == 1
         forwarded = r.stats_counters["relayed_packets"]
         dropped = r.stats_counters["relay_dropped"]
@@ -233,7 +196,7 @@ async def test_relay_session_limits(
         conns.append(await a.connect_relayed(r.local_addr, b.peer_id))
     with pytest.raises(qp2p.HolePunchFailed, match="busy"):
         await a.connect_relayed(r.local_addr, b.peer_id)
-    assert len(r._relays.sessions) == relay.MAX_SESSIONS_PER_PEER
+    assert len(r.debug_snapshot()["relay"]["sessions"]) == relay.MAX_SESSIONS_PER_PEER
     await exchange(conns[-1], await asyncio.wait_for(_accepted_last(b, len(conns)), 5), 2)
 
 

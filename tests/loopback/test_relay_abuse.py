@@ -13,58 +13,16 @@ import qp2p
 from qp2p import relay, wire
 from qp2p.services.holepunch import PROBE_SCHEDULE
 from tests.support.endpoints import FAST
+from tests.support.forwarder import UdpForwarder
 
 pytestmark = pytest.mark.asyncio
 
 
-class Victim:
-    """A UDP forwarder between the dialler and the relay: the relay sees the dialler at
-    ``back``'s address and names it as the dialler's address (as a lying relay would name
-    a victim). What reaches ``back`` from anyone but the relay is counted, not forwarded."""
-
-    def __init__(self, relay_addr: tuple[str, int]) -> None:
-        self.relay_addr = relay_addr
-        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.front.bind(("127.0.0.1", 0))
-        self.front.setblocking(False)
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.bind(("127.0.0.1", 0))
-        self.back.setblocking(False)
-        self.addr = self.front.getsockname()
-        self.client: tuple[str, int] | None = None
-        self.probe_bytes = 0
-        self.other_bytes = 0
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.front.fileno(), self._from_client)
-        loop.add_reader(self.back.fileno(), self._from_back)
-
-    def _from_client(self) -> None:
-        while True:
-            try:
-                data, self.client = self.front.recvfrom(65536)
-            except BlockingIOError:
-                return
-            self.back.sendto(data, self.relay_addr)
-
-    def _from_back(self) -> None:
-        while True:
-            try:
-                data, src = self.back.recvfrom(65536)
-            except BlockingIOError:
-                return
-            if src[:2] == self.relay_addr[:2]:
-                if self.client is not None:
-                    self.front.sendto(data, self.client)
-            elif relay.is_probe(data):
-                self.probe_bytes += len(data)
-            else:
-                self.other_bytes += len(data)
-
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for s in (self.front, self.back):
-            loop.remove_reader(s.fileno())
-            s.close()
+def strays(victim: UdpForwarder) -> tuple[int, int]:
+    """Bytes of probes, and of anything else, that reached the victim from anyone but the
+    relay (a forwarder whose ``back`` address the relay named as the dialler's)."""
+    probes = sum(len(d) for d in victim.strays if relay.is_probe(d))
+    return probes, sum(len(d) for d in victim.strays) - probes
 
 
 async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
@@ -75,7 +33,8 @@ async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
     r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
-    victim = Victim(r.local_addr)
+    # the relay sees the dialler at victim.back and names that address as the dialler's
+    victim = UdpForwarder(r.local_addr)
     acks: list[asyncio.Future[None]] = []
 
     def liar(conn: qp2p.Connection, msg: object) -> None:  # PATH_OK for any check
@@ -85,6 +44,8 @@ async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
 
     try:
         await b.connect_to(r.local_addr)
+        # private reaches, on purpose: ``a`` plays a hostile dialler, so its own endpoint is
+        # rewired (answer every PATH_CHECK with PATH_OK; never probe); no API offers that
         a._control_handlers[wire.KIND_PATH_CHECK] = liar
         a._services.relay._start_upgrade = lambda conn: None  # the attacker never probes
         conn = await a.connect_relayed(victim.addr, b.peer_id)
@@ -102,15 +63,16 @@ async def test_path_ok_without_the_probe_moves_nothing(impl: str) -> None:
         _done, pending = await asyncio.wait(sends, timeout=5)
         for fut in pending:
             fut.cancel()
+        probe_bytes, other_bytes = strays(victim)
         print(f"\n[{impl}] after a false PATH_OK: target path {accepted.path}, "
-              f"victim got {victim.other_bytes} B of the connection's packets, "
-              f"{victim.probe_bytes} B of probes")
+              f"victim got {other_bytes} B of the connection's packets, "
+              f"{probe_bytes} B of probes")
         assert accepted.path == "relayed"
         assert not pending
-        assert victim.other_bytes == 0
+        assert other_bytes == 0
         # one probe train: PROBE_SCHEDULE probes of PROBE_LEN bytes
 
-        assert victim.probe_bytes <= len(PROBE_SCHEDULE) * relay.PROBE_LEN
+        assert probe_bytes <= len(PROBE_SCHEDULE) * relay.PROBE_LEN
     finally:
         victim.close()
         for ep in (a, b, r):
@@ -160,12 +122,13 @@ async def test_malformed_and_flooded_relay_control(impl: str) -> None:
             msg = await asyncio.wait_for(peer.recv(), 5)
             await msg.reply(b"pong")
             assert (await asyncio.wait_for(replying, 5)).payload == b"pong"
-        paths = len(b._relays.paths)
+        paths = b.debug_snapshot()["relay"]["paths"]
+        held = r.debug_snapshot()["relay"]
         print(f"\n[{impl}] after junk and 200 offers: target holds {paths} relayed paths, "
-              f"relay {len(r._relays.sessions)} sessions / {len(r._relays.offers)} offers, "
+              f"relay {len(held['sessions'])} sessions / {held['offers']} offers, "
               f"{len(errors)} loop errors")
         assert paths <= relay.MAX_PATHS_PER_RELAY
-        assert not r._relays.sessions and not r._relays.offers
+        assert not held["sessions"] and not held["offers"]
         assert errors == []
         await c.close()
     finally:
@@ -194,7 +157,7 @@ async def test_raw_probe_and_wrapped_floods(impl: str) -> None:
         await b.connect_to(r.local_addr)
         conn = await a.connect_relayed(r.local_addr, b.peer_id)
         accepted = await asyncio.wait_for(b.accept(), 5)
-        sid = b._relays.by_session and next(iter(b._relays.by_session))
+        sid = next(iter(b.debug_snapshot()["relay"]["by_session"]), b"")
         tracemalloc.start()
         await asyncio.sleep(0)
         before = tracemalloc.get_traced_memory()[0]
@@ -223,12 +186,14 @@ async def test_raw_probe_and_wrapped_floods(impl: str) -> None:
                     back += len(s.recv(65536))
                 except BlockingIOError:
                     break
+        seen_r = r.debug_snapshot()["relay"]["probes_seen"]
+        seen_b = b.debug_snapshot()["relay"]["probes_seen"]
         print(f"\n[{impl}] {sent} flood datagrams: {back} B sent back, probes remembered "
-              f"{len(r._relays.probes_seen)} / {len(b._relays.probes_seen)}, heap +{grown} B, "
+              f"{seen_r} / {seen_b}, heap +{grown} B, "
               f"relay dropped {r.stats_counters['relay_dropped']}")
         assert back == 0
-        assert len(r._relays.probes_seen) <= relay.MAX_PROBES_SEEN
-        assert len(b._relays.probes_seen) <= relay.MAX_PROBES_SEEN
+        assert r.debug_snapshot()["relay"]["probes_seen"] <= relay.MAX_PROBES_SEEN
+        assert b.debug_snapshot()["relay"]["probes_seen"] <= relay.MAX_PROBES_SEEN
         # 8,000 probes kept would be ~3 MB; the flood's own transients stay under 1 MiB
         assert grown < 2**20
     finally:
@@ -249,38 +214,35 @@ async def test_probes_to_an_address_a_relay_names(
     r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
-    victim = Victim(r.local_addr)
+    # the relay sees the dialler at victim.back and names that address as the dialler's
+    victim = UdpForwarder(r.local_addr)
     sent = 0
 
-    def counting() -> None:  # what the dialler sends (to the relay, through the victim)
+    def counting(data: bytes) -> bytes:  # what the dialler sends (to the relay, via victim)
         nonlocal sent
-        while True:
-            try:
-                data, victim.client = victim.front.recvfrom(65536)
-            except BlockingIOError:
-                return
-            sent += len(data)
-            victim.back.sendto(data, victim.relay_addr)
+        sent += len(data)
+        return data
 
+    victim.tamper = counting
     loop = asyncio.get_running_loop()
-    loop.remove_reader(victim.front.fileno())
-    loop.add_reader(victim.front.fileno(), counting)
     try:
         await b.connect_to(r.local_addr)
+        # private reach, on purpose: the hostile dialler never probes (its own endpoint)
         a._services.relay._start_upgrade = lambda conn: None
         conn = await a.connect_relayed(victim.addr, b.peer_id)
         await asyncio.wait_for(b.accept(), 5)
         conn.send_control(wire.KIND_PATH_CHECK, os.urandom(relay.PROBE_LEN - 1))
         trains = relay.UPGRADE_ATTEMPTS * len(PROBE_SCHEDULE)
         deadline = loop.time() + relay.UPGRADE_ATTEMPTS * 0.85 + 5
-        while victim.probe_bytes < trains * relay.PROBE_LEN and loop.time() < deadline:
+        while strays(victim)[0] < trains * relay.PROBE_LEN and loop.time() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # nothing more comes
-        print(f"\n[{impl}] a named victim got {victim.probe_bytes} B of probes "
-              f"({victim.other_bytes} B else); the dialler sent {sent} B")
-        assert victim.other_bytes == 0
-        assert 0 < victim.probe_bytes <= trains * relay.PROBE_LEN
-        assert victim.probe_bytes <= sent
+        probe_bytes, other_bytes = strays(victim)
+        print(f"\n[{impl}] a named victim got {probe_bytes} B of probes "
+              f"({other_bytes} B else); the dialler sent {sent} B")
+        assert other_bytes == 0
+        assert 0 < probe_bytes <= trains * relay.PROBE_LEN
+        assert probe_bytes <= sent
     finally:
         victim.close()
         for ep in (a, b, r):
@@ -303,6 +265,7 @@ async def test_one_host_cannot_take_every_relay_session(
     tasks: list[asyncio.Future[qp2p.Connection]] = []
     try:
         for t in attackers[2:]:
+            # private reach, on purpose: a target that never answers offers (its own endpoint)
             t._control_handlers[wire.KIND_RELAY_OFFER] = lambda c, m: None  # silent
             await t.connect_to(r.local_addr)
         for d in attackers[:2]:
@@ -312,10 +275,10 @@ async def test_one_host_cannot_take_every_relay_session(
                           for _ in range(8)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while (len(r._relays.offers) + sum(t.done() for t in tasks) < len(tasks)
+        while (r.debug_snapshot()["relay"]["offers"] + sum(t.done() for t in tasks) < len(tasks)
                and loop.time() < deadline):
             await asyncio.sleep(0.01)
-        held = len(r._relays.offers)
+        held = r.debug_snapshot()["relay"]["offers"]
         await honest[1].connect_to(r.local_addr)
         try:
             conn = await honest[0].connect_relayed(r.local_addr, honest[1].peer_id)
@@ -356,7 +319,8 @@ async def test_one_host_cannot_take_the_relay_bandwidth(
         honest_peer = await asyncio.wait_for(ht.accept(), 5)
         before = r.stats_counters["relayed_bytes"]
         for _ in range(100):
-            for sid in list(d._relays.by_session):
+            for sid in list(d.debug_snapshot()["relay"]["by_session"]):
+                # private reach, on purpose: the flood must leave the session's own socket
                 d._send_raw(b"\x00" + sid + os.urandom(1190), r.local_addr)
             await asyncio.sleep(0)
         await asyncio.sleep(0.2)

@@ -81,10 +81,10 @@ async def test_accept_after_close_and_queue_hygiene(impl: str) -> None:
             conn = await client.connect_to(server.local_addr)
             await conn.close("never mind")
         for _ in range(50):
-            if not server._accept_queue:
+            if not server.debug_snapshot()["accept_queue"]:
                 break
             await asyncio.sleep(0.02)
-        assert not server._accept_queue  # closed and nothing to read: not kept
+        assert not server.debug_snapshot()["accept_queue"]  # closed and nothing to read: not kept
         await client.connect_to(server.local_addr)  # one more, left in the queue
         await asyncio.sleep(0.1)
         await server.close()
@@ -190,7 +190,7 @@ async def test_abandoned_dial_stops_and_logs_nothing(
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(ep.connect_to(silent.getsockname()), 0.3)
         await asyncio.sleep(0.1)
-        assert ep._pool.dials_in_flight() == 0  # cancelled with its last caller
+        assert ep.debug_snapshot()["dials_in_flight"] == 0  # cancelled with its last caller
         while True:  # drain what was sent before the cancel
             try:
                 silent.recv(2048)

@@ -92,7 +92,7 @@ async def test_refusal_at_the_limit_runs_no_tls(
             assert len(replayed) >= engine.MIN_INITIAL_SIZE
             async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as honest:
                 await honest.connect_to(server.local_addr)  # the endpoint is now full
-                assert len(server._live) == 1
+                assert len(server.debug_snapshot()["live"]) == 1
                 before = engines_created[0]
                 refused_before = server.stats_counters["handshakes_refused"]
                 caplog.set_level(logging.INFO, logger="qp2p")
@@ -122,7 +122,7 @@ async def test_refusal_at_the_limit_runs_no_tls(
                 assert close.error_code == QuicErrorCode.CONNECTION_REFUSED
                 assert "max_connections" in close.reason_phrase
                 # and the connection that holds the slot is still served
-                assert len(server._live) == 1
+                assert len(server.debug_snapshot()["live"]) == 1
         finally:
             sock.close()
 
@@ -145,7 +145,7 @@ async def test_junk_initials_run_no_tls(impl: str, engines_created: list[int]) -
             assert server.stats_counters["retries_sent"] == count - threshold
             assert len(answers) == count - threshold
             assert all(a[0] & 0xF0 == 0xF0 and len(a) < 200 for a in answers)  # Retries
-            assert not server._live
+            assert not server.debug_snapshot()["live"]
         finally:
             sock.close()
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as peer:
@@ -176,7 +176,7 @@ async def test_version_negotiation_follows_the_invariants(impl: str) -> None:
                 assert rest[0] == len(dcid) and rest[1 : 1 + len(dcid)] == dcid
                 versions = rest[1 + len(dcid) :]
                 assert len(versions) % 4 == 0 and versions
-                assert set(server._engine.supported_versions()) <= {  # the engine in use
+                assert set(server.debug_snapshot()["quic_versions"]) <= {  # the engine in use
                     int.from_bytes(versions[i : i + 4], "big") for i in range(0, len(versions), 4)}
             # too small to be a first Initial (no reflection amplifier): no answer
             for size in (1199, 600, 60):

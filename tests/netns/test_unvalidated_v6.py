@@ -45,7 +45,8 @@ async def test_per_ip_limit_holds_an_ipv6_slash_64(lab: Lab, impl: str) -> None:
             kinds.append("handshake" if max(len(d) for d in got) >= 1200 else "refused")
         assert kinds == ["handshake"] * 3 + ["refused"] * 2 + ["handshake"], kinds
         assert server.stats_counters["handshakes_refused"] == 2
-        assert dict(server._incoming_per_ip) == {"2001:2::/64": 3, "2001:2:0:1::/64": 1}
+        per_ip = server.debug_snapshot()["incoming_per_ip"]
+        assert per_ip == {"2001:2::/64": 3, "2001:2:0:1::/64": 1}
     finally:
         for sock in socks:
             sock.close()

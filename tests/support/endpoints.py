@@ -22,3 +22,10 @@ async def connected(
     conn = await a.connect_to(b.local_addr, **kw)
     accepted = await asyncio.wait_for(b.accept(), 5)
     return conn, accepted
+
+
+def state_kept(ep: qp2p.Endpoint) -> tuple[int, int]:
+    """(connections the engine still drives, connection IDs routed) at ``ep``: (0, 0) when
+    nothing is kept for anyone (read through the diagnostics snapshot)."""
+    snap = ep.debug_snapshot()
+    return len(snap["live"]), snap["table_size"]
