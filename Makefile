@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXT    := qp2p/_fastpath$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all demo test test-fast lint docs bench bench-check wheel sysdeps clean fuzz soak scale
+.PHONY: all demo test test-fast test-unit lint docs bench bench-check wheel sysdeps clean fuzz soak scale
 
 FUZZ_SECONDS ?= 600
 SOAK_MINUTES ?= 10
@@ -38,6 +38,9 @@ test: build sysdeps
 
 test-fast: build
 	$(BIN)/python -m pytest -q -x -m "not netns"
+
+test-unit: build
+	$(BIN)/python -m pytest -q -x tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 import qp2p
-from tests.support.endpoints import FAST
+from tests.support.endpoints import FAST, no_incoming
 from tests.support.udp_relay import UdpRelay
 
 pytestmark = pytest.mark.asyncio
@@ -20,14 +20,6 @@ async def bind(identity: qp2p.Identity | None = None, trust: qp2p.Trust | None =
                config: qp2p.Config = NO_RETRY) -> qp2p.Endpoint:
     return await qp2p.Endpoint.bind(("127.0.0.1", 0), config=config, identity=identity,
                                     trust=trust)
-
-
-async def stays_empty(ep: qp2p.Endpoint, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(ep.accept(), seconds)
-    except asyncio.TimeoutError:
-        return True
-    return False
 
 
 async def test_pinned_right_and_wrong(impl: str) -> None:
@@ -59,7 +51,7 @@ async def test_acceptor_pin_excludes_dialer(impl: str) -> None:
         with pytest.raises((qp2p.PeerAuthenticationError, qp2p.ConnectionError)):
             await stranger.connect_to(server.local_addr)
         assert loop.time() - start < 2.5  # a TLS alert, not a timeout
-        assert await stays_empty(server, 2.0)
+        assert await no_incoming(server, 2.0)
         assert server.connections() == []
     finally:
         await server.close()
@@ -96,7 +88,7 @@ async def test_private_ca_both_ways(impl: str) -> None:
             # and the other way round: a CA member refuses to dial them
             with pytest.raises(qp2p.PeerAuthenticationError):
                 await member.connect_to(intruder.local_addr)
-        assert await stays_empty(server, 0.5)
+        assert await no_incoming(server, 0.5)
     finally:
         for ep in (server, member, outsider, self_signed):
             await ep.close()
@@ -148,7 +140,7 @@ async def test_rejected_peer_delivers_nothing(impl: str) -> None:
             assert msg.payload == b"friend"
             delivered += 1
         assert delivered == 1
-        assert await stays_empty(server, 0.5)
+        assert await no_incoming(server, 0.5)
     finally:
         for ep in (server, trusted, *intruders):
             await ep.close()

@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 import qp2p
 from qp2p.cli import SHUTDOWN_REASON
 from qp2p.wire import parse_address as parse_addr
+from tests.support.endpoints import dead_udp_port
 from tests.support.paths import CWD, pythonpath
 
 COMBOS = [
@@ -163,14 +163,6 @@ def node_factory() -> Iterator[Any]:
     yield make
     for node in nodes:
         node.kill()
-
-
-def dead_udp_port() -> int:
-    """A loopback UDP port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # --------------------------------------------------------------------------- help

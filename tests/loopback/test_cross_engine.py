@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import qp2p
-from tests.support.endpoints import FAST
+from tests.support.endpoints import FAST, no_incoming
 
 #: (dialler's engine, acceptor's engine)
 DIRECTIONS = [("aioquic", "qh3"), ("qh3", "aioquic")]
@@ -28,14 +28,6 @@ async def bind(engine: str, identity: qp2p.Identity | None = None,
                                   identity=identity, trust=trust)
     assert ep.engine == engine
     return ep
-
-
-async def stays_empty(ep: qp2p.Endpoint, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(ep.accept(), seconds)
-    except asyncio.TimeoutError:
-        return True
-    return False
 
 
 def test_both_engines_are_installed() -> None:
@@ -115,7 +107,7 @@ async def test_pinned_both_ways_and_strangers_refused(dialler: str, acceptor: st
             await wrong_pin.connect_to(server.local_addr)
         assert info.value.peer_id == accept_id.peer_id
         assert wrong_pin.connections() == []
-        assert await stays_empty(server, 0.5)  # neither refused dial reached accept()
+        assert await no_incoming(server, 0.5)  # neither refused dial reached accept()
         assert [c.peer_id for c in server.connections()] == [dial_id.peer_id]
     finally:
         for ep in (server, client, stranger, wrong_pin):
@@ -141,11 +133,11 @@ async def test_private_ca_both_ways_and_outsider_refused(dialler: str, acceptor:
         # an outsider dialling members is refused by the acceptor's CA check
         with pytest.raises((qp2p.PeerAuthenticationError, qp2p.ConnectionError)):
             await outsider.connect_to(server.local_addr)
-        assert await stays_empty(server, 0.3)
+        assert await no_incoming(server, 0.3)
         # a member dialling an outsider refuses the outsider's certificate
         with pytest.raises(qp2p.PeerAuthenticationError):
             await client.connect_to(outsider_server.local_addr)
-        assert await stays_empty(outsider_server, 0.3)
+        assert await no_incoming(outsider_server, 0.3)
     finally:
         for ep in (server, client, outsider, outsider_server):
             await ep.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qp2p
-from tests.support.endpoints import FAST, connected
+from tests.support.endpoints import FAST, GIVE_UP_FAST, connected
 
 pytestmark = pytest.mark.asyncio
 
@@ -278,10 +278,7 @@ async def test_reply_once(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
 
 
 async def test_connect_to_dead_port_fails(impl: str) -> None:
-    cfg = qp2p.Config(
-        handshake_timeout=0.3,
-        retry=qp2p.RetryConfig(initial_interval=0.05, max_elapsed_time=1.0),
-    )
+    cfg = GIVE_UP_FAST
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as ep:
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -9,24 +9,9 @@ import pytest
 
 import qp2p
 from qp2p.engine._qh3 import CORE_WINDOW
-from tests.support.endpoints import FAST, connected
+from tests.support.endpoints import FAST, GIVE_UP_FAST, connected, dead_udp_port, no_incoming
 
 pytestmark = pytest.mark.asyncio
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def no_incoming(ep: qp2p.Endpoint, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(ep.accept(), seconds)
-    except asyncio.TimeoutError:
-        return True
-    return False
 
 
 async def test_pool_reuses_outgoing_and_incoming(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
@@ -105,7 +90,7 @@ async def test_connect_to_any_dead_and_live(impl: str) -> None:
     try:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        addrs = [("127.0.0.1", free_port()), live.local_addr, ("127.0.0.1", free_port())]
+        addrs = [("127.0.0.1", dead_udp_port()), live.local_addr, ("127.0.0.1", dead_udp_port())]
         conn = await ep.connect_to_any(addrs)
         elapsed = loop.time() - start
         print(f"connect_to_any with 2 dead + 1 live: {elapsed * 1000:.1f} ms")
@@ -141,14 +126,11 @@ async def test_connect_to_any_losers_closed_gracefully(impl: str) -> None:
 
 
 async def test_all_dead_raises_within_budget(impl: str) -> None:
-    cfg = qp2p.Config(
-        handshake_timeout=0.3,
-        retry=qp2p.RetryConfig(initial_interval=0.05, max_elapsed_time=1.0),
-    )
+    cfg = GIVE_UP_FAST
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as ep:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        addrs = [("127.0.0.1", free_port()) for _ in range(3)]
+        addrs = [("127.0.0.1", dead_udp_port()) for _ in range(3)]
         with pytest.raises(qp2p.ConnectionError) as info:
             await ep.connect_to_any(addrs)
         print(f"connect_to_any, 3 dead, 1 s budget: failed after {loop.time() - start:.2f} s")
@@ -163,7 +145,7 @@ async def test_retry_reaches_late_peer(impl: str) -> None:
         handshake_timeout=0.5,
         retry=qp2p.RetryConfig(initial_interval=0.2, max_interval=0.5, max_elapsed_time=10.0),
     )
-    port = free_port()
+    port = dead_udp_port()
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=cfg) as ep:
         dial = asyncio.ensure_future(ep.connect_to(("127.0.0.1", port)))
         await asyncio.sleep(2.0)
@@ -222,7 +204,7 @@ async def test_is_reachable(pair: tuple[qp2p.Endpoint, qp2p.Endpoint]) -> None:
     assert await a.is_reachable(b.local_addr, timeout=2.0)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    assert not await a.is_reachable(("127.0.0.1", free_port()), timeout=0.5)
+    assert not await a.is_reachable(("127.0.0.1", dead_udp_port()), timeout=0.5)
     assert loop.time() - start < 1.5
     # the reachability probe is short-lived: it leaves no connection behind
     for _ in range(50):

@@ -14,10 +14,9 @@ bytes-like type, and checked against oracles that hold for *both* implementation
 - compiled and twin give identical traces (results, error messages, ``buffered``).
 
 Datagrams (random bytes and mutations of real aioquic packets) go through
-``ConnectionTable.lookup`` and ``engine._aioquic.parse_long_header``, and over real UDP to a
-live endpoint, which must log no error, keep no state, and keep serving a real peer;
-so do client Initials sealed with the (public) Initial keys around a damaged
-ClientHello, which reach aioquic's frame and TLS parsers through the handshake path.
+``ConnectionTable.lookup`` and ``engine._aioquic.parse_long_header``. No sockets here: the
+same junk, and client Initials sealed around a damaged ClientHello, go over real UDP to a
+live endpoint in ``tests/loopback/test_fuzz_udp.py``.
 """
 
 from __future__ import annotations
