@@ -2,7 +2,7 @@
 
 Run once from the repository root: ``.venv/bin/python fuzz/make_seeds.py``. Frames are
 valid (and a few near-valid) frames behind the control bytes ``fuzz_frames.py`` reads;
-datagrams are a real aioquic handshake's packets (``tests.test_fuzz.captured``).
+datagrams are a real aioquic handshake's packets (``tests.support.packets.captured``).
 """
 
 from __future__ import annotations

@@ -836,8 +836,8 @@ def double_nat(lab: Lab, *, mode: NatMode = "masquerade", mode2: NatMode | None 
 @pytest.fixture(name="lab")
 def lab_fixture() -> Iterator[Lab]:
     """Fixture ``lab``: an empty Lab, removed after the test whatever happens; skips with the
-    reason when this host cannot build one. Import it into a test module
-    (``from netlab import lab_fixture  # noqa: F401``) and take a ``lab`` argument."""
+    reason when this host cannot build one. ``tests/conftest.py`` registers this module as
+    a plugin (``pytest_plugins``): a test takes a ``lab`` argument."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -848,4 +848,4 @@ def lab_fixture() -> Iterator[Lab]:
         the_lab.close()
 
 
-lab = lab_fixture  # the same fixture under its own name, for ``from netlab import lab``
+lab = lab_fixture  # the same fixture under its own name (``from tests.support.netlab import lab``)
