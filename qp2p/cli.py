@@ -291,15 +291,18 @@ def _bind_host_for(target: Address) -> str:
     return "::" if ip.version == 6 else "0.0.0.0"
 
 
-def _load_identity(path: str | None) -> Identity | None:
-    if path is None:
-        return None
+def _load_file(load: Callable[[str], T], path: str, what: str) -> T:
+    """``load(path)``, its failures as one-line ``CliError``s naming ``what`` it loads."""
     try:
-        return Identity.load(path)
+        return load(path)
     except FileNotFoundError:
-        raise CliError(f"identity file {path} does not exist") from None
+        raise CliError(f"{what} file {path} does not exist") from None
     except (OSError, ValueError) as exc:
-        raise CliError(f"cannot load identity {path}: {exc}") from None
+        raise CliError(f"cannot load {what} {path}: {exc}") from None
+
+
+def _load_identity(path: str | None) -> Identity | None:
+    return None if path is None else _load_file(Identity.load, path, "identity")
 
 
 def _make_trust(pins: Sequence[PeerId] | None, ca_path: str | None) -> Trust | None:
@@ -1008,12 +1011,7 @@ def _identity_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def _load_ca(path: str) -> CertificateAuthority:
-    try:
-        return CertificateAuthority.load(path)
-    except FileNotFoundError:
-        raise CliError(f"CA file {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot load CA {path}: {exc}") from None
+    return _load_file(CertificateAuthority.load, path, "CA")
 
 
 def _ca_new(args: argparse.Namespace, out: Output) -> int:
@@ -1143,6 +1141,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="only talk to peers whose certificate a CA in this PEM file issued: Trust.ca",
         )
 
+    # the subcommands below are alike in shape only: argparse declarations of their options
     node = leaf(
         sub,
         "node",

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict, TypeVar, cast
 
 from . import engine, wire
 from .errors import (
@@ -30,7 +30,15 @@ from .signal import Signal
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["Connection", "ConnectionStats", "ControlMessage", "Driver", "Message", "Port"]
+__all__ = [
+    "ClosesOnExit",
+    "Connection",
+    "ConnectionStats",
+    "ControlMessage",
+    "Driver",
+    "Message",
+    "Port",
+]
 
 logger = logging.getLogger("qp2p.connection")
 _peer_log = RateLimitedLog(logger)  # lines a peer can trigger: one per cause per interval
@@ -177,7 +185,32 @@ class _PendingSend:
         self.receipt = False
 
 
-class Connection:
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closable)
+
+
+class ClosesOnExit:
+    """``async with x:`` gives ``x`` and awaits ``x.close()`` on the way out (a
+    :class:`Connection`, an :class:`~qp2p.Endpoint`)."""
+
+    __slots__ = ()
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(
+        self: _Closable,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Connection(ClosesOnExit):
     """An encrypted QUIC connection to one peer, carrying discrete messages.
 
     Obtain one from :meth:`Endpoint.connect_to` or :meth:`Endpoint.accept`.
@@ -468,17 +501,6 @@ class Connection:
         """Close gracefully; the peer sees ``reason``. Idempotent."""
         if self._closed is None:
             self._driver.close(self, reason, reason or "closed locally")
-
-    async def __aenter__(self) -> Connection:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -27,7 +27,7 @@ from . import _speedups, services, wire
 from . import engine as quic_engine
 from . import relay as relay_mod
 from .config import Config
-from .connection import Connection, ControlMessage, Driver, Port
+from .connection import ClosesOnExit, Connection, ControlMessage, Driver, Port
 from .errors import (
     ConnectionClosed,
     ConnectionError,
@@ -166,7 +166,7 @@ def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
     raise TypeError(f"expected a PeerId or its text form, not {type(value).__name__}")
 
 
-class Endpoint:
+class Endpoint(ClosesOnExit):
     """One node: a UDP socket that accepts and dials QUIC connections.
 
     Create with ``await Endpoint.bind(addr)``, or ``async with Endpoint.bind(addr) as ep``
@@ -305,17 +305,6 @@ class Endpoint:
             raise
         return cls(sock, config, identity or Identity.generate(), trust or Trust.any(),
                    accept_incoming, rendezvous, relay)
-
-    async def __aenter__(self) -> Endpoint:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ public API
 
@@ -1392,8 +1381,9 @@ class _Host:
     """The endpoint as its services see it (:class:`~qp2p.services.host.ServiceHost`):
     the few things they may ask, handed over by the endpoint at bind."""
 
-    __slots__ = ("_accept_incoming", "_dial", "_endpoint", "_family", "_gone", "_handlers",
-                 "_loop", "_pool", "_resolve", "_send_raw", "adopt")
+    __slots__ = ("_accept_incoming", "_endpoint", "_gone", "_handlers", "adopt", "config",
+                 "connect", "connections", "dial", "family", "loop", "pooled", "relay",
+                 "rendezvous", "resolve", "send_raw")
 
     def __init__(
         self,
@@ -1411,70 +1401,30 @@ class _Host:
     ) -> None:
         self._endpoint = endpoint  # for its public API only
         self._accept_incoming = accept_incoming
-        self._loop = loop
-        self._pool = pool
-        self._family = family
-        self._resolve = resolve
-        self._dial = dial
+        # what is fixed at bind, and the endpoint's and pool's methods, handed over as
+        # they are (no wrapper repeating each signature)
+        self.config = endpoint.config
+        self.rendezvous = endpoint.rendezvous
+        self.relay = endpoint.relay
+        self.loop = loop
+        self.family = family
+        self.connections = pool.all_open
+        self.pooled = pool.get
+        self.resolve = resolve
+        self.connect = endpoint.connect_to
+        self.dial = dial
         self.adopt = adopt
-        self._send_raw = send_raw
+        self.send_raw = send_raw
         self._handlers = handlers
         self._gone = gone
-
-    @property
-    def config(self) -> Config:
-        return self._endpoint.config
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    @property
-    def family(self) -> int:
-        return self._family
 
     @property
     def is_closed(self) -> bool:
         return self._endpoint.is_closed
 
     @property
-    def rendezvous(self) -> bool:
-        return self._endpoint.rendezvous
-
-    @property
-    def relay(self) -> bool:
-        return self._endpoint.relay
-
-    @property
     def accepts_incoming(self) -> bool:
         return self._accept_incoming()
-
-    def connections(self) -> list[Connection]:
-        return self._pool.all_open()
-
-    def pooled(self, addr: SockAddr, expect_peer_id: PeerId | None = None) -> Connection | None:
-        return self._pool.get(addr, expect_peer_id)
-
-    async def resolve(self, addr: wire.Address | SockAddr | str) -> SockAddr:
-        return await self._resolve(addr)
-
-    async def connect(self, addr: wire.Address | SockAddr | str) -> Connection:
-        return await self._endpoint.connect_to(addr)
-
-    async def dial(
-        self,
-        addr: SockAddr,
-        expect_peer_id: PeerId | None,
-        timeout: float,
-        *,
-        private: bool = False,
-        first_flight: FirstFlight | None = None,
-    ) -> Connection:
-        return await self._dial(addr, expect_peer_id, timeout, private=private,
-                                first_flight=first_flight)
-
-    def send_raw(self, data: bytes, addr: SockAddr) -> None:
-        self._send_raw(data, addr)
 
     def on_control(self, kind: int, handler: ControlHandler) -> None:
         if kind in self._handlers:

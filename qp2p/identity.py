@@ -498,6 +498,12 @@ class _Verdict(NamedTuple):
     message: str
 
 
+def _trust_key(trust: Trust) -> tuple[bool, frozenset[PeerId], tuple[x509.Certificate, ...]]:
+    # What makes two policies equal, read through the public properties; they fix the kind
+    # too, as Trust.pinned and Trust.ca are never empty.
+    return (trust.is_any, trust.pinned_ids, trust.ca_certificates)
+
+
 class Trust:
     """Which peers an endpoint accepts, in both roles.
 
@@ -595,10 +601,10 @@ class Trust:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Trust):
             return NotImplemented
-        return (self._kind, self._pins, self._cas) == (other._kind, other._pins, other._cas)
+        return _trust_key(self) == _trust_key(other)
 
     def __hash__(self) -> int:
-        return hash((self._kind, self._pins, self._cas))
+        return hash(_trust_key(self))
 
     def check(
         self, chain: list[x509.Certificate], expect_peer_id: PeerId | None = None

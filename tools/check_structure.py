@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qp2p"
 #: Private reaches allowed outside qp2p/engine/ (the count when this check was added,
 #: lowered since); a new reach fails ``make lint``.
-BASELINE = 3
+BASELINE = 0
 EXEMPT = ("engine",)  # sub-packages whose reaches are not counted
 TESTS = ROOT / "tests"
 #: Private reaches allowed in tests/ (44 when this check was added, from 127 before

@@ -24,18 +24,23 @@ from __future__ import annotations
 import hmac
 import importlib
 import itertools
+import logging
 import os
 import struct
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from ..errors import PeerAuthenticationError
+from ..identity import Trust, _Failure
+from ..ratelog import RateLimitedLog
 from ..wire import encode_varint
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from ..config import Config
-    from ..errors import PeerAuthenticationError
-    from ..identity import Identity, PeerId, Trust
+    from ..identity import Identity, PeerId
 
 __all__ = [
     "AUTH_REASON_PREFIX",
@@ -56,6 +61,7 @@ __all__ = [
     "Event",
     "HandshakeDone",
     "LongHeader",
+    "PeerCheck",
     "PeerParameters",
     "ReceiveBudget",
     "StopSending",
@@ -115,6 +121,7 @@ ENGINES: dict[str, tuple[str, str]] = {
 
 
 # ---------------------------------------------------------------------- events
+# (alike in shape, on purpose: one small type per event, which the runtime dispatches on)
 
 
 class Event:
@@ -411,6 +418,61 @@ def _pull_varint(data: bytes, pos: int) -> tuple[int, int]:
         raise IndexError("truncated varint")
     value = int.from_bytes(data[pos : pos + length], "big") & ((1 << (8 * length - 2)) - 1)
     return value, pos + length
+
+
+_tls_log = logging.getLogger("qp2p.tls")
+_peer_log = RateLimitedLog(_tls_log)  # lines a peer can trigger
+
+#: The TLS alert (RFC 8446 §6 code) and reason each trust-policy failure is refused with.
+_ALERTS: dict[_Failure, tuple[int, str]] = {
+    _Failure.NO_CERTIFICATE: (116, "no certificate"),  # certificate_required
+    _Failure.UNEXPECTED_PEER: (49, "peer id not accepted"),  # access_denied
+    _Failure.NOT_PINNED: (49, "peer id not accepted"),
+    _Failure.UNTRUSTED_CHAIN: (42, "certificate not trusted"),  # bad_certificate
+}
+_INTERNAL_ERROR = 80  # the TLS alert internal_error
+
+
+class PeerCheck:
+    """One connection's trust decision, the same on every engine: each adapter's TLS
+    hooks call :meth:`judge` once the peer's chain is parsed and :meth:`judge_finished`
+    before the handshake's Finished, and raise their library's TLS alert for the
+    ``(alert code, reason)`` either returns."""
+
+    def __init__(self, trust: Trust, expect_peer_id: PeerId | None) -> None:
+        if not isinstance(trust, Trust):
+            raise TypeError(f"trust must be a qp2p.Trust, not {type(trust).__name__}")
+        self.trust = trust
+        self.expect_peer_id = expect_peer_id
+        self.peer_id: PeerId | None = None
+        self.auth_error: PeerAuthenticationError | None = None
+        self.checked = False
+        self.chain: list[x509.Certificate] = []
+
+    def judge(self, chain: list[x509.Certificate]) -> tuple[int, str] | None:
+        """Apply the policy to the peer's chain (leaf first); the alert to refuse it with,
+        or None when it is accepted."""
+        self.chain = chain
+        verdict = self.trust._evaluate(chain, self.expect_peer_id)
+        self.peer_id = verdict.peer_id
+        self.checked = True
+        if verdict.failure is None:
+            _tls_log.debug("accepted peer %s under %r", verdict.peer_id, self.trust)
+            return None
+        self.auth_error = PeerAuthenticationError(verdict.message, peer_id=verdict.peer_id)
+        _peer_log.warning(f"reject-{verdict.failure}", "rejecting peer: %s", verdict.message)
+        alert, what = _ALERTS[verdict.failure]
+        return alert, f"{AUTH_REASON_PREFIX}: {what}"
+
+    def judge_finished(self) -> tuple[int, str] | None:
+        """Fail closed (the alert to raise) if the handshake got to Finished without the
+        policy having run."""
+        if self.checked:
+            return None
+        self.auth_error = PeerAuthenticationError(
+            "the handshake skipped the peer certificate check", peer_id=None
+        )
+        return _INTERNAL_ERROR, f"{AUTH_REASON_PREFIX}: certificate check skipped"
 
 
 class PeerParameters(NamedTuple):

@@ -71,19 +71,7 @@ from . import (
 )
 from ._aioquic_tls import AuthenticatingQuicConnection, PeerAuthenticated, quic_configuration
 
-__all__ = [
-    "NAME",
-    "FlowControlledQuicConnection",
-    "initial_opens",
-    "make_configuration",
-    "new_client",
-    "new_server",
-    "parse_long_header",
-    "refusal",
-    "retry_packet",
-    "supported_versions",
-    "version_negotiation",
-]
+# No __all__: the module is a qp2p.engine.Engine, whose Protocol lists what the runtime uses.
 
 #: This engine's name in ``Config.engine``.
 NAME = "aioquic"
@@ -734,6 +722,20 @@ def undelivered_bytes(quic: QuicConnection, stream_id: int) -> int:
     return max(0, int(receiver.highest_offset) - int(receiver.starting_offset()))
 
 
+def _configured(
+    quic: FlowControlledQuicConnection, config: Config, rendezvous: bool
+) -> FlowControlledQuicConnection:
+    """``quic`` with qp2p's receive bounds, transport parameters and stream limits (both
+    roles; call before the handshake starts)."""
+    quic.receive_window = config.max_buffered_bytes
+    quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
+    quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
+    quic.qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
+    set_stream_limits(quic, config)
+    return quic
+
+
+# new_client and new_server: Engine's signatures (qp2p.engine), as every adapter has them
 def new_client(
     configuration: QuicConfiguration,
     config: Config,
@@ -745,12 +747,7 @@ def new_client(
     quic = FlowControlledQuicConnection(
         configuration=configuration, trust=trust, expect_peer_id=expect_peer_id
     )
-    quic.receive_window = config.max_buffered_bytes
-    quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
-    quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
-    set_stream_limits(quic, config)
-    return quic
+    return _configured(quic, config, rendezvous)
 
 
 def new_server(
@@ -769,12 +766,7 @@ def new_server(
         original_destination_connection_id=original_dcid,
         retry_source_connection_id=retry_scid,
     )
-    quic.receive_window = config.max_buffered_bytes
-    quic.credit = min(INITIAL_MAX_DATA, config.max_buffered_bytes)
-    quic.max_credit = min(MAX_CREDIT, config.max_buffered_bytes)
-    quic.qp2p_parameters = _engine.local_transport_parameters(config, rendezvous)
-    set_stream_limits(quic, config)
-    return quic
+    return _configured(quic, config, rendezvous)
 
 
 def authenticated_peer(quic: QuicConnection) -> PeerId | None:

@@ -55,9 +55,8 @@ from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 
 from ..errors import PeerAuthenticationError
-from ..identity import Identity, PeerId, Trust, _Failure
-from ..ratelog import RateLimitedLog
-from . import AUTH_REASON_PREFIX
+from ..identity import Identity, PeerId, Trust
+from . import AUTH_REASON_PREFIX, PeerCheck
 
 __all__ = [
     "AUTH_ERROR_CODES",
@@ -69,18 +68,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("qp2p.tls")
-_peer_log = RateLimitedLog(logger)  # lines a peer can trigger
 
 #: aioquic versions whose TLS internals this module was written against.
 TESTED_AIOQUIC = ((1, 2), (1, 8))
 
-
-_ALERTS: dict[_Failure, tuple[tls.AlertDescription, str]] = {
-    _Failure.NO_CERTIFICATE: (tls.AlertDescription.certificate_required, "no certificate"),
-    _Failure.UNEXPECTED_PEER: (tls.AlertDescription.access_denied, "peer id not accepted"),
-    _Failure.NOT_PINNED: (tls.AlertDescription.access_denied, "peer id not accepted"),
-    _Failure.UNTRUSTED_CHAIN: (tls.AlertDescription.bad_certificate, "certificate not trusted"),
-}
 
 #: QUIC error codes (``CRYPTO_ERROR + alert``) that mean "a certificate was refused": the
 #: three qp2p sends, plus the certificate alerts aioquic or another TLS stack may send.
@@ -151,9 +142,9 @@ if not TESTED_AIOQUIC[0] <= _aioquic_version()[:2] < TESTED_AIOQUIC[1]:
 class _PolicyAlert(tls.Alert):
     """A TLS alert raised because the peer failed qp2p's trust policy."""
 
-    def __init__(self, description: tls.AlertDescription, message: str) -> None:
-        super().__init__(message)
-        self.description = description
+    def __init__(self, refusal: tuple[int, str]) -> None:
+        super().__init__(refusal[1])
+        self.description = tls.AlertDescription(refusal[0])
 
 
 @dataclass
@@ -211,17 +202,21 @@ class AuthenticatingQuicConnection(QuicConnection):
     ) -> None:
         if _STATIC_PROBLEM is not None:
             raise RuntimeError(_STATIC_PROBLEM)
-        if not isinstance(trust, Trust):
-            raise TypeError(f"trust must be a qp2p.Trust, not {type(trust).__name__}")
+        self._policy = PeerCheck(trust, expect_peer_id)  # TypeError unless a Trust
         if configuration.verify_mode not in (None, ssl.CERT_NONE):
             raise ValueError("use quic_configuration(): qp2p verifies peers itself")
-        self.trust = trust
-        self.expect_peer_id = expect_peer_id
-        self.peer_id: PeerId | None = None
-        self.auth_error: PeerAuthenticationError | None = None
-        self._qp2p_checked = False
         self._qp2p_announced = False
         super().__init__(configuration=configuration, **kwargs)
+
+    @property
+    def peer_id(self) -> PeerId | None:
+        """The peer's id once its certificate has been seen."""
+        return self._policy.peer_id
+
+    @property
+    def auth_error(self) -> PeerAuthenticationError | None:
+        """Why the policy rejected the peer, if it did."""
+        return self._policy.auth_error
 
     @property
     def is_authenticated(self) -> bool:
@@ -234,7 +229,7 @@ class AuthenticatingQuicConnection(QuicConnection):
         if (
             not self._qp2p_announced
             and self._handshake_confirmed
-            and self._qp2p_checked
+            and self._policy.checked
             and self.auth_error is None
         ):
             self._qp2p_announced = True
@@ -294,28 +289,17 @@ class AuthenticatingQuicConnection(QuicConnection):
     def _after_peer_certificate(self, ctx: tls.Context) -> None:
         """Run the trust policy on the chain aioquic just parsed; reject with an alert."""
         leaf: x509.Certificate | None = ctx._peer_certificate
-        chain = [leaf, *ctx._peer_certificate_chain] if leaf is not None else []
-        verdict = self.trust._evaluate(chain, self.expect_peer_id)
-        self.peer_id = verdict.peer_id
-        self._qp2p_checked = True
-        if verdict.failure is None:
-            logger.debug("accepted peer %s under %r", verdict.peer_id, self.trust)
-            return
-        self.auth_error = PeerAuthenticationError(verdict.message, peer_id=verdict.peer_id)
-        _peer_log.warning(f"reject-{verdict.failure}", "rejecting peer: %s", verdict.message)
-        description, what = _ALERTS[verdict.failure]
-        raise _PolicyAlert(description, f"{AUTH_REASON_PREFIX}: {what}")
+        refusal = self._policy.judge(
+            [leaf, *ctx._peer_certificate_chain] if leaf is not None else []
+        )
+        if refusal is not None:
+            raise _PolicyAlert(refusal)
 
     def _before_finished(self, ctx: tls.Context) -> None:
         """Fail closed if the handshake got to Finished without the policy having run."""
-        if not self._qp2p_checked:
-            self.auth_error = PeerAuthenticationError(
-                "the handshake skipped the peer certificate check", peer_id=None
-            )
-            raise _PolicyAlert(
-                tls.AlertDescription.internal_error,
-                f"{AUTH_REASON_PREFIX}: certificate check skipped",
-            )
+        refusal = self._policy.judge_finished()
+        if refusal is not None:
+            raise _PolicyAlert(refusal)
 
 
 def peer_rejection_error(

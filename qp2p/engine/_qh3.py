@@ -39,7 +39,6 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnect
 from qh3.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
-    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_transport_parameters,
     push_quic_transport_parameters,
@@ -72,19 +71,7 @@ from . import (
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
 
-__all__ = [
-    "NAME",
-    "Qh3Connection",
-    "initial_opens",
-    "make_configuration",
-    "new_client",
-    "new_server",
-    "parse_long_header",
-    "refusal",
-    "retry_packet",
-    "supported_versions",
-    "version_negotiation",
-]
+# No __all__: the module is a qp2p.engine.Engine, whose Protocol lists what the runtime uses.
 
 logger = logging.getLogger("qp2p.engine")
 
@@ -756,6 +743,7 @@ def _terminated(event: events.ConnectionTerminated) -> Terminated:
     return Terminated(event.error_code, event.frame_type, event.reason_phrase)
 
 
+# new_client and new_server: Engine's signatures (qp2p.engine), as every adapter has them
 def new_client(
     configuration: QuicConfiguration,
     config: Config,
@@ -823,12 +811,6 @@ def version_negotiation(dcid: bytes, scid: bytes) -> bytes:
 
 
 def retry_packet(header: LongHeader, source_cid: bytes, token: bytes) -> bytes:
-    """A Retry packet carrying ``token``, answering ``header``'s client."""
-    assert header.version is not None
-    return encode_quic_retry(
-        version=header.version,
-        source_cid=source_cid,
-        destination_cid=header.scid,
-        original_destination_cid=header.dcid,
-        retry_token=token,
-    )
+    """A Retry packet carrying ``token``, answering ``header``'s client: the aioquic
+    adapter's (the packet and its integrity tag are RFC 9001's, the same on both)."""
+    return _aioquic.retry_packet(header, source_cid, token)

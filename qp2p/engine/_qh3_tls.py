@@ -61,22 +61,11 @@ from qh3.tls import (
     State,
 )
 
-from ..errors import PeerAuthenticationError
-from ..identity import PeerId, Trust, _Failure
-from ..ratelog import RateLimitedLog
-from . import AUTH_REASON_PREFIX
+from . import PeerCheck
 
 __all__ = ["Authenticator", "MutualServerContext", "to_x509"]
 
 logger = logging.getLogger("qp2p.tls")
-_peer_log = RateLimitedLog(logger)  # lines a peer can trigger
-
-_ALERTS: dict[_Failure, tuple[tls.AlertDescription, str]] = {
-    _Failure.NO_CERTIFICATE: (tls.AlertDescription.certificate_required, "no certificate"),
-    _Failure.UNEXPECTED_PEER: (tls.AlertDescription.access_denied, "peer id not accepted"),
-    _Failure.NOT_PINNED: (tls.AlertDescription.access_denied, "peer id not accepted"),
-    _Failure.UNTRUSTED_CHAIN: (tls.AlertDescription.bad_certificate, "certificate not trusted"),
-}
 
 #: Signature schemes a server accepts in a client's CertificateVerify (every key type
 #: a qp2p identity can hold).
@@ -100,9 +89,9 @@ CLIENT_GROUPS = [Group.X25519, Group.SECP256R1]
 class _PolicyAlert(tls.Alert):
     """A TLS alert raised because the peer failed qp2p's trust policy."""
 
-    def __init__(self, description: tls.AlertDescription, message: str) -> None:
-        super().__init__(message)
-        self.description = description
+    def __init__(self, refusal: tuple[int, str]) -> None:
+        super().__init__(refusal[1])
+        self.description = tls.AlertDescription(refusal[0])
 
 
 def to_x509(cert: Qh3Certificate) -> x509.Certificate:
@@ -110,44 +99,20 @@ def to_x509(cert: Qh3Certificate) -> x509.Certificate:
     return x509.load_der_x509_certificate(cert.public_bytes())
 
 
-class Authenticator:
+class Authenticator(PeerCheck):
     """The trust decision for one connection: run by the TLS hooks, read by the engine."""
-
-    def __init__(self, trust: Trust, expect_peer_id: PeerId | None) -> None:
-        if not isinstance(trust, Trust):
-            raise TypeError(f"trust must be a qp2p.Trust, not {type(trust).__name__}")
-        self.trust = trust
-        self.expect_peer_id = expect_peer_id
-        self.peer_id: PeerId | None = None
-        self.auth_error: PeerAuthenticationError | None = None
-        self.checked = False
-        self.chain: list[x509.Certificate] = []
 
     def check(self, leaf: Qh3Certificate | None, rest: list[Qh3Certificate]) -> None:
         """Apply the policy to the peer's chain; raise a TLS alert if it is refused."""
-        chain = [to_x509(leaf), *map(to_x509, rest)] if leaf is not None else []
-        self.chain = chain
-        verdict = self.trust._evaluate(chain, self.expect_peer_id)
-        self.peer_id = verdict.peer_id
-        self.checked = True
-        if verdict.failure is None:
-            logger.debug("accepted peer %s under %r", verdict.peer_id, self.trust)
-            return
-        self.auth_error = PeerAuthenticationError(verdict.message, peer_id=verdict.peer_id)
-        _peer_log.warning(f"reject-{verdict.failure}", "rejecting peer: %s", verdict.message)
-        description, what = _ALERTS[verdict.failure]
-        raise _PolicyAlert(description, f"{AUTH_REASON_PREFIX}: {what}")
+        refusal = self.judge([to_x509(leaf), *map(to_x509, rest)] if leaf is not None else [])
+        if refusal is not None:
+            raise _PolicyAlert(refusal)
 
     def before_finished(self) -> None:
         """Fail closed if the handshake got to Finished without the policy having run."""
-        if not self.checked:
-            self.auth_error = PeerAuthenticationError(
-                "the handshake skipped the peer certificate check", peer_id=None
-            )
-            raise _PolicyAlert(
-                tls.AlertDescription.internal_error,
-                f"{AUTH_REASON_PREFIX}: certificate check skipped",
-            )
+        refusal = self.judge_finished()
+        if refusal is not None:
+            raise _PolicyAlert(refusal)
 
     # -- installing the hooks ---------------------------------------------------------
 

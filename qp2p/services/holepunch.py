@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from ..wire import Address, SockAddr
     from .host import ServiceHost
 
-__all__ = ["HolePunch", "numeric_target"]
+__all__ = ["HolePunch", "ask_introducer", "connect_introducer", "countdown", "numeric_target"]
 
 logger = logging.getLogger("qp2p.holepunch")
 _peer_log = RateLimitedLog(logger)
@@ -104,6 +105,50 @@ def _is_loopback(host: Any) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def countdown(loop: asyncio.AbstractEventLoop, budget: float, what: str) -> Callable[[], float]:
+    """The seconds left of ``budget`` from now, each time it is called; once none are,
+    ``HolePunchFailed`` ("``what`` took longer than ...")."""
+    deadline = loop.time() + budget
+
+    def remaining() -> float:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise HolePunchFailed(f"{what} took longer than {budget:g}s")
+        return left
+
+    return remaining
+
+
+async def connect_introducer(
+    host: ServiceHost, addr: Address | str, name: str, remaining: Callable[[], float]
+) -> Connection:
+    """Connect to the rendezvous or relay ``name`` at ``addr`` (pooled) within
+    ``remaining()``; ``HolePunchFailed`` when it is unreachable."""
+    try:
+        return await asyncio.wait_for(host.connect(addr), remaining())
+    except (ConnectionError, asyncio.TimeoutError) as exc:
+        if isinstance(exc, (HolePunchFailed, PeerAuthenticationError)):
+            raise  # an untrusted introducer says so, not "unreachable"
+        raise HolePunchFailed(f"{name} unreachable: {exc}") from exc
+
+
+async def ask_introducer(
+    conn: Connection, kind: int, payload: bytes, name: str, refused: str,
+    remaining: Callable[[], float],
+) -> ControlMessage:
+    """Ask the rendezvous or relay ``name`` on ``conn`` (a control request) and return its
+    answer; ``HolePunchFailed`` when it refuses (``refused``, a format string that may
+    name the rejection as ``{}``), times out or answers with a malformed frame."""
+    try:
+        return await conn.request_control(kind, payload, timeout=remaining())
+    except MessageRejected as exc:
+        raise HolePunchFailed(f"{name} {refused.format(exc)}") from exc
+    except asyncio.TimeoutError as exc:
+        raise HolePunchFailed(f"{name} did not answer in time") from exc
+    except ProtocolError as exc:
+        raise HolePunchFailed(f"{name}: {exc}") from exc
 
 
 class HolePunch:
@@ -207,37 +252,17 @@ class HolePunch:
     async def connect_via(self, rendezvous_addr: Address | str, peer_id: PeerId) -> Connection:
         """Ask the rendezvous for ``peer_id`` and punch a direct connection."""
         host = self._host
-        loop = host.loop
         budget = host.config.hole_punch_timeout
-        deadline = loop.time() + budget
-
-        def remaining() -> float:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise HolePunchFailed(f"hole punching to {peer_id} took longer than {budget:g}s")
-            return left
-
-        try:
-            rendezvous = await asyncio.wait_for(host.connect(rendezvous_addr), remaining())
-        except (ConnectionError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, (HolePunchFailed, PeerAuthenticationError)):
-                raise  # an untrusted rendezvous says so, not "unreachable"
-            raise HolePunchFailed(f"rendezvous {rendezvous_addr} unreachable: {exc}") from exc
+        remaining = countdown(host.loop, budget, f"hole punching to {peer_id}")
+        name = f"rendezvous {rendezvous_addr}"
+        rendezvous = await connect_introducer(host, rendezvous_addr, name, remaining)
         for conn in host.connections():
             if conn.peer_id == peer_id and conn is not rendezvous:
                 return conn  # already connected to that peer
-        try:
-            reply = await rendezvous.request_control(
-                wire.KIND_INTRODUCE_REQUEST, peer_id.digest, timeout=remaining())
-        except MessageRejected as exc:
-            raise HolePunchFailed(
-                f"rendezvous {rendezvous_addr} refused to introduce peers (not a rendezvous)"
-            ) from exc
-        except asyncio.TimeoutError as exc:
-            raise HolePunchFailed(f"rendezvous {rendezvous_addr} did not answer in time") \
-                from exc
-        except ProtocolError as exc:
-            raise HolePunchFailed(f"rendezvous {rendezvous_addr}: {exc}") from exc
+        reply = await ask_introducer(
+            rendezvous, wire.KIND_INTRODUCE_REQUEST, peer_id.digest, name,
+            "refused to introduce peers (not a rendezvous)", remaining,
+        )
         if reply.kind != wire.KIND_INTRODUCE_RESPONSE:
             raise HolePunchFailed(f"rendezvous {rendezvous_addr} answered with a frame of "
                                   f"kind {reply.kind}")

@@ -71,6 +71,7 @@ class ServiceHost(Protocol):
     async def connect(self, addr: Address | SockAddr | str) -> Connection:
         """``Endpoint.connect_to``: the pooled connection, or a shared, retried dial."""
 
+    # Endpoint._dial's signature: the endpoint hands that method over as it is
     async def dial(
         self,
         addr: SockAddr,

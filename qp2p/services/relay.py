@@ -32,13 +32,18 @@ from .. import relay, wire
 from ..errors import (
     ConnectionError,
     HolePunchFailed,
-    MessageRejected,
     PeerAuthenticationError,
     ProtocolError,
 )
 from ..identity import PeerId
 from ..ratelog import RateLimitedLog
-from .holepunch import PROBE_SCHEDULE, numeric_target
+from .holepunch import (
+    PROBE_SCHEDULE,
+    ask_introducer,
+    connect_introducer,
+    countdown,
+    numeric_target,
+)
 from .rendezvous import asked_for
 
 if TYPE_CHECKING:
@@ -167,30 +172,11 @@ class Relay:
         ``relay_addr``; ``HolePunchFailed`` (a ``ConnectionError``) when it cannot be
         made."""
         host, relays = self._host, self._relays
-        loop = host.loop
-        deadline = loop.time() + timeout
-
-        def remaining() -> float:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise HolePunchFailed(f"relaying to {peer_id} took longer than {timeout:g}s")
-            return left
-
-        try:
-            via = await asyncio.wait_for(host.connect(relay_addr), remaining())
-        except (ConnectionError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, (HolePunchFailed, PeerAuthenticationError)):
-                raise
-            raise HolePunchFailed(f"relay {relay_addr} unreachable: {exc}") from exc
-        try:
-            reply = await via.request_control(wire.KIND_RELAY_REQUEST, peer_id.digest,
-                                              timeout=remaining())
-        except MessageRejected as exc:
-            raise HolePunchFailed(f"relay {relay_addr} refused to relay: {exc}") from exc
-        except ProtocolError as exc:
-            raise HolePunchFailed(f"relay {relay_addr}: {exc}") from exc
-        except asyncio.TimeoutError as exc:
-            raise HolePunchFailed(f"relay {relay_addr} did not answer in time") from exc
+        remaining = countdown(host.loop, timeout, f"relaying to {peer_id}")
+        name = f"relay {relay_addr}"
+        via = await connect_introducer(host, relay_addr, name, remaining)
+        reply = await ask_introducer(via, wire.KIND_RELAY_REQUEST, peer_id.digest, name,
+                                     "refused to relay: {}", remaining)
         payload = bytes(reply.payload)
         if (reply.kind != wire.KIND_RELAY_RESPONSE or reply.header != OK
                 or len(payload) < relay.SESSION_LEN):

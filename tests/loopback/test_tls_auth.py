@@ -30,6 +30,7 @@ from aioquic.quic.packet import pull_quic_header
 from aioquic.tls import SessionTicket
 
 import qp2p.engine._aioquic_tls as qp2p_tls
+from qp2p.engine import _peer_log as tls_log
 from qp2p.engine._aioquic_tls import (
     AUTH_ERROR_CODES,
     AUTH_REASON_PREFIX,
@@ -747,11 +748,11 @@ def test_rejection_is_logged(
     # rate limited (one line per cause per interval): an earlier test may have written
     # this interval's line, and then this rejection is counted instead
     cause = "reject-_Failure.NOT_PINNED"
-    before = qp2p_tls._peer_log.suppressed(cause)
+    before = tls_log.suppressed(cause)
     with caplog.at_level(logging.WARNING, logger="qp2p.tls"):
         connect(
             run, alice, bob, client_trust=Trust.pinned([alice.peer_id]), server_trust=Trust.any()
         )
     logged = any(r.name == "qp2p.tls" and str(bob.peer_id) in r.getMessage()
                  for r in caplog.records)
-    assert logged or qp2p_tls._peer_log.suppressed(cause) == before + 1
+    assert logged or tls_log.suppressed(cause) == before + 1
