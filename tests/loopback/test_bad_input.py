@@ -10,13 +10,12 @@ import struct
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent
 
 import qp2p
 from tests.support.endpoints import FAST, state_kept
 from tests.support.frames import frame
-from tests.support.raw_quic import Attacker, raw_client_config
+from tests.support.raw_quic import Attacker, raw_client_config, raw_server
 
 pytestmark = pytest.mark.asyncio
 
@@ -153,7 +152,6 @@ async def test_stream_flood_is_bounded(impl: str) -> None:
 async def test_qp2p_dials_a_plain_aioquic_server(impl: str) -> None:
     """Interop: a stock aioquic server (no qp2p code, its default TLS groups) accepts a
     qp2p dialler, which offers only X25519 and P-256 key shares, and reads its frame."""
-    from aioquic.asyncio import serve
     from aioquic.quic.events import StreamDataReceived
 
     ident = qp2p.Identity.generate()
@@ -164,10 +162,7 @@ async def test_qp2p_dials_a_plain_aioquic_server(impl: str) -> None:
             if isinstance(event, StreamDataReceived) and event.end_stream:
                 got.put_nowait(event.data)
 
-    config = QuicConfiguration(is_client=False, alpn_protocols=None,
-                               certificate=ident.certificate, private_key=ident.private_key)
-    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=Server)
-    port = server._transport.get_extra_info("sockname")[1]
+    server, port = await raw_server(ident, Server)
     try:
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
             conn = await ep.connect_to(("127.0.0.1", port), expect_peer_id=ident.peer_id)
@@ -210,7 +205,6 @@ async def test_junk_initial_flood_keeps_no_state(impl: str) -> None:
 async def test_control_frame_reply_to_user_request_is_a_protocol_error(impl: str) -> None:
     """A (misbehaving) peer answering a request with a qp2p control frame: ProtocolError,
     never a control frame handed to the user."""
-    from aioquic.asyncio import serve
     from aioquic.quic.events import StreamDataReceived
 
     ident = qp2p.Identity.generate()
@@ -222,10 +216,7 @@ async def test_control_frame_reply_to_user_request_is_a_protocol_error(impl: str
                                             end_stream=True)
                 self.transmit()
 
-    config = QuicConfiguration(is_client=False, alpn_protocols=None,
-                               certificate=ident.certificate, private_key=ident.private_key)
-    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=Server)
-    port = server._transport.get_extra_info("sockname")[1]
+    server, port = await raw_server(ident, Server)
     try:
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
             conn = await ep.connect_to(("127.0.0.1", port))

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aioquic.asyncio import serve
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
@@ -26,6 +25,7 @@ from qp2p.errors import ProtocolError
 from qp2p.services import holepunch, rendezvous
 from tests.support.endpoints import FAST
 from tests.support.frames import frame
+from tests.support.raw_quic import raw_server
 
 
 class Sink:
@@ -93,11 +93,9 @@ async def raw_rendezvous(
                     end_stream=True)
                 self.transmit()
 
-    config = QuicConfiguration(is_client=False, alpn_protocols=None,
-                               certificate=ident.certificate, private_key=ident.private_key)
-    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=Rendezvous)
+    server, port = await raw_server(ident, Rendezvous)
     try:
-        yield ("127.0.0.1", server._transport.get_extra_info("sockname")[1])
+        yield ("127.0.0.1", port)
     finally:
         server.close()
 

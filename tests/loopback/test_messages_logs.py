@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 import pytest
-from aioquic.asyncio import serve
 from aioquic.asyncio.client import connect
-from aioquic.quic.configuration import QuicConfiguration
 
 import qp2p
 from qp2p import wire
@@ -19,6 +16,7 @@ from qp2p.connection import _peer_log as connection_log
 from qp2p.ratelog import RateLimitedLog
 from tests.support.endpoints import FAST, connected
 from tests.support.frames import frame
+from tests.support.raw_quic import raw_client_config, raw_server
 
 
 @pytest.mark.asyncio
@@ -26,10 +24,7 @@ async def test_a_bad_signature_is_our_refusal_not_the_peers(impl: str) -> None:
     """A raw aioquic server whose certificate does not match its key (its CertificateVerify
     signature cannot verify): the dialler refuses it, and says so, not 'peer rejected us'."""
     ident, other = qp2p.Identity.generate(), qp2p.Identity.generate()
-    config = QuicConfiguration(is_client=False, alpn_protocols=None,
-                               certificate=ident.certificate, private_key=other.private_key)
-    server = await serve("127.0.0.1", 0, configuration=config)
-    port = server._transport.get_extra_info("sockname")[1]
+    server, port = await raw_server(ident, private_key=other.private_key)
     quick = qp2p.Config(handshake_timeout=2.0, retry=qp2p.RetryConfig(max_elapsed_time=0.5))
     try:
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=quick) as ep:
@@ -72,7 +67,7 @@ async def test_reply_to_a_raw_asker_that_stopped_the_stream_raises(impl: str) ->
     raises MessageRejected (not a RuntimeError from the engine, not success)."""
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
         host, port = server.local_addr
-        cfg = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        cfg = raw_client_config()
         async with connect(host, port, configuration=cfg) as client:
             quic = client._quic
             sid = quic.get_next_available_stream_id()
@@ -97,7 +92,7 @@ async def test_rejected_streams_log_one_line_per_interval(
     cause = f"reject-{wire.ERR_FRAME_REJECTED:#x}"
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
         host, port = server.local_addr
-        cfg = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE, alpn_protocols=None)
+        cfg = raw_client_config()
         caplog.set_level(logging.INFO, logger="qp2p")
         async with connect(host, port, configuration=cfg) as client:
             accepted_task = asyncio.ensure_future(server.accept())

@@ -10,6 +10,8 @@ from typing import Any
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamReset
 
@@ -17,7 +19,8 @@ import qp2p
 from tests.support.endpoints import FAST
 from tests.support.unvalidated import raw_client_config
 
-__all__ = ["Attacker", "attacker", "client_initials", "honest_exchange", "raw_client_config"]
+__all__ = ["Attacker", "attacker", "client_initials", "honest_exchange", "raw_client_config",
+           "raw_server"]
 
 
 class Attacker(QuicConnectionProtocol):
@@ -79,3 +82,15 @@ async def honest_exchange(server: qp2p.Endpoint, rounds: int = 10) -> None:
                 await asyncio.wait_for(conn.send(body), 10)
         finally:
             echoing.cancel()
+
+
+async def raw_server(identity: qp2p.Identity, create_protocol: type[QuicConnectionProtocol]
+                     = QuicConnectionProtocol, private_key: Any = None) -> tuple[QuicServer, int]:
+    """A stock aioquic server on 127.0.0.1 with ``identity``'s certificate (and its key, or
+    ``private_key``), no ALPN; returns it (``close()`` it after) and its UDP port."""
+    config = QuicConfiguration(is_client=False, alpn_protocols=None,
+                               certificate=identity.certificate,
+                               private_key=private_key or identity.private_key)
+    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=create_protocol)
+    # a private reach into aioquic, on purpose: its QuicServer has no public address
+    return server, server._transport.get_extra_info("sockname")[1]
