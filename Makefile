@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXT    := qp2p/_fastpath$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all demo test test-fast lint docs bench bench-check wheel sysdeps clean fuzz soak scale
+.PHONY: all demo test test-fast test-unit lint docs bench bench-check wheel sysdeps clean fuzz soak scale
 
 FUZZ_SECONDS ?= 600
 SOAK_MINUTES ?= 10
@@ -39,12 +39,15 @@ test: build sysdeps
 test-fast: build
 	$(BIN)/python -m pytest -q -x -m "not netns"
 
+test-unit: build
+	$(BIN)/python -m pytest -q -x tests/unit
+
 lint: $(STAMP)
 	$(BIN)/ruff check qp2p tests bench examples tools docs conftest.py setup.py
 	$(BIN)/mypy --strict qp2p
 	$(BIN)/python tools/check_structure.py  # no import cycles, no new private reaches
 
-# the API reference from the docstrings (docs/api.rst); tests/test_docs.py builds it too
+# the API reference from the docstrings (docs/api.rst); tests/loopback/test_docs.py builds it too
 docs: $(STAMP)
 	$(BIN)/python -m sphinx -q -W --keep-going -b html docs docs/_build/html
 	@echo "API reference: docs/_build/html/index.html"
@@ -59,7 +62,7 @@ fuzz: build
 	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 soak: build sysdeps
-	$(BIN)/python -m tests.soak --minutes $(SOAK_MINUTES)
+	$(BIN)/python -m tests.support.soak --minutes $(SOAK_MINUTES)
 
 scale: build
 	$(BIN)/python bench/scale.py

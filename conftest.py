@@ -7,7 +7,7 @@ package tested, not the uncompiled source beside the tests. So this directory go
 *end* of ``sys.path``, behind site-packages: an installed qp2p wins, and this tree's is the
 fallback. In a checkout ``make test`` installs qp2p in editable mode, so the qp2p found is
 this tree, with its in-place build, either way. The header of every run says which one it is,
-and ``tests/paths.py`` gives subprocesses the same one.
+and ``tests/support/paths.py`` gives subprocesses the same one.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """How long port mapping takes, and what it adds to bind and close, against Debian's
-miniupnpd in a NAT router's network namespace (the lab of tests/upnp_lab.py; needs root).
+miniupnpd in a NAT router's network namespace (the lab of tests/support/upnp_lab.py; needs root).
 
     .venv/bin/python bench/portmap_time.py [--rounds N]
 
 For each setting (off, each protocol alone, all): ``bind`` time, time from bind's return to
 ``ep.public_addr`` being set, and ``close`` time (which deletes the lease), over N fresh
 endpoints in the peer's namespace. Figures vary with the machine; they are not a test (the
-tests assert behaviour, see tests/test_portmap.py).
+tests assert behaviour, see tests/netns/test_portmap.py).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.netlab import Lab  # noqa: E402
-from tests.paths import pythonpath  # noqa: E402
-from tests.upnp_lab import upnp_router  # noqa: E402
+from tests.support.netlab import Lab  # noqa: E402
+from tests.support.paths import pythonpath  # noqa: E402
+from tests.support.upnp_lab import upnp_router  # noqa: E402
 
 CHILD = r'''
 import asyncio, json, sys, time

@@ -7,7 +7,7 @@ headers for no connection.
 
 The endpoint runs in a child process that reports its own ``time.process_time()``; the
 packets come from a raw UDP socket in this process. Figures vary with the machine; they
-are not a test (tests assert counts, see tests/test_unvalidated.py).
+are not a test (tests assert counts, see tests/loopback/test_unvalidated.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.unvalidated import (  # noqa: E402
+from tests.support.unvalidated import (  # noqa: E402
     after_retry,
     first_initial,
     junk_initial,

@@ -1,5 +1,5 @@
-"""Sphinx configuration for qp2p's API reference (``make docs``; tests/test_docs.py builds it
-with warnings as errors)."""
+"""Sphinx configuration for qp2p's API reference (``make docs``; tests/loopback/test_docs.py
+builds it with warnings as errors)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ introduction with ``connect_via``: the rendezvous tells each side the address it
 other, bob sends probes toward alice (opening his NAT's mapping) while alice dials him, and
 the connection that results is direct, end to end encrypted — no data passes through the
 rendezvous. Here all three run on loopback, so there is no NAT to get through; the same calls
-work through NATs with endpoint-independent mapping (tests/test_holepunch.py runs them through
+work through NATs with endpoint-independent mapping (tests/netns/test_holepunch.py runs them through
 Linux masquerade in network namespaces). A symmetric NAT makes ``connect_via`` raise
 ``qp2p.HolePunchFailed``.
 

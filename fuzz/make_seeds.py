@@ -2,7 +2,7 @@
 
 Run once from the repository root: ``.venv/bin/python fuzz/make_seeds.py``. Frames are
 valid (and a few near-valid) frames behind the control bytes ``fuzz_frames.py`` reads;
-datagrams are a real aioquic handshake's packets (``tests.test_fuzz.captured``).
+datagrams are a real aioquic handshake's packets (``tests.support.packets.captured``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qp2p import _purepy  # noqa: E402
-from tests.test_fuzz import captured, frame_header  # noqa: E402
+from tests.support.frames import frame_header  # noqa: E402
+from tests.support.packets import captured  # noqa: E402
 
 enc = _purepy.encode_frame
 

@@ -57,7 +57,7 @@ DATAGRAM_QUEUE_BYTES = 256 * 2**10
 #: What one queued datagram costs beyond its payload (the bytes object, the queue slot).
 DATAGRAM_COST = 64
 #: What a stream the peer keeps open with data on it costs us beyond its bytes (the
-#: engine's stream state and our assembler; measured: tests/test_hardening_unread.py),
+#: engine's stream state and our assembler; measured: tests/loopback/test_hardening_unread.py),
 #: charged to the endpoint's receive budget until the stream ends.
 STREAM_COST = 3 * 2**10
 #: Streams in ``Connection._sending`` before the first sweep drops those whose bytes are
@@ -503,7 +503,7 @@ class Connection(ClosesOnExit):
         out["queued_messages"] = (
             len(self._queue_uni) + len(self._queue_bidi) + len(self._queue_reply)
         )
-        return cast(ConnectionStats, out)  # its keys: tests/test_surface.py checks them
+        return cast(ConnectionStats, out)  # its keys: tests/loopback/test_surface.py checks them
 
     async def close(self, reason: str = "") -> None:
         """Close gracefully; the peer sees ``reason``. Idempotent."""
@@ -1145,6 +1145,30 @@ class Connection(ClosesOnExit):
         self._inbox_signal.notify_all()
         self._datagram_signal.notify_all()
         self._driver.closed(self, bool(self._inbox))
+
+    def debug_snapshot(self) -> dict[str, Any]:
+        """Internal state, copied, for tests and diagnostics: **not** part of the API, no
+        stability promise (keys and values may change in any release).
+
+        Keys: ``inbox_messages`` / ``inbox_bytes`` (received, not yet read),
+        ``assemblers`` (incoming streams with a frame being assembled); from the engine:
+        ``held`` (stream bytes received, not released), ``credit`` (the receive window it
+        grants, or None), ``reservation`` (what the peer may still make us hold),
+        ``starved`` (the endpoint's budget could not give the credit wanted),
+        ``tracked_streams`` (per-stream entries kept), ``peer_parameters`` (qp2p's
+        transport parameters the peer advertised)."""
+        quic = self._quic
+        return {
+            "inbox_messages": len(self._inbox),
+            "inbox_bytes": self._inbox_bytes,
+            "assemblers": len(self._assemblers),
+            "held": quic.held,
+            "credit": getattr(quic, "credit", None),  # an adapter's, not the Protocol's
+            "reservation": quic.reservation(),
+            "starved": quic.starved(),
+            "tracked_streams": quic.tracked_streams(),
+            "peer_parameters": quic.peer_parameters(),
+        }
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

@@ -1313,6 +1313,42 @@ class Endpoint(ClosesOnExit):
             await unmap
         logger.debug("endpoint %s closed", self.local_addr)
 
+    # ------------------------------------------------------------------ diagnostics
+
+    def debug_snapshot(self) -> dict[str, Any]:
+        """Internal state, copied, for tests and diagnostics: **not** part of the API, no
+        stability promise (keys and values may change in any release). Changing the
+        returned values changes nothing in the endpoint.
+
+        Keys: ``live`` (connections the engine still drives), ``half_open`` (incoming
+        handshakes in progress), ``accept_queue`` (accepted, not yet taken by
+        ``accept()``) — lists of :class:`Connection`; ``cids`` (``{connection: sorted
+        connection IDs}``); ``table_size`` (connection IDs routed); ``budget_reserved``
+        (bytes of the endpoint-wide receive budget granted); ``incoming_per_ip``
+        (``{ip key: live incoming connections}``); ``dials_in_flight`` (shared dials not
+        finished); ``quic_versions`` (the engine's supported versions); and ``relay``: a
+        dict of ``sessions`` / ``by_session`` (session IDs it forwards / has paths for),
+        ``offers``, ``paths`` and ``probes_seen`` (counts)."""
+        relays = self._relays
+        return {
+            "live": list(self._live),
+            "half_open": list(self._half_open),
+            "accept_queue": list(self._accept_queue),
+            "cids": {conn: sorted(drive.cids) for conn, drive in self._drives.items()},
+            "table_size": len(self._table),
+            "budget_reserved": self._budget.reserved,
+            "incoming_per_ip": dict(self._incoming_per_ip),
+            "dials_in_flight": self._pool.dials_in_flight(),
+            "quic_versions": list(self._engine.supported_versions()),
+            "relay": {
+                "sessions": list(relays.sessions),
+                "by_session": list(relays.by_session),
+                "offers": len(relays.offers),
+                "paths": len(relays.paths),
+                "probes_seen": len(relays.probes_seen),
+            },
+        }
+
 
 class Phase(enum.IntEnum):
     """A connection's life as its endpoint drives it, in order; it only moves forward

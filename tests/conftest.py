@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,8 +23,9 @@ import pytest_asyncio
 
 import qp2p
 from qp2p import _speedups
+from tests.support.endpoints import FAST
 
-pytest_plugins = ["tests.netlab"]  # the ``lab`` fixture for namespace tests
+pytest_plugins = ["tests.support.netlab"]  # the ``lab`` fixture for namespace tests
 
 try:
     import uvloop
@@ -102,13 +104,6 @@ def _loop_of(item: pytest.Item) -> str | None:
     return None
 
 
-FAST = qp2p.Config(
-    idle_timeout=10.0,
-    handshake_timeout=3.0,
-    retry=qp2p.RetryConfig(initial_interval=0.05, max_interval=0.5, max_elapsed_time=5.0),
-)
-
-
 @pytest_asyncio.fixture
 async def pair(impl: str) -> AsyncIterator[tuple[qp2p.Endpoint, qp2p.Endpoint]]:
     """Two endpoints on loopback: (dialer, acceptor)."""
@@ -121,10 +116,15 @@ async def pair(impl: str) -> AsyncIterator[tuple[qp2p.Endpoint, qp2p.Endpoint]]:
         await b.close()
 
 
-async def connected(
-    a: qp2p.Endpoint, b: qp2p.Endpoint, **kw: Any
-) -> tuple[qp2p.Connection, qp2p.Connection]:
-    """Dial b from a; return (a's connection, b's accepted connection)."""
-    conn = await a.connect_to(b.local_addr, **kw)
-    accepted = await asyncio.wait_for(b.accept(), 5)
-    return conn, accepted
+@pytest.fixture(params=["cython", "python"])
+def fp(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+    """The fast-path module under test (compiled or twin), selected through
+    ``_speedups.select``; the cython case fails, not skips, when the extension isn't built."""
+    before = _speedups.implementation
+    try:
+        _speedups.select(request.param)
+    except ImportError as exc:
+        pytest.fail(f"the compiled fast path must be built for these tests: {exc}")
+    assert _speedups.implementation == request.param
+    yield _speedups.impl
+    _speedups.select(before)

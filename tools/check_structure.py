@@ -7,6 +7,12 @@ not reach into other objects' private attributes.
   a module the file imports. Outside ``qp2p/engine/`` (whose adapters must reach into the
   QUIC libraries) their count may not exceed ``BASELINE`` below: lower it as reaches go,
   never raise it. ``--list`` prints each one.
+- **Private reaches from the tests** (``tests/``), counted the same way, except reaches to
+  names the file itself defines (a test helper's own attributes): at most
+  ``TESTS_BASELINE``. A test reads qp2p's internal state through
+  ``Endpoint.debug_snapshot()`` / ``Connection.debug_snapshot()``; what remains is a hostile
+  peer rewiring its own endpoint, a raw aioquic attacker driving aioquic's internals, and a
+  fast-path test hook, each commented where it is.
 
     python tools/check_structure.py [--list]
 """
@@ -23,6 +29,10 @@ PACKAGE = ROOT / "qp2p"
 #: lowered since); a new reach fails ``make lint``.
 BASELINE = 0
 EXEMPT = ("engine",)  # sub-packages whose reaches are not counted
+TESTS = ROOT / "tests"
+#: Private reaches allowed in tests/ (41 when this check was added, from 127 before
+#: ``debug_snapshot``); a new reach fails ``make lint``.
+TESTS_BASELINE = 41
 
 
 def module_name(path: Path) -> str:
@@ -121,6 +131,39 @@ def private_reaches(tree: ast.Module) -> list[ast.Attribute]:
     return out
 
 
+def own_names(tree: ast.Module) -> set[str]:
+    """Underscored names a file defines itself: ``self._x = ...`` / ``obj._x = ...`` in its
+    classes, methods and class-level names (so its helpers may use each other's)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            out.add(node.attr)
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for stmt in cls.body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else (
+                [stmt.target] if isinstance(stmt, ast.AnnAssign) else [])
+            out.update(t.id for t in targets if isinstance(t, ast.Name))
+    return {n for n in out if n.startswith("_")}
+
+
+def test_reaches(show: bool) -> int:
+    """Private reaches from tests/ into objects the file does not define."""
+    counted = 0
+    for path in sorted(TESTS.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        own = own_names(tree)
+        for node in private_reaches(tree):
+            if node.attr in own:
+                continue
+            counted += 1
+            if show:
+                print(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return counted
+
+
 def main(argv: list[str]) -> int:
     show = "--list" in argv
     graph: dict[str, set[str]] = {}
@@ -148,6 +191,12 @@ def main(argv: list[str]) -> int:
     if counted > BASELINE:
         print("new private reaches: ask the owner through a method instead "
               "(tools/check_structure.py --list shows them)")
+        failed = True
+    in_tests = test_reaches(show)
+    print(f"{in_tests} private reaches in tests/ (baseline {TESTS_BASELINE})")
+    if in_tests > TESTS_BASELINE:
+        print("new private reaches in tests/: read qp2p's state through debug_snapshot() "
+              "or public API (tools/check_structure.py --list shows them)")
         failed = True
     return 1 if failed else 0
 

@@ -2,8 +2,8 @@
 
 README.md opens with what a developer of qp2p runs (``make demo``); someone reading PyPI needs
 what qp2p is, how to install it and a first program: README's "What it is" paragraph, its quick
-example and its Install section, verbatim. ``tests/test_docs.py`` checks that docs/pypi.md is
-what this script writes, so run it after editing those parts of README.md:
+example and its Install section, verbatim. ``tests/loopback/test_docs.py`` checks that
+docs/pypi.md is what this script writes, so run it after editing those parts of README.md:
 
     python tools/pypi_readme.py
 """

@@ -707,7 +707,7 @@ class Qh3Connection(QuicConnection):
 
 
 #: What qh3 2.1's core raises from ``poll_transmit`` under heavy loss (diagnosed by
-#: decrypting its packets in a lossy simulation of two cores, tests/test_qh3_core.py). The
+#: decrypting its packets in a lossy simulation of two cores, tests/unit/test_qh3_core.py). The
 #: core may queue one lost range of a stream for retransmission more than once (we saw a
 #: range resent five times: once per lost copy, again by probes). When a copy is
 #: acknowledged the stream completes and the core forgets it, but not its other queued
