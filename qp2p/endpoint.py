@@ -353,7 +353,10 @@ class Endpoint(ClosesOnExit):
         self, addr: wire.Address | str, expect_peer_id: PeerId | str | None = None
     ) -> Connection:
         """An open connection to ``addr``: the pooled one if any (whoever dialled it),
-        else a new dial shared by concurrent callers, retried per ``config.retry``."""
+        else a new dial shared by concurrent callers, retried per ``config.retry``.
+        Callers share a dial when they also expect the same peer: ``expect_peer_id`` is
+        checked inside the handshake, so a call expecting a peer id and one expecting
+        none (or another) dial on their own, and neither can fail the other's."""
         self._check_open()
         expect_peer_id = _as_peer_id(expect_peer_id)
         target = await self._resolve(addr)
