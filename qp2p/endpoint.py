@@ -1326,7 +1326,8 @@ class Endpoint(ClosesOnExit):
         Keys: ``live`` (connections the engine still drives), ``half_open`` (incoming
         handshakes in progress), ``accept_queue`` (accepted, not yet taken by
         ``accept()``) — lists of :class:`Connection`; ``cids`` (``{connection: sorted
-        connection IDs}``); ``table_size`` (connection IDs routed); ``budget_reserved``
+        connection IDs}``); ``table_size`` (connection IDs routed); ``rx_queue`` /
+        ``rx_queue_bytes`` (datagrams read, not handled yet); ``budget_reserved``
         (bytes of the endpoint-wide receive budget granted); ``incoming_per_ip``
         (``{ip key: live incoming connections}``); ``dials_in_flight`` (shared dials not
         finished); ``quic_versions`` (the engine's supported versions); and ``relay``: a
@@ -1339,6 +1340,8 @@ class Endpoint(ClosesOnExit):
             "accept_queue": list(self._accept_queue),
             "cids": {conn: sorted(drive.cids) for conn, drive in self._drives.items()},
             "table_size": len(self._table),
+            "rx_queue": len(self._rx_queue),
+            "rx_queue_bytes": self._rx_queue_bytes,
             "budget_reserved": self._budget.reserved,
             "incoming_per_ip": dict(self._incoming_per_ip),
             "dials_in_flight": self._pool.dials_in_flight(),

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .. import wire
-from ..errors import ProtocolError
+from ..errors import ProtocolError, RequestTimeout
 from ..wire import format_addr, parse_addr
 
 if TYPE_CHECKING:
@@ -23,8 +23,14 @@ logger = logging.getLogger("qp2p.discovery")
 
 
 async def echo(conn: Connection, timeout: float | None = None) -> Address:
-    """Ask the peer which address it sees us at."""
-    reply = await conn.request_control(wire.KIND_ECHO_REQUEST, b"?", timeout=timeout)
+    """Ask the peer which address it sees us at; ``RequestTimeout`` past ``timeout``."""
+    try:
+        reply = await conn.request_control(wire.KIND_ECHO_REQUEST, b"?", timeout=timeout)
+    except asyncio.TimeoutError:
+        assert timeout is not None
+        raise RequestTimeout(
+            f"{wire.addr_text(conn.remote_addr)} did not answer the echo request within "
+            f"{timeout:g}s", timeout) from None
     if reply.kind != wire.KIND_ECHO_RESPONSE:
         raise ProtocolError(f"peer answered the echo request with a frame of kind {reply.kind}")
     return parse_addr(reply.payload)

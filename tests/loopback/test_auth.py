@@ -4,10 +4,12 @@ a man in the middle, and no data from a rejected peer (both implementations x lo
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 import qp2p
+from qp2p.identity import _peer_log as ca_log
 from tests.support.endpoints import FAST, no_incoming
 from tests.support.udp_relay import UdpRelay
 
@@ -172,3 +174,27 @@ async def test_identity_round_trip_keeps_peer_id(tmp_path: object, impl: str) ->
     loaded = qp2p.Identity.load(path)
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, identity=loaded) as ep:
         assert ep.peer_id == ident.peer_id
+
+
+async def test_ca_check_failures_are_logged_at_a_limited_rate(
+    impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every handshake whose chain fails the CA check would log a line a peer chooses to
+    trigger: one line per interval, the rest counted."""
+    ca, other_ca = (qp2p.CertificateAuthority.generate(n) for n in ("net", "other"))
+    trust = qp2p.Trust.ca(ca.certificate_pem)
+    server = await bind(ca.issue(), trust)
+    outsider = await bind(other_ca.issue(), trust)
+    before = ca_log.suppressed("ca-check")
+    try:
+        with caplog.at_level(logging.INFO, logger="qp2p.identity"):
+            for _ in range(4):
+                with pytest.raises(qp2p.PeerAuthenticationError):
+                    await outsider.connect_to(server.local_addr)
+        lines = [r for r in caplog.records if "fails the CA check" in r.getMessage()]
+        suppressed = ca_log.suppressed("ca-check") - before
+        # the outsider refuses the server too, so each dial fails the check once or twice
+        assert len(lines) <= 1 and len(lines) + suppressed >= 4, (len(lines), suppressed)
+    finally:
+        await server.close()
+        await outsider.close()

@@ -225,3 +225,51 @@ async def test_control_frame_reply_to_user_request_is_a_protocol_error(impl: str
             assert not conn.is_closed
     finally:
         server.close()
+
+
+async def test_a_peer_that_never_answers_the_echo_times_out(impl: str) -> None:
+    """``discover_public_addr`` toward a peer that takes the request and never answers (a
+    stock aioquic server: no qp2p echo service) raises ``TimeoutError`` after
+    ``handshake_timeout``, instead of waiting for as long as the peer keeps it alive."""
+    class Silent(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            pass  # takes every stream, answers none
+
+    server, port = await raw_server(qp2p.Identity.generate(), Silent)
+    config = qp2p.Config(idle_timeout=30.0, handshake_timeout=1.0)
+    try:
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=config) as ep:
+            # RequestTimeout (a TimeoutError), not the test's own wait_for giving up
+            with pytest.raises(qp2p.RequestTimeout):
+                await asyncio.wait_for(ep.discover_public_addr(("127.0.0.1", port)), 10)
+            assert ep.public_addr is None
+    finally:
+        server.close()
+
+
+async def test_no_datagram_to_a_peer_that_takes_none(impl: str) -> None:
+    """A peer that advertised no ``max_datagram_frame_size`` takes no DATAGRAM frames
+    (RFC 9221 §3: one would close the connection): ``send_datagram`` raises
+    ``MessageTooLarge`` locally and the connection lives on."""
+    from aioquic.quic.events import StreamDataReceived
+
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Server(QuicConnectionProtocol):
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, StreamDataReceived) and event.end_stream:
+                got.put_nowait(event.data)
+
+    server, port = await raw_server(qp2p.Identity.generate(), Server)
+    try:
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
+            conn = await ep.connect_to(("127.0.0.1", port))
+            assert conn.max_datagram_payload == 0
+            for data in (b"x", b""):
+                with pytest.raises(qp2p.MessageTooLarge, match="no datagrams"):
+                    conn.send_datagram(data)
+            await conn.send(b"still open")
+            assert await asyncio.wait_for(got.get(), 5) == frame(b"", b"", b"still open")
+            assert not conn.is_closed
+    finally:
+        server.close()

@@ -417,3 +417,17 @@ async def test_long_lived_connection_keeps_no_state_per_stream_ever_used(
     limit = FAST.max_concurrent_bidi_streams + FAST.max_concurrent_uni_streams
     for side in (conn, accepted):
         assert side.debug_snapshot()["tracked_streams"] <= limit
+
+
+async def test_close_takes_effect_at_once(impl: str) -> None:
+    """From the moment ``close()`` is called (before its work ran), the endpoint is closed:
+    no new dial or accept starts."""
+    ep = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    closing = asyncio.ensure_future(ep.close())
+    await asyncio.sleep(0)  # close() ran up to its first wait; its work did not run yet
+    assert ep.is_closed
+    with pytest.raises(qp2p.EndpointClosed):
+        await ep.connect_to(("127.0.0.1", 9))
+    with pytest.raises(qp2p.EndpointClosed):
+        await ep.accept()
+    await closing

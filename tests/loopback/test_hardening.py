@@ -439,3 +439,39 @@ async def test_back_to_back_largest_messages_at_the_smallest_buffer(impl: str) -
         await asyncio.wait_for(sending, 20)
         assert sorted(m.payload[0] for m in got) == [0, 1, 2, 3]
         assert accepted.stats()["streams_rejected"] == 0
+
+
+async def test_datagrams_read_ahead_stay_within_the_queue_bound(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who knows a connection ID (the peer, or anyone on the path) can send junk
+    that is read far faster than it is handled: the queue of datagrams read ahead is bounded
+    in bytes (``endpoint.RX_QUEUE_MAX_BYTES``), and the endpoint serves everyone afterwards.
+    Handling is slowed (``RX_DRAIN_PER_TURN``) and the bound lowered, so that one process
+    on loopback can outpace the handling, as a flood from elsewhere does."""
+    from qp2p import endpoint as endpoint_mod
+
+    bound = 256 * 2**10
+    monkeypatch.setattr(endpoint_mod, "RX_QUEUE_MAX_BYTES", bound)
+    monkeypatch.setattr(endpoint_mod, "RX_DRAIN_PER_TURN", 8)
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as server:
+        async with attacker(server) as client:
+            assert client is not None
+            (dcid, *_), = server.debug_snapshot()["cids"].values()  # the attacker knows it
+            junk = bytes([0x40]) + dcid + bytes(1200 - 1 - len(dcid))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
+            sock.setblocking(False)
+            peak = 0
+            try:
+                for _ in range(30):
+                    for _ in range(1500):
+                        with contextlib.suppress(BlockingIOError):
+                            sock.sendto(junk, server.local_addr)
+                    await asyncio.sleep(0)
+                    peak = max(peak, server.debug_snapshot()["rx_queue_bytes"])
+            finally:
+                sock.close()
+        # full (so the bound was what held it), and never beyond it by more than a batch
+        assert bound // 2 < peak <= bound + endpoint_mod.RECV_BATCH * len(junk), peak
+        await honest_exchange(server)
