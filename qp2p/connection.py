@@ -464,7 +464,11 @@ class Connection(ClosesOnExit):
         data = self._datagrams.popleft()
         size = len(data)
         self._datagram_bytes -= size
-        self._driver.release_budget(size + DATAGRAM_COST)
+        budget = self._budget
+        if budget.starved:  # connections wait for memory: the endpoint wakes them
+            self._driver.release_budget(size + DATAGRAM_COST)
+        else:  # the endpoint's _release_budget without starved ones, inlined (per datagram)
+            budget.reserved -= size + DATAGRAM_COST
         return data
 
     async def datagrams(self) -> AsyncIterator[bytes]:
