@@ -115,16 +115,18 @@ def introduce(payloads: list[bytes]) -> Callable[[QuicConnectionProtocol], None]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled", "not_a_rendezvous"])
+@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled", "not_a_rendezvous",
+                                 "registration_failed"])
 async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
     """A rendezvous sends 200 INTRODUCTION frames naming 20 raw sockets (and a few names
     we must never send to: a host name, the unspecified and a multicast address). Only a
     rendezvous we registered with is heard at all ("merely_dialled": the target registered
     with another one; "dialled": it registered with none, so a peer it dialled that claims
     to be a rendezvous may introduce; "not_a_rendezvous": a peer it dialled that makes no
-    such claim), and then what reaches the sockets stays within 3x what the rendezvous
-    sent us: one probe train at a time (each introduction replaces the last after its
-    first probe), none for names."""
+    such claim; "registration_failed": it registered with a rendezvous that refused it,
+    which leaves it registered with none, as "dialled"), and then what reaches the
+    sockets stays within 3x what the rendezvous sent us: one probe train at a time (each
+    introduction replaces the last after its first probe), none for names."""
     sinks = [Sink() for _ in range(20)]
     named = Sink()  # reachable only through the name "localhost"
     payloads = [wire.format_addr(sinks[i % len(sinks)].addr) for i in range(200)]
@@ -141,6 +143,12 @@ async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
                     other = await qp2p.Endpoint.bind(config=FAST, rendezvous=True)
                     await target.register_with(other.local_addr)
                     await other.close()
+                elif how == "registration_failed":  # a rendezvous that takes only others
+                    stranger = qp2p.Trust.pinned([qp2p.Identity.generate().peer_id])
+                    async with qp2p.Endpoint.bind(config=FAST, rendezvous=True,
+                                                  trust=stranger) as other:
+                        with pytest.raises(qp2p.PeerAuthenticationError):
+                            await target.register_with(other.local_addr)
                 conn = await target.connect_to(addr)
             await watch([*sinks, named], 1.5)  # longer than a probe train
             got = sum(s.bytes for s in sinks)
