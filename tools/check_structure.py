@@ -32,7 +32,7 @@ EXEMPT = ("engine",)  # sub-packages whose reaches are not counted
 TESTS = ROOT / "tests"
 #: Private reaches allowed in tests/ (44 when this check was added, from 127 before
 #: ``debug_snapshot``); a new reach fails ``make lint``.
-TESTS_BASELINE = 44
+TESTS_BASELINE = 42
 
 
 def module_name(path: Path) -> str:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any
 
 import pytest
 from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 
 import qp2p
 from qp2p import connection, relay, wire
@@ -18,7 +16,7 @@ from qp2p.services.holepunch import PROBE_SCHEDULE
 from tests.support.endpoints import FAST
 from tests.support.forwarder import UdpForwarder
 from tests.support.frames import frame
-from tests.support.raw_quic import raw_client_config
+from tests.support.raw_quic import GrantsNoUniStreams, raw_client_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -351,40 +349,26 @@ async def test_offers_from_a_peer_granting_no_streams_queue_little(impl: str) ->
     and drops and counts the rest (before: all 3,000 queued, each a frame, a future and
     a pending send), and still serves an honest peer."""
     offers = 3000
-
-    class Silent(QuicConnectionProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            limit = self._quic._local_max_streams_uni
-            limit.value = limit.sent = 0  # the endpoint may open no stream to us
-
     async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
         host, port = ep.local_addr
         async with connect(host, port, configuration=raw_client_config(),
-                           create_protocol=Silent) as raw:
+                           create_protocol=GrantsNoUniStreams) as raw:
+            assert isinstance(raw, GrantsNoUniStreams)
             victim = await asyncio.wait_for(ep.accept(), 5)
-            quic = raw._quic
             offer = frame(os.urandom(32), b"", os.urandom(relay.SESSION_LEN)
                           + wire.format_addr(("127.0.0.1", 9)), kind=wire.KIND_RELAY_OFFER)
-            sent = 0
+            raw.send_frames([offer] * offers, unidirectional=True)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
             while loop.time() < deadline:
                 stats = victim.stats()
                 if stats["queued_messages"] + stats["control_dropped"] >= offers:
                     break
-                while sent < offers and (quic._local_next_stream_id_uni // 4
-                                         < quic._remote_max_streams_uni):
-                    sid = quic.get_next_available_stream_id(is_unidirectional=True)
-                    quic.send_stream_data(sid, offer, end_stream=True)
-                    sent += 1
-                raw.transmit()
                 await asyncio.sleep(0.01)
             stats = victim.stats()
-            print(f"\n[{impl}] {sent} offers from a peer granting no stream: "
+            print(f"\n[{impl}] {offers} offers from a peer granting no stream: "
                   f"{stats['queued_messages']} answers queued, "
                   f"{stats['control_dropped']} dropped")
-            assert sent == offers
             assert stats["queued_messages"] == connection.MAX_QUEUED_CONTROL
             assert stats["control_dropped"] == offers - connection.MAX_QUEUED_CONTROL
         async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as honest:
@@ -395,25 +379,26 @@ async def test_offers_from_a_peer_granting_no_streams_queue_little(impl: str) ->
 
 
 async def test_a_repeated_path_check_confirms_once(impl: str) -> None:
-    """A relayed dialler probes the target once, straight from its socket, then names
-    that probe's tag in 500 PATH_CHECKs. The target answers the first with PATH_OK and
-    the rest with nothing (before: one PATH_OK each, as long as the dialler kept
+    """A relayed dialler probes the target once, from a raw socket on its host, then
+    names that probe's tag in 500 PATH_CHECKs. The target answers the first with PATH_OK
+    and the rest with nothing (before: one PATH_OK each, as long as the dialler kept
     asking)."""
     r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
     b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
-    answers: list[bytes] = []
+    nonce = os.urandom(relay.PROBE_LEN - 1)
+    answers: list[bytes] = []  # the PATH_OKs for our probe (not those for a's own)
+    prober = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        prober.bind(("127.0.0.1", 0))
         await b.connect_to(r.local_addr)
-        # private reaches, on purpose: ``a`` plays the hostile dialler (its own endpoint):
-        # it never probes on its own, and counts the PATH_OKs it gets
-        a._services.relay._start_upgrade = lambda conn: None
-        a._control_handlers[wire.KIND_PATH_OK] = (
-            lambda conn, msg: answers.append(bytes(msg.payload)))  # type: ignore[attr-defined]
+        # private reach, on purpose: ``a`` plays the hostile dialler (its own endpoint)
+        # and counts the PATH_OKs it gets
+        a._control_handlers[wire.KIND_PATH_OK] = lambda conn, msg: (  # type: ignore[attr-defined]
+            answers.append(nonce) if bytes(msg.payload) == nonce else None)
         conn = await a.connect_relayed(r.local_addr, b.peer_id)
         await asyncio.wait_for(b.accept(), 5)
-        nonce = os.urandom(relay.PROBE_LEN - 1)
-        a._send_raw(bytes([relay.PROBE_MARKER]) + nonce, b.local_addr)
+        prober.sendto(bytes([relay.PROBE_MARKER]) + nonce, b.local_addr)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while not answers and loop.time() < deadline:  # the probe, then the first check
@@ -430,5 +415,6 @@ async def test_a_repeated_path_check_confirms_once(impl: str) -> None:
         print(f"\n[{impl}] 500 repeated checks of one probe: {len(answers)} PATH_OK")
         assert answers == [nonce]
     finally:
+        prober.close()
         for ep in (a, b, r):
             await ep.close()
