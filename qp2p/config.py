@@ -8,14 +8,26 @@ from dataclasses import dataclass, field
 __all__ = ["Config", "RetryConfig"]
 
 
+def _check_number(name: str, value: object) -> float:
+    """``value`` as a finite float; ``ValueError`` naming the field for anything else (a
+    bool, a string, None, NaN, an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
 def _check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None:
         if allow_none:
             return
         raise ValueError(f"{name} must not be None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    if _check_number(name, value) <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
@@ -46,7 +58,7 @@ class RetryConfig:
             )
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
-        if not 0 <= self.randomization_factor < 1:
+        if not 0 <= _check_number("randomization_factor", self.randomization_factor) < 1:
             raise ValueError(
                 f"randomization_factor must be in [0, 1), got {self.randomization_factor!r}"
             )

@@ -70,6 +70,11 @@ STALL_CREDIT = 4096
 MAX_PENDING_RECEIPTS = 16384
 #: Most entries in one receipt frame (each at most 16 bytes).
 RECEIPT_BATCH = 1024
+#: qp2p control frames (``send_control``: introductions, relay offers and answers, path
+#: checks) a connection keeps waiting for the peer's stream credit; beyond it new ones are
+#: dropped and counted (``stats()["control_dropped"]``): a peer that grants no
+#: unidirectional stream must not grow what we hold with each frame it makes us answer.
+MAX_QUEUED_CONTROL = 64
 
 
 class ConnectionStats(TypedDict):
@@ -116,6 +121,9 @@ class ConnectionStats(TypedDict):
     """Bytes of received datagrams waiting for ``recv_datagram`` (64 counted per datagram)."""
     queued_messages: int
     """Messages waiting for stream credit before they can be written."""
+    control_dropped: int
+    """qp2p's own control frames not sent because ``MAX_QUEUED_CONTROL`` of them already
+    waited for the peer's stream credit."""
 
 
 class Message:
@@ -176,7 +184,7 @@ class _PendingSend:
     """A frame waiting for stream credit, for its acknowledgement or for its receipt
     (``receipt``: the peer sends one, and the send completes on it, not on the ACK)."""
 
-    __slots__ = ("frame", "future", "receipt", "size", "stream_id")
+    __slots__ = ("control", "frame", "future", "receipt", "size", "stream_id")
 
     def __init__(self, frame: bytes, future: asyncio.Future[Any]) -> None:
         self.frame = frame
@@ -184,6 +192,7 @@ class _PendingSend:
         self.size = len(frame)
         self.stream_id = -1
         self.receipt = False
+        self.control = False  # from send_control: counted in Connection._control_queued
 
 
 class _Closable(Protocol):
@@ -275,6 +284,7 @@ class Connection(ClosesOnExit):
         self._queue_uni: collections.deque[_PendingSend] = collections.deque()
         self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
         self._queue_reply: collections.deque[_PendingSend] = collections.deque()
+        self._control_queued = 0  # control frames in _queue_uni (MAX_QUEUED_CONTROL)
         # streams we wrote that may still have bytes to put in packets -> frame size
         self._sending: dict[int, int] = {}
         self._sending_bytes = 0
@@ -301,6 +311,7 @@ class Connection(ClosesOnExit):
                 "messages_received",
                 "requests_sent",
                 "streams_rejected",
+                "control_dropped",
             ),
             0,
         )
@@ -621,13 +632,22 @@ class Connection(ClosesOnExit):
     ) -> asyncio.Future[None] | None:
         """Queue a control message on a fresh unidirectional stream; don't wait for it.
         Returns the future that completes once it is acknowledged (or failed), or None
-        when the connection is closed."""
+        when the connection is closed or ``MAX_QUEUED_CONTROL`` control frames already
+        wait for the peer's stream credit (then it is dropped and counted)."""
         if self._closed is not None:
+            return None
+        if self._control_queued >= MAX_QUEUED_CONTROL:
+            self._stats["control_dropped"] += 1
+            _peer_log.info("control-dropped", "dropping a control frame for %s: %d wait "
+                           "for stream credit it does not grant",
+                           wire.addr_text(self.remote_addr), self._control_queued)
             return None
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
-        self._queue_uni.append(_PendingSend(self._fp.encode_frame(header, b"", payload, kind),
-                                            future))
+        pending = _PendingSend(self._fp.encode_frame(header, b"", payload, kind), future)
+        pending.control = True
+        self._control_queued += 1
+        self._queue_uni.append(pending)
         self._pump()
         return future
 
@@ -672,6 +692,8 @@ class Connection(ClosesOnExit):
                 head = queue[0]
                 if head.future.done():  # cancelled while queued
                     queue.popleft()
+                    if head.control:
+                        self._control_queued -= 1
                     continue
                 size = head.size
                 if size > LARGE_FRAME:
@@ -695,6 +717,8 @@ class Connection(ClosesOnExit):
                             wire.ERR_CANCELLED))
                         continue
                 else:
+                    if pending.control:
+                        self._control_queued -= 1
                     stream_id = quic.open_stream(kind == 1)
                     quic.send_stream(stream_id, pending.frame, True)
                     pending.stream_id = stream_id
@@ -1133,6 +1157,7 @@ class Connection(ClosesOnExit):
             if not pending.future.done():
                 pending.future.set_exception(exc)
         self._queue_uni.clear()
+        self._control_queued = 0
         self._queue_bidi.clear()
         self._queue_reply.clear()
         self._sending.clear()

@@ -285,6 +285,17 @@ def _not_a_ca(cert: x509.Certificate) -> str | None:
     return None
 
 
+def _authority_key_id(ca: x509.Certificate, key: PrivateKey) -> x509.AuthorityKeyIdentifier:
+    """The AuthorityKeyIdentifier for what ``ca`` (whose key is ``key``) issues: its
+    SubjectKeyIdentifier, or, for a CA certificate without one (other tools make such),
+    the same hash of its public key."""
+    try:
+        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """Whether ``cert`` names ``ca`` as its issuer (name and, when both carry one, key
     identifier); the CA certificate itself does not count. A hint for messages, not a
@@ -460,15 +471,9 @@ class CertificateAuthority:
         key = _generate_key(kind)
         peer_id = PeerId(hashlib.sha256(_spki(key)).digest())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"qp2p {peer_id.short()}")])
-        ca_ski = self.certificate.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier
-        ).value
         cert = (
             _leaf_builder(key, subject, self.certificate.subject, valid_days)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                critical=False,
-            )
+            .add_extension(_authority_key_id(self.certificate, self.private_key), critical=False)
             .sign(self.private_key, _signing_hash(self.private_key))
         )
         return Identity(key, [cert, self.certificate])

@@ -223,9 +223,10 @@ class Relays:
         # peer role: placeholder (host, port), the relayed connection's remote_addr -> path
         self.paths: dict[Any, RelayPath] = {}
         self.by_session: dict[bytes, RelayPath] = {}
-        # direct-path probes: tags of nonces seen on raw probes (-> nonce, source), and the
-        # peer's checks waiting for their probe (tag -> connection); both bounded
-        self.probes_seen: collections.OrderedDict[bytes, tuple[bytes, Address]] = (
+        # direct-path probes: tags of nonces seen on raw probes (-> nonce, source; None
+        # once a check confirmed it: a nonce confirms once), and the peer's checks waiting
+        # for their probe (tag -> connection); both bounded
+        self.probes_seen: collections.OrderedDict[bytes, tuple[bytes, Address] | None] = (
             collections.OrderedDict())
         self.checks: collections.OrderedDict[bytes, Connection] = collections.OrderedDict()
 
@@ -404,10 +405,11 @@ def on_probe(relays: Relays, data: bytes, addr: Address) -> None:
     seen = relays.probes_seen
     if tag in seen:
         return
-    seen[tag] = (nonce, addr)
+    conn = relays.checks.pop(tag, None)
+    # kept even once confirmed: the rest of the probe train must not confirm it again
+    seen[tag] = (nonce, addr) if conn is None else None
     if len(seen) > MAX_PROBES_SEEN:
         seen.popitem(last=False)
-    conn = relays.checks.pop(tag, None)
     if conn is not None and relays.on_confirm is not None:
         relays.on_confirm(conn, nonce, addr)
 

@@ -32,7 +32,7 @@ EXEMPT = ("engine",)  # sub-packages whose reaches are not counted
 TESTS = ROOT / "tests"
 #: Private reaches allowed in tests/ (41 when this check was added, from 127 before
 #: ``debug_snapshot``); a new reach fails ``make lint``.
-TESTS_BASELINE = 41
+TESTS_BASELINE = 39
 
 
 def module_name(path: Path) -> str:

@@ -172,10 +172,18 @@ class HolePunch:
     async def register_with(self, rendezvous_addr: Address | str) -> Connection:
         """Honour introductions from the rendezvous at ``rendezvous_addr`` (registered
         before the dial, so an introduction that arrives with the handshake is heard
-        too), and connect to it."""
+        too), and connect to it. A dial that fails (or is cancelled) registers nothing:
+        the address would otherwise silence every other rendezvous (:meth:`heeds`)."""
         addr = await self._host.resolve(rendezvous_addr)
-        self._registered.add((addr[0], addr[1]))
-        return await self._host.connect(rendezvous_addr)
+        key = (addr[0], addr[1])
+        added = key not in self._registered  # a second call must not undo the first
+        self._registered.add(key)
+        try:
+            return await self._host.connect(rendezvous_addr)
+        except BaseException:
+            if added:
+                self._registered.discard(key)
+            raise
 
     def heeds(self, conn: Connection) -> bool:
         """``conn`` is a connection we dialled to a rendezvous we registered with. Until

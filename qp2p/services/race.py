@@ -46,29 +46,35 @@ async def race(host: ServiceHost, addrs: list[Address | str]) -> Connection:
     tasks = {asyncio.ensure_future(dial(a)): a for a in addrs}
     errors: dict[Address | str, BaseException] = {}
     winner: Connection | None = None
+    kept = False  # the winner went to the pool and the caller
     pending = set(tasks)
     lost = "connect_to_any: another address answered first"
     try:
-        while pending and winner is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    errors[tasks[task]] = exc
-                elif winner is None:
-                    winner = task.result()
-                else:
+        try:
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None:
+                        errors[tasks[task]] = exc
+                    elif winner is None:
+                        winner = task.result()
+                    else:
+                        await task.result().close(lost)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)  # cancelling us here must not leak the winner
+            for task in pending:
+                if not task.cancelled() and task.exception() is None:
                     await task.result().close(lost)
+        if winner is None:
+            detail = "; ".join(f"{a!r}: {e}" for a, e in errors.items())
+            raise ConnectionError(f"no address answered: {detail}", errors)
+        host.adopt(winner)
+        kept = True
+        return winner
     finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-        for task in pending:
-            if not task.cancelled() and task.exception() is None:
-                await task.result().close(lost)
-    if winner is None:
-        detail = "; ".join(f"{a!r}: {e}" for a, e in errors.items())
-        raise ConnectionError(f"no address answered: {detail}", errors)
-    host.adopt(winner)
-    return winner
+        if winner is not None and not kept:  # private, so nobody else holds it
+            await winner.close("connect_to_any was cancelled")

@@ -16,7 +16,7 @@ datagrams are :mod:`qp2p.relay`'s):
 Then each peer of the relayed connection probes the other's address for a direct path
 (``KIND_PATH_CHECK`` inside the connection names a tag of its raw probes' nonce;
 ``KIND_PATH_OK`` answers one that arrived straight with the nonce, which only the probe
-carried), and moves its sending there once
+carried, once per nonce), and moves its sending there once
 its own direction is confirmed. The engines keep the placeholder address, so the QUIC
 connection never notices.
 """
@@ -104,7 +104,7 @@ class Relay:
             wire.KIND_RELAY_OFFER, sid + wire.format_addr(conn.remote_addr),
             conn.peer_id.digest if conn.peer_id is not None else b"",
         )
-        if sent is None:
+        if sent is None:  # closing, or takes no control frames (MAX_QUEUED_CONTROL wait)
             answer(ERR, b"target is gone")
             return
 
@@ -250,9 +250,11 @@ class Relay:
         if path.attempt == 0:  # the target side starts probing on the dialler's first
             self._start_upgrade(conn)
         tag = bytes(msg.payload)
-        seen = relays.probes_seen.get(tag)
-        if seen is not None:
-            self._confirm(conn, *seen)
+        if tag in relays.probes_seen:
+            seen = relays.probes_seen[tag]
+            if seen is not None:  # a nonce confirms once: a repeated check gets nothing
+                relays.probes_seen[tag] = None
+                self._confirm(conn, *seen)
             return
         for old in [n for n, c in relays.checks.items() if c is conn]:
             del relays.checks[old]  # one check waiting per connection

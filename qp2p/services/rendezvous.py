@@ -96,7 +96,7 @@ class Rendezvous:
             format_addr(conn.remote_addr),
             conn.peer_id.digest if conn.peer_id is not None else b"",
         )
-        if sent is None:  # the target's connection is closing
+        if sent is None:  # the target's connection is closing, or takes no control frames
             answer(ERR, b"target is gone")
             return
         queued[target] = queued.get(target, 0) + 1

@@ -25,7 +25,7 @@ from qp2p.errors import ProtocolError
 from qp2p.services import holepunch, rendezvous
 from tests.support.endpoints import FAST
 from tests.support.frames import frame
-from tests.support.raw_quic import raw_server
+from tests.support.raw_quic import GrantsNoUniStreams, RawPeer, raw_server
 
 
 class Sink:
@@ -113,16 +113,18 @@ def introduce(payloads: list[bytes]) -> Callable[[QuicConnectionProtocol], None]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled", "not_a_rendezvous"])
+@pytest.mark.parametrize("how", ["registered", "dialled", "merely_dialled", "not_a_rendezvous",
+                                 "registration_failed"])
 async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
     """A rendezvous sends 200 INTRODUCTION frames naming 20 raw sockets (and a few names
     we must never send to: a host name, the unspecified and a multicast address). Only a
     rendezvous we registered with is heard at all ("merely_dialled": the target registered
     with another one; "dialled": it registered with none, so a peer it dialled that claims
     to be a rendezvous may introduce; "not_a_rendezvous": a peer it dialled that makes no
-    such claim), and then what reaches the sockets stays within 3x what the rendezvous
-    sent us: one probe train at a time (each introduction replaces the last after its
-    first probe), none for names."""
+    such claim; "registration_failed": it registered with a rendezvous that refused it,
+    which leaves it registered with none, as "dialled"), and then what reaches the
+    sockets stays within 3x what the rendezvous sent us: one probe train at a time (each
+    introduction replaces the last after its first probe), none for names."""
     sinks = [Sink() for _ in range(20)]
     named = Sink()  # reachable only through the name "localhost"
     payloads = [wire.format_addr(sinks[i % len(sinks)].addr) for i in range(200)]
@@ -139,6 +141,12 @@ async def test_introduction_flood_stays_within_3x(impl: str, how: str) -> None:
                     other = await qp2p.Endpoint.bind(config=FAST, rendezvous=True)
                     await target.register_with(other.local_addr)
                     await other.close()
+                elif how == "registration_failed":  # a rendezvous that takes only others
+                    stranger = qp2p.Trust.pinned([qp2p.Identity.generate().peer_id])
+                    async with qp2p.Endpoint.bind(config=FAST, rendezvous=True,
+                                                  trust=stranger) as other:
+                        with pytest.raises(qp2p.PeerAuthenticationError):
+                            await target.register_with(other.local_addr)
                 conn = await target.connect_to(addr)
             await watch([*sinks, named], 1.5)  # longer than a probe train
             got = sum(s.bytes for s in sinks)
@@ -228,17 +236,10 @@ async def test_rendezvous_queues_few_introductions_for_a_silent_target(impl: str
         target_cfg = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE,
                                        alpn_protocols=None, certificate=ident.certificate,
                                        private_key=ident.private_key)
-
-        class Target(QuicConnectionProtocol):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                limit = self._quic._local_max_streams_uni
-                limit.value = limit.sent = 0  # the rendezvous may open no stream to us
-
         answers: dict[bytes, int] = {}
         partial: dict[int, bytes] = {}
 
-        class Dialler(QuicConnectionProtocol):
+        class Dialler(RawPeer):
             def quic_event_received(self, event: QuicEvent) -> None:
                 if isinstance(event, StreamDataReceived):
                     data = partial.pop(event.stream_id, b"") + event.data
@@ -250,22 +251,19 @@ async def test_rendezvous_queues_few_introductions_for_a_silent_target(impl: str
 
         dialler_cfg = QuicConfiguration(is_client=True, verify_mode=ssl.CERT_NONE,
                                         alpn_protocols=None)
-        async with connect(host, port, configuration=target_cfg, create_protocol=Target), \
+        async with connect(host, port, configuration=target_cfg,
+                           create_protocol=GrantsNoUniStreams), \
                 connect(host, port, configuration=dialler_cfg,
                         create_protocol=Dialler) as dialler:
+            assert isinstance(dialler, Dialler)
             target_conn = next(c for c in rdv.connections() if c.peer_id == ident.peer_id)
             request = frame(b"", b"", ident.peer_id.digest, kind=wire.KIND_INTRODUCE_REQUEST)
-            quic = dialler._quic
-            sent = 0
+            # aioquic holds the requests beyond the rendezvous' stream credit until it
+            # grants more
+            dialler.send_frames([request] * 3000, unidirectional=False)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
             while sum(answers.values()) < 3000 and loop.time() < deadline:
-                while sent < 3000 and quic._local_next_stream_id_bidi // 4 < \
-                        quic._remote_max_streams_bidi:
-                    sid = quic.get_next_available_stream_id()
-                    quic.send_stream_data(sid, request, end_stream=True)
-                    sent += 1
-                dialler.transmit()
                 await asyncio.sleep(0.01)
             print(f"\n[{impl}] 3,000 requests for a silent target: answers {answers}, "
                   f"{target_conn.stats()['queued_messages']} queued for it")

@@ -9,7 +9,14 @@ import pytest
 
 import qp2p
 from qp2p.engine._qh3 import CORE_WINDOW
-from tests.support.endpoints import FAST, GIVE_UP_FAST, connected, dead_udp_port, no_incoming
+from tests.support.endpoints import (
+    FAST,
+    GIVE_UP_FAST,
+    connected,
+    dead_udp_port,
+    no_incoming,
+    state_kept,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -123,6 +130,44 @@ async def test_connect_to_any_losers_closed_gracefully(impl: str) -> None:
     finally:
         for p in [ep, *peers]:
             await p.close()
+
+
+async def test_connect_to_any_cancelled_after_a_winner_leaks_nothing(impl: str) -> None:
+    """``connect_to_any`` cancelled at every loop step of a race (a live peer and a dead
+    address) until one run wins: a run cancelled after its winner was picked (while the
+    loser's dial is being cancelled) must close the winner, not leave it open, in no
+    pool, until the idle timeout. Afterwards the dialler drives only the last run's
+    connection and the peer holds only that one open."""
+    live = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    ep = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    dead = ("127.0.0.1", dead_udp_port())
+    try:
+        conn = None
+        for steps in range(10_000):  # ~20 steps on loopback; every one is tried
+            racing = asyncio.ensure_future(ep.connect_to_any([live.local_addr, dead]))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            racing.cancel()
+            try:
+                conn = await racing
+                break
+            except asyncio.CancelledError:
+                pass
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FAST.idle_timeout / 2  # a leaked winner stays till idle
+        while loop.time() < deadline:
+            driven, peer_open = state_kept(ep)[0], len(live.connections())
+            if driven == 1 and peer_open == 1:
+                break
+            await asyncio.sleep(0.05)
+        print(f"\n[{impl}] {steps} cancelled races: the dialler drives {driven} "
+              f"connections, the peer holds {peer_open} open")
+        assert ep.connections() == [conn]
+        assert (driven, peer_open) == (1, 1)
+    finally:
+        await ep.close()
+        await live.close()
 
 
 async def test_all_dead_raises_within_budget(impl: str) -> None:

@@ -8,12 +8,15 @@ import os
 import socket
 
 import pytest
+from aioquic.asyncio.client import connect
 
 import qp2p
-from qp2p import relay, wire
+from qp2p import connection, relay, wire
 from qp2p.services.holepunch import PROBE_SCHEDULE
 from tests.support.endpoints import FAST
 from tests.support.forwarder import UdpForwarder
+from tests.support.frames import frame
+from tests.support.raw_quic import GrantsNoUniStreams, raw_client_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -101,16 +104,20 @@ async def test_malformed_and_flooded_relay_control(impl: str) -> None:
                 + b"\xc3\x28:1"]
         kinds = (wire.KIND_RELAY_REQUEST, wire.KIND_RELAY_OFFER, wire.KIND_RELAY_ACCEPT,
                  wire.KIND_RELAY_RESPONSE, wire.KIND_PATH_CHECK, wire.KIND_PATH_OK)
-        for kind in kinds:
-            for payload in junk:
-                for header in (b"", b"ok", b"err", os.urandom(40)):
-                    to_r.send_control(kind, payload, header)
-                    r_to_b.send_control(kind, payload, header)
+        frames = [(kind, payload, header) for kind in kinds for payload in junk
+                  for header in (b"", b"ok", b"err", os.urandom(40))]
         # a flood of well-formed offers, each its own session id and a victim address
-        for _ in range(200):
-            r_to_b.send_control(wire.KIND_RELAY_OFFER,
-                                os.urandom(8) + wire.format_addr(("127.0.0.1", 9)),
-                                a.peer_id.digest)
+        offers = [(wire.KIND_RELAY_OFFER, os.urandom(8) + wire.format_addr(("127.0.0.1", 9)),
+                   a.peer_id.digest) for _ in range(200)]
+        # in batches each side's stream credit takes, so none is dropped by the sender's
+        # own bound on queued control frames (connection.MAX_QUEUED_CONTROL)
+        for sender, flood in ((to_r, frames), (r_to_b, frames + offers)):
+            for start in range(0, len(flood), 50):
+                sent = [sender.send_control(*f) for f in flood[start:start + 50]]
+                assert None not in sent
+                # done, acknowledged or refused (junk); none still waiting
+                _, waiting = await asyncio.wait(sent, timeout=10)  # type: ignore[arg-type]
+                assert not waiting
         # each endpoint still answers a plain request
         c = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
         for ep in (r, b):
@@ -332,4 +339,82 @@ async def test_one_host_cannot_take_the_relay_bandwidth(
         assert flooded <= 20_000 + 5_000  # the burst, and a little refill and ACKs
     finally:
         for ep in (hd, ht, d, t, r):
+            await ep.close()
+
+
+async def test_offers_from_a_peer_granting_no_streams_queue_little(impl: str) -> None:
+    """A raw aioquic peer grants the endpoint no unidirectional stream, so no answer to
+    it ever leaves, then sends 3,000 RELAY_OFFERs (each ~40 bytes, each answered with a
+    decline). The endpoint keeps at most ``MAX_QUEUED_CONTROL`` answers queued for it
+    and drops and counts the rest (before: all 3,000 queued, each a frame, a future and
+    a pending send), and still serves an honest peer."""
+    offers = 3000
+    async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as ep:
+        host, port = ep.local_addr
+        async with connect(host, port, configuration=raw_client_config(),
+                           create_protocol=GrantsNoUniStreams) as raw:
+            assert isinstance(raw, GrantsNoUniStreams)
+            victim = await asyncio.wait_for(ep.accept(), 5)
+            offer = frame(os.urandom(32), b"", os.urandom(relay.SESSION_LEN)
+                          + wire.format_addr(("127.0.0.1", 9)), kind=wire.KIND_RELAY_OFFER)
+            raw.send_frames([offer] * offers, unidirectional=True)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while loop.time() < deadline:
+                stats = victim.stats()
+                if stats["queued_messages"] + stats["control_dropped"] >= offers:
+                    break
+                await asyncio.sleep(0.01)
+            stats = victim.stats()
+            print(f"\n[{impl}] {offers} offers from a peer granting no stream: "
+                  f"{stats['queued_messages']} answers queued, "
+                  f"{stats['control_dropped']} dropped")
+            assert stats["queued_messages"] == connection.MAX_QUEUED_CONTROL
+            assert stats["control_dropped"] == offers - connection.MAX_QUEUED_CONTROL
+        async with await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST) as honest:
+            conn = await honest.connect_to(ep.local_addr)
+            await asyncio.wait_for(conn.send(b"still serving"), 5)
+            accepted = await asyncio.wait_for(ep.accept(), 5)
+            assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"still serving"
+
+
+async def test_a_repeated_path_check_confirms_once(impl: str) -> None:
+    """A relayed dialler probes the target once, from a raw socket on its host, then
+    names that probe's tag in 500 PATH_CHECKs. The target answers the first with PATH_OK
+    and the rest with nothing (before: one PATH_OK each, as long as the dialler kept
+    asking)."""
+    r = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST, relay=True)
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=FAST)
+    nonce = os.urandom(relay.PROBE_LEN - 1)
+    answers: list[bytes] = []  # the PATH_OKs for our probe (not those for a's own)
+    prober = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        prober.bind(("127.0.0.1", 0))
+        await b.connect_to(r.local_addr)
+        # private reach, on purpose: ``a`` plays the hostile dialler (its own endpoint)
+        # and counts the PATH_OKs it gets
+        a._control_handlers[wire.KIND_PATH_OK] = lambda conn, msg: (  # type: ignore[attr-defined]
+            answers.append(nonce) if bytes(msg.payload) == nonce else None)
+        conn = await a.connect_relayed(r.local_addr, b.peer_id)
+        await asyncio.wait_for(b.accept(), 5)
+        prober.sendto(bytes([relay.PROBE_MARKER]) + nonce, b.local_addr)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not answers and loop.time() < deadline:  # the probe, then the first check
+            fut = conn.send_control(wire.KIND_PATH_CHECK, relay.probe_tag(nonce))
+            assert fut is not None
+            await asyncio.wait_for(fut, 5)
+            await asyncio.sleep(0.05)
+        assert answers == [nonce], "the target never confirmed the probe"
+        for _ in range(10):  # 500 more, in batches the target grants streams for
+            batch = [conn.send_control(wire.KIND_PATH_CHECK, relay.probe_tag(nonce))
+                     for _ in range(50)]
+            await asyncio.wait_for(asyncio.gather(*batch), 5)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # any answers still on their way arrive
+        print(f"\n[{impl}] 500 repeated checks of one probe: {len(answers)} PATH_OK")
+        assert answers == [nonce]
+    finally:
+        prober.close()
+        for ep in (a, b, r):
             await ep.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from aioquic.asyncio.client import connect
@@ -19,8 +19,31 @@ import qp2p
 from tests.support.endpoints import FAST
 from tests.support.unvalidated import raw_client_config
 
-__all__ = ["Attacker", "attacker", "client_initials", "honest_exchange", "raw_client_config",
-           "raw_server"]
+__all__ = ["Attacker", "GrantsNoUniStreams", "RawPeer", "attacker", "client_initials",
+           "honest_exchange", "raw_client_config", "raw_server"]
+
+
+class RawPeer(QuicConnectionProtocol):
+    """A raw aioquic peer that sends whole qp2p frames, each on a new stream of its own."""
+
+    def send_frames(self, frames: Iterable[bytes], *, unidirectional: bool) -> None:
+        """Each frame on its own new stream, ended. Streams beyond the endpoint's credit
+        wait in aioquic (blocked) until the endpoint grants more (MAX_STREAMS)."""
+        quic = self._quic
+        for data in frames:
+            sid = quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+            quic.send_stream_data(sid, data, end_stream=True)
+        self.transmit()
+
+
+class GrantsNoUniStreams(RawPeer):
+    """A raw aioquic peer that grants the endpoint no unidirectional stream, so nothing
+    the endpoint queues for it on one (a message, a control frame) ever leaves."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limit = self._quic._local_max_streams_uni  # aioquic offers no setting for it
+        limit.value = limit.sent = 0
 
 
 class Attacker(QuicConnectionProtocol):

@@ -66,3 +66,49 @@ def test_config_port_mapping_values() -> None:
     for bad in [("ssh",), (), ("pcp", "pcp"), ["pcp"], "pcp", 1]:
         with pytest.raises(ValueError, match="port_mapping"):
             qp2p.Config(port_mapping=bad)  # type: ignore[arg-type]
+
+
+#: every numeric field of RetryConfig and Config, and values of the wrong type for them
+_RETRY_NUMBERS = ("initial_interval", "multiplier", "max_interval", "randomization_factor",
+                  "max_elapsed_time")
+_CONFIG_NUMBERS = ("idle_timeout", "keep_alive_interval", "max_message_size",
+                   "max_concurrent_bidi_streams", "max_concurrent_uni_streams",
+                   "handshake_timeout", "max_datagram_size", "max_pending_send_bytes",
+                   "max_buffered_bytes", "max_endpoint_buffered_bytes", "max_connections",
+                   "max_connections_per_ip", "max_accept_backlog",
+                   "address_validation_threshold", "hole_punch_timeout")
+_WRONG_TYPES = ("x", b"1", [1], {}, object(), True, False, complex(1, 0), float("nan"))
+#: what a float field must also refuse: an int no float holds
+_FLOAT_FIELDS = ("initial_interval", "multiplier", "max_interval", "randomization_factor",
+                 "max_elapsed_time", "idle_timeout", "keep_alive_interval",
+                 "handshake_timeout", "hole_punch_timeout")
+
+
+@pytest.mark.parametrize("name", _RETRY_NUMBERS)
+def test_retry_config_wrong_types_raise_value_error(name: str) -> None:
+    """API.md: bad values raise ValueError, naming the field: not a TypeError from a
+    comparison (``randomization_factor="x"`` did), not OverflowError, and a bool is no
+    number. None is a wrong value for every RetryConfig field."""
+    for bad in (*_WRONG_TYPES, 10**400, None):
+        with pytest.raises(ValueError, match=name):
+            qp2p.RetryConfig(**{name: bad})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", _CONFIG_NUMBERS)
+def test_config_wrong_types_raise_value_error(name: str) -> None:
+    """The same for Config's numeric fields (None is allowed where API.md says so)."""
+    nullable = name in ("idle_timeout", "keep_alive_interval")
+    huge = (10**400,) if name in _FLOAT_FIELDS else ()
+    for bad in (*_WRONG_TYPES, *huge, *(() if nullable else (None,))):
+        with pytest.raises(ValueError, match=name):
+            qp2p.Config(**{name: bad})  # type: ignore[arg-type]
+    if nullable:
+        assert getattr(qp2p.Config(**{name: None}), name) is None  # type: ignore[arg-type]
+
+
+def test_randomization_factor_range_still_holds() -> None:
+    assert qp2p.RetryConfig(randomization_factor=0).randomization_factor == 0
+    assert qp2p.RetryConfig(randomization_factor=0.99).randomization_factor == 0.99
+    for bad in (-0.1, 1, 1.5, float("inf")):
+        with pytest.raises(ValueError, match="randomization_factor"):
+            qp2p.RetryConfig(randomization_factor=bad)

@@ -331,6 +331,57 @@ def test_ca_save_load(tmp_path: Path, ca: CertificateAuthority) -> None:
     assert Trust.ca(ca.certificate_pem).check(issued.chain) == issued.peer_id
 
 
+def _ca_without_ski(path: Path) -> None:
+    """Write a CA (key and self-signed certificate, PEM) whose certificate carries no
+    SubjectKeyIdentifier, as CAs made by other tools may: BasicConstraints CA and
+    keyCertSign only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-ski")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+                     + cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o600)
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["p256", "ed25519"])
+def test_ca_without_subject_key_identifier_issues(tmp_path: Path, kind: str) -> None:
+    """A CA certificate without SubjectKeyIdentifier loads, so it must issue too (it
+    raised ExtensionNotFound): the leaf's AuthorityKeyIdentifier comes from the CA's key,
+    and the leaf verifies under Trust.ca of that certificate."""
+    path = tmp_path / "ca.pem"
+    _ca_without_ski(path)
+    ca = CertificateAuthority.load(path)
+    with pytest.raises(x509.ExtensionNotFound):
+        ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    member = ca.issue(kind)
+    aki = member.certificate.extensions.get_extension_for_class(
+        x509.AuthorityKeyIdentifier).value
+    expected = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+        ca.certificate.public_key())  # type: ignore[arg-type]
+    assert aki.key_identifier == expected.key_identifier
+    trust = Trust.ca(ca.certificate_pem)
+    assert trust.check(member.chain) == member.peer_id
+    assert trust.check([member.certificate]) == member.peer_id
+    with pytest.raises(PeerAuthenticationError):  # still only its own leaves
+        trust.check(CertificateAuthority.generate("other").issue().chain)
+
+
 @posix_only
 def test_ca_load_warns_on_readable_file(
     tmp_path: Path, ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
