@@ -6,6 +6,7 @@ Delay, jitter, reordering, an outage and a killed peer on loopback:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -17,14 +18,20 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.one_loop]  # slow: uvloop only
 
 @pytest.mark.netns
 @pytest.mark.parametrize("loss", [5, 20])
-async def test_nothing_lost_under_random_loss(lab: Lab, impl: str, loss: int) -> None:
+async def test_nothing_lost_under_random_loss(
+    lab: Lab, impl: str, engine_name: str, loss: int
+) -> None:
     # on qh3, 20 % loss makes its core fail packet builds on stale retransmissions
-    # (qp2p.engine._qh3.STALE_STREAM): this is where that has to be survived
+    # (qp2p.engine._qh3.STALE_STREAM): this is where that has to be survived. qh3's core
+    # also doubles its probe wait without limit (README, engine differences: aioquic's is
+    # capped at 1 s), so a run of ten unanswered probes outwaits a 30 s idle timeout (seen
+    # in CI): on qh3 the idle timeout leaves room for two more doublings
+    config = LOSSY if engine_name == "aioquic" else dataclasses.replace(LOSSY, idle_timeout=100.0)
     net = two_hosts(lab, loss_ab=loss, loss_ba=loss)
     with net.a.entered():
-        a = await qp2p.Endpoint.bind((net.a.addr, 0), config=LOSSY)
+        a = await qp2p.Endpoint.bind((net.a.addr, 0), config=config)
     with net.b.entered():
-        b = await qp2p.Endpoint.bind((net.b.addr, 0), config=LOSSY)
+        b = await qp2p.Endpoint.bind((net.b.addr, 0), config=config)
     try:
         conn = await a.connect_to(b.local_addr)
         sent, arrived = await exchange(conn, b, 1000)

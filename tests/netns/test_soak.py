@@ -37,7 +37,8 @@ async def test_short_soak(lab: Lab, impl: str) -> None:
     assert report.corrupted == 0, report.corrupt_examples
     assert report.hangs == 0 and report.unexpected == 0, report.failures
     assert not report.reader_errors and not report.stuck_tasks
-    assert report.fds_after == report.fds_baseline, (report.fds_baseline, report.fds_after)
+    # no descriptor outlives the soak (fewer than before: an earlier test's, collected meanwhile)
+    assert report.fds_after <= report.fds_baseline, (report.fds_baseline, report.fds_after)
     # nothing keeps a closed connection alive
     assert report.conns_alive_after == 0, report.conns_alive_after
     assert report.ok
