@@ -454,7 +454,7 @@ class SoakReport:
     def ok(self) -> bool:
         return (self.lost == self.duplicates == self.corrupted == 0 and self.hangs == 0
                 and self.unexpected == 0 and not self.reader_errors and not self.stuck_tasks
-                and self.fds_after == self.fds_baseline)
+                and self.fds_after <= self.fds_baseline)  # fewer: an earlier test's, collected
 
     @property
     def rate(self) -> float:
