@@ -297,6 +297,8 @@ class Connection(ClosesOnExit):
         self._receipts: list[bytes] = []
         # whether we promised the peer receipts (see engine.TP_RECEIPTS)
         self._sends_receipts = quic.local_parameters().receipts
+        # we owe this peer receipts, known for good (set by _owe_receipt once established)
+        self._receipting = False
         # counters for stats()
         self._stats = dict.fromkeys(
             (
@@ -320,6 +322,7 @@ class Connection(ClosesOnExit):
             stats=self._stats, handle_event=self._handle_event, after_events=self._after_events,
             established=self._on_established, set_closed=self._set_closed,
             before_send=self._before_send, forgotten=self._keep_inbox_charged,
+            stream_data=self._on_stream_data, datagram=self._on_datagram,
         ))
 
     # ------------------------------------------------------------------ public API
@@ -372,8 +375,9 @@ class Connection(ClosesOnExit):
         future: asyncio.Future[None] = self._loop.create_future()
         pending = _PendingSend(frame, future)
         pending.receipt = (self._peer_params or self._peer_parameters()).receipts
-        self._queue_uni.append(pending)
-        self._pump()
+        if not self._start_at_once(pending):
+            self._queue_uni.append(pending)
+            self._pump()
         try:
             await future
         except asyncio.CancelledError:
@@ -719,9 +723,9 @@ class Connection(ClosesOnExit):
                 else:
                     if pending.control:
                         self._control_queued -= 1
-                    stream_id = quic.open_stream(kind == 1)
-                    quic.send_stream(stream_id, pending.frame, True)
-                    pending.stream_id = stream_id
+                    stream_id = pending.stream_id = quic.send_on_new_stream(
+                        kind == 1, pending.frame
+                    )
                     credit -= 1
                 if pending.size > LARGE_FRAME:
                     self._last_large = stream_id
@@ -737,6 +741,32 @@ class Connection(ClosesOnExit):
             if len(self._sending) > self._sending_sweep:
                 self._sweep_sending()
             self._driver.mark_dirty(self)
+
+    def _start_at_once(self, pending: _PendingSend) -> bool:
+        """``_pump`` for one small message when nothing waits before it (the common
+        case, once per message): write it now if ``_pump`` would, else False (it
+        queues)."""
+        if (
+            self._queue_uni or self._queue_reply or self._queue_bidi
+            or self._closed is not None or not self._established
+            or (self._unacked_bytes >= self._max_pending and self._unacked)
+        ):
+            return False
+        size = pending.size
+        quic = self._quic
+        if size > LARGE_FRAME or quic.streams_available(True) <= 0 or (
+            quic.send_credit() < size + self._sending_bytes and not self._credit_covers(size)
+        ):
+            return False
+        stream_id = pending.stream_id = quic.send_on_new_stream(True, pending.frame)
+        self._sending[stream_id] = size
+        self._sending_bytes += size
+        self._unacked[stream_id] = pending
+        self._unacked_bytes += size
+        if len(self._sending) > self._sending_sweep:
+            self._sweep_sending()
+        self._driver.mark_dirty(self)
+        return True
 
     def _sweep_sending(self) -> None:
         """Forget the streams in ``_sending`` whose bytes are all in packets. Sends leave
@@ -860,6 +890,7 @@ class Connection(ClosesOnExit):
             self._peer_params or self._peer_parameters()
         ) == engine.NO_PARAMETERS:
             return
+        self._receipting = self._peer_params is not None  # fixed from here on
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
             self._receipts.append(self._fp.encode_receipt(sid, code))
             self._driver.mark_dirty(self)
@@ -1004,7 +1035,13 @@ class Connection(ClosesOnExit):
         kind, header, dst, payload = frame
         if kind == wire.KIND_USER and (sid & 1) != (0 if self._is_client else 1):
             if sid & 2:
-                self._owe_receipt(sid, 0)
+                receipts = self._receipts
+                if self._receipting and len(receipts) < MAX_PENDING_RECEIPTS:
+                    # _owe_receipt's common case, inlined (once per message)
+                    receipts.append(self._fp.encode_receipt(sid, 0))
+                    self._driver.mark_dirty(self)
+                else:
+                    self._owe_receipt(sid, 0)
             self._stats["messages_received"] += 1
             self._inbox.append((header, dst, payload, None if sid & 2 else sid, size))
             self._inbox_bytes += size
@@ -1267,3 +1304,8 @@ class Port:
     before_send: Callable[[], None]
     #: the endpoint stops driving it: returns the unread bytes that stay charged
     forgotten: Callable[[], int]
+    #: stream bytes (``StreamData``'s fields): what ``handle_event`` does with one, without
+    #: the dispatch (the receive loop's per-message call)
+    stream_data: Callable[[int, bytes, bool], None]
+    #: a DATAGRAM's payload (``Datagram``'s field), likewise
+    datagram: Callable[[bytes], None]

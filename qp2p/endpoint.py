@@ -737,13 +737,17 @@ class Endpoint(ClosesOnExit):
     def _drain_events(self, drive: _Drive) -> None:
         """Handle every event a connection's engine has ready, in order."""
         next_event = drive.quic.next_event
-        handle = drive.port.handle_event
+        port = drive.port
+        stream_data = port.stream_data
+        datagram = port.datagram
         event = next_event()
         while event is not None:
             kind = type(event)
             # the per-message and per-datagram events go straight to the connection
-            if kind is _STREAM_DATA or kind is _DATAGRAM:
-                handle(event)
+            if kind is _STREAM_DATA:
+                stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+            elif kind is _DATAGRAM:
+                datagram(event.data)  # type: ignore[attr-defined]
             else:
                 self._on_event(drive, event)
             event = next_event()
@@ -916,7 +920,11 @@ class Endpoint(ClosesOnExit):
         the budget still counts the connection's engine."""
         drive = self._drives.get(conn)
         if drive is not None and drive.budgeted:
-            self._release_budget(nbytes)
+            budget = self._budget
+            if budget.starved:
+                self._release_budget(nbytes)
+            else:  # nobody to wake: _release_budget, inlined (once per message read)
+                budget.reserved -= nbytes
 
     def _release_budget_soon(self, nbytes: int) -> None:
         """``_release_budget`` from a finalizer (which may run in any thread, or after the

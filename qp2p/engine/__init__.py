@@ -235,6 +235,11 @@ class EngineConnection(Protocol):
     def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         """Queue ``data`` on a stream; raises ValueError when the stream can't take it."""
 
+    def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
+        """Open a local stream, queue all of ``data`` on it with the FIN, and return its
+        ID: ``open_stream`` + ``send_stream(..., True)`` in one call (one message, one
+        stream; call only while :meth:`streams_available` > 0)."""
+
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abandon our sending side (RESET_STREAM)."""
 

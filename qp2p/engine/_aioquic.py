@@ -573,6 +573,11 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self.send_stream_data(stream_id, data, end_stream=end_stream)
 
+    def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
+        stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)
+        self.send_stream_data(stream_id, data, end_stream=True)
+        return stream_id
+
     def reject_stream(self, stream_id: int, error_code: int) -> None:
         reject_stream(self, stream_id, error_code)
 

@@ -197,6 +197,7 @@ class Qh3Connection(QuicConnection):
         #: How often the core failed a packet build on a stale retransmission (STALE_STREAM).
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
+        self._local_parity = 0 if self._is_client else 1  # stream ID bit 0 of our streams
 
     # -- the facade's steps, replaced -------------------------------------------------
 
@@ -385,8 +386,7 @@ class Qh3Connection(QuicConnection):
         if self._budget is not None:
             # charged as pulled (the core grants the credit back then)
             self._budget.reserved += nbytes
-        local = (sid & 1) == (0 if self._is_client else 1)
-        if local:
+        if (sid & 1) == self._local_parity:
             return
         rejected = self._rejected
         if rejected and sid in rejected:
@@ -494,7 +494,15 @@ class Qh3Connection(QuicConnection):
                 kind = native[0]
                 if kind == "stream_data":
                     sid, data, fin = native[1], native[2], native[3]
-                    self._on_pulled(sid, len(data), fin)
+                    if fin and not self._rejected and (sid & 1) != self._local_parity:
+                        # _on_pulled's common case (a peer's whole message), inlined
+                        nbytes = len(data)
+                        self._pulled += nbytes
+                        if budget is not None:
+                            budget.reserved += nbytes
+                        self._peer_streams.pop(sid, None)
+                    else:
+                        self._on_pulled(sid, len(data), fin)
                     return StreamData(sid, data, fin)
                 if kind == "datagram":
                     return Datagram(native[1])
@@ -543,6 +551,31 @@ class Qh3Connection(QuicConnection):
                 return  # never acknowledged: its waiter fails with the close
             self._sent_all(stream_id)
             raise ValueError(str(exc)) from exc
+
+    def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
+        core = self._core
+        if not (self._handshake_complete and core is not None and type(data) is bytes):
+            stream_id = self.open_stream(unidirectional)
+            self.send_stream(stream_id, data, True)
+            return stream_id
+        # open_stream + send_stream (above) in one, with the facade's _record_local_stream
+        # for a new local stream inlined: this runs once per message
+        if unidirectional:
+            stream_id = self._next_stream_id_uni
+            self._next_stream_id_uni = self._local_next_stream_id_uni = stream_id + 4
+        else:
+            stream_id = self._next_stream_id_bidi
+            self._next_stream_id_bidi = self._local_next_stream_id_bidi = stream_id + 4
+        self._created_local_stream_ids.add(stream_id)
+        self._unfinished.add(stream_id)  # until the core reports it acknowledged
+        try:
+            core.send_stream(stream_id, data, True)
+        except RuntimeError as exc:
+            if self._core_closed():
+                return stream_id  # never acknowledged: its waiter fails with the close
+            self._sent_all(stream_id)
+            raise ValueError(str(exc)) from exc
+        return stream_id
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         with contextlib.suppress(QuicConnectionError, AssertionError):  # finished or gone
