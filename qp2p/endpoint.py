@@ -1077,6 +1077,7 @@ class Endpoint(ClosesOnExit):
         del self._drives[conn]
         self._relays.forget(conn)
         drive.advance(_TERMINATED)  # nothing more to feed it or send for it
+        drive.quic.deliver_to(None, None)  # no cycle through its receivers either
         for gone in self._gone_callbacks:
             gone(conn)
         if drive.budgeted:
@@ -1415,6 +1416,7 @@ class _Drive:
         self.conn = conn
         self.port = port
         self.stats = port.stats
+        self.quic.deliver_to(port.stream_data, port.datagram)  # undone when forgotten
 
 
 class _Host:

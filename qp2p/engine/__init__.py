@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -227,6 +228,16 @@ class EngineConnection(Protocol):
     def has_pending_events(self) -> bool:
         """Events the engine held back (receive memory was full) can be pulled now: the
         runtime drains them when it flushes."""
+
+    def deliver_to(
+        self,
+        stream_data: Callable[[int, bytes, bool], None] | None,
+        datagram: Callable[[bytes], None] | None,
+    ) -> None:
+        """From now on :meth:`next_event` hands stream data (stream ID, bytes, FIN) and
+        datagrams to these callables as it pulls them, in order with the other events,
+        instead of returning ``StreamData``/``Datagram`` (one call per message, no event
+        object). ``None`` goes back to returning them (a forgotten connection: no cycle)."""
 
     # -- streams and datagrams
     def open_stream(self, unidirectional: bool) -> int:

@@ -23,6 +23,7 @@ import hmac
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from aioquic import tls
@@ -484,6 +485,9 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     peer_params: PeerParameters = NO_PARAMETERS
 
     closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
+    # where next_event hands stream data and datagrams (deliver_to), if anywhere
+    _stream_receiver: Callable[[int, bytes, bool], None] | None = None
+    _datagram_receiver: Callable[[bytes], None] | None = None
 
     def _close_begin(self, is_initiator: bool, now: float) -> None:
         self.closed_by_us = is_initiator
@@ -545,9 +549,15 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
                 return None
             kind = type(event)
             if kind is events.StreamDataReceived:
-                return StreamData(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+                if self._stream_receiver is None:
+                    return StreamData(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+                self._stream_receiver(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+                continue
             if kind is events.DatagramFrameReceived:
-                return Datagram(event.data)  # type: ignore[attr-defined]
+                if self._datagram_receiver is None:
+                    return Datagram(event.data)  # type: ignore[attr-defined]
+                self._datagram_receiver(event.data)  # type: ignore[attr-defined]
+                continue
             if kind is events.StreamReset:
                 return StreamReset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
             if kind is events.StopSendingReceived:
@@ -565,6 +575,14 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
 
     def has_pending_events(self) -> bool:
         return False  # aioquic's events are all pulled after each datagram
+
+    def deliver_to(
+        self,
+        stream_data: Callable[[int, bytes, bool], None] | None,
+        datagram: Callable[[bytes], None] | None,
+    ) -> None:
+        self._stream_receiver = stream_data
+        self._datagram_receiver = datagram
 
     def open_stream(self, unidirectional: bool) -> int:
         stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)

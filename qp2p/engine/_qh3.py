@@ -26,6 +26,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -198,6 +199,9 @@ class Qh3Connection(QuicConnection):
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
         self._local_parity = 0 if self._is_client else 1  # stream ID bit 0 of our streams
+        # where next_event hands stream data and datagrams (deliver_to), if anywhere
+        self._stream_receiver: Callable[[int, bytes, bool], None] | None = None
+        self._datagram_receiver: Callable[[bytes], None] | None = None
 
     # -- the facade's steps, replaced -------------------------------------------------
 
@@ -503,19 +507,33 @@ class Qh3Connection(QuicConnection):
                         self._peer_streams.pop(sid, None)
                     else:
                         self._on_pulled(sid, len(data), fin)
-                    return StreamData(sid, data, fin)
+                    if self._stream_receiver is None:
+                        return StreamData(sid, data, fin)
+                    self._stream_receiver(sid, data, fin)
+                    break  # from the top: the gate is asked again after each delivery
                 if kind == "datagram":
-                    return Datagram(native[1])
+                    if self._datagram_receiver is None:
+                        return Datagram(native[1])
+                    self._datagram_receiver(native[1])
+                    break
                 if kind == "stream_finished":  # _sent_all, inlined (once per message;
                     # acknowledged data means 1-RTT: the handshake is complete)
                     sid = native[1]
                     self._unfinished.discard(sid)
                     self._created_local_stream_ids.discard(sid)
                 elif kind != "streams_available" and kind != "connection_credit":
+                    mine = self._translate(native)
+                    if mine is not _NOTHING:
+                        return mine
                     break
-            mine = self._translate(native)
-            if mine is not _NOTHING:
-                return mine
+
+    def deliver_to(
+        self,
+        stream_data: Callable[[int, bytes, bool], None] | None,
+        datagram: Callable[[bytes], None] | None,
+    ) -> None:
+        self._stream_receiver = stream_data
+        self._datagram_receiver = datagram
 
     def has_pending_events(self) -> bool:
         """Events held back by the gate can be pulled now (after memory was released)."""
