@@ -278,6 +278,9 @@ class Connection(ClosesOnExit):
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_limit = -1  # max_datagram_payload, once it is fixed (established)
         self._peer_params: engine.PeerParameters | None = None  # fixed once established
+        # the size header + dst + payload must not exceed, once the peer's limit is fixed
+        # with its parameters (0 until then: _frame asks both limits each time)
+        self._send_limit = 0
         self._datagram_bytes = 0  # payload bytes queued in _datagrams
         self._datagram_signal = Signal(self._loop)
         # send side
@@ -548,6 +551,9 @@ class Connection(ClosesOnExit):
             params = self._quic.peer_parameters()
             if self._established:
                 self._peer_params = params
+                peer_limit = params.max_message_size
+                self._send_limit = (self._max_message_size if peer_limit is None
+                                    else min(peer_limit, self._max_message_size))
         return params
 
     # ------------------------------------------------------------------ sending
@@ -559,13 +565,15 @@ class Connection(ClosesOnExit):
             header = wire.as_bytes("header", header)
         if type(dst) is not bytes:
             dst = wire.as_bytes("dst", dst)
-        if not payload or len(header) + len(dst) + len(payload) > self._max_message_size:
+        if not payload or len(header) + len(dst) + len(payload) > self._send_limit:
+            # past the limit known for good (or it is not known yet): which one, if any
             wire.check_message(header, dst, payload, self._max_message_size)  # raises
-        # the peer's own limit, when it advertised one: refused here, before a byte is
-        # sent, rather than sent for the peer to reject
-        peer_limit = (self._peer_params or self._peer_parameters()).max_message_size
-        if peer_limit is not None and peer_limit < self._max_message_size:
-            wire.check_message(header, dst, payload, peer_limit, "the peer's max_message_size")
+            # the peer's own limit, when it advertised one: refused here, before a byte
+            # is sent, rather than sent for the peer to reject
+            peer_limit = (self._peer_params or self._peer_parameters()).max_message_size
+            if peer_limit is not None and peer_limit < self._max_message_size:
+                wire.check_message(header, dst, payload, peer_limit,
+                                   "the peer's max_message_size")
         if self._closed is not None:
             self._raise_if_closed()
         frame: bytes = self._fp.encode_frame(header, dst, payload, kind)
@@ -862,8 +870,12 @@ class Connection(ClosesOnExit):
     def _on_receipts(self, payload: bytes) -> None:
         """The peer's receipts for our unidirectional streams: each completes its send,
         or fails it with the peer's rejection code."""
+        unacked = self._unacked
+        sending = self._sending
+        taken = 0  # bytes of the sends completed here, and of those still in _sending
+        unsent = 0
         for sid, code in self._fp.parse_receipts(payload):
-            pending = self._unacked.get(sid)
+            pending = unacked.get(sid)
             if pending is None or not pending.receipt:
                 continue  # not ours, cancelled, or already failed by STOP_SENDING
             if code:
@@ -872,13 +884,16 @@ class Connection(ClosesOnExit):
                     self._quic.reset_stream(sid, code)
                     self._driver.mark_dirty(self)
                 continue
-            del self._unacked[sid]
-            self._unacked_bytes -= pending.size
-            size = self._sending.pop(sid, None)  # the peer took it whole: all was sent
+            del unacked[sid]
+            taken += pending.size
+            size = sending.pop(sid, None)  # the peer took it whole: all was sent
             if size is not None:
-                self._sending_bytes -= size
-            if not pending.future.done():
-                pending.future.set_result(None)
+                unsent += size
+            future = pending.future
+            if not future.done():
+                future.set_result(None)
+        self._unacked_bytes -= taken
+        self._sending_bytes -= unsent
         if self._queue_uni or self._queue_bidi or self._queue_reply:
             self._pump()
 

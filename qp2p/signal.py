@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 __all__ = ["Signal"]
 
@@ -28,8 +27,10 @@ class Signal:
         try:
             await future
         finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(future)
+            # notify_all took the list already (the usual case): nothing to remove
+            waiters = self._waiters
+            if waiters and future in waiters:
+                waiters.remove(future)
 
     def notify_all(self) -> None:
         """Wake every current waiter."""

@@ -726,8 +726,9 @@ class Qh3Connection(QuicConnection):
             return 0  # nothing more is pulled: the peer stays blocked where it is
         return max(0, self._window - (self.held - self._exempt))
 
-    def credit_low(self) -> bool:
-        return self.has_pending_events()
+    # the gate holds events back while memory is short: once it opens, the runtime
+    # pulls them (the peer's credit comes back as they are pulled)
+    credit_low = has_pending_events
 
     def starved(self) -> bool:
         return self._budget is not None and self._owner in self._budget.starved
