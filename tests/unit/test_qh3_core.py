@@ -37,7 +37,13 @@ class Exchange:
 
     def __init__(self, count: int = 200, window: int = 100,
                  drop_to_server: frozenset[int] = DROP_TO_SERVER,
-                 drop_to_client: frozenset[int] = DROP_TO_CLIENT) -> None:
+                 drop_to_client: frozenset[int] = DROP_TO_CLIENT,
+                 one_call: bool = False, deliver: bool = False) -> None:
+        # one_call: the client writes each message with send_on_new_stream; deliver: the
+        # server hands stream data to a receiver (deliver_to) instead of returning events
+        self.one_call, self.deliver = one_call, deliver
+        self.delivered = 0  # messages the receiver got
+        self.stream_ids: list[int] = []
         self.config = qp2p.Config()
         self.drop_to_server, self.drop_to_client = drop_to_server, drop_to_client
         self.now = 1000.0
@@ -83,6 +89,8 @@ class Exchange:
                                                 is_client=False),
                         self.config, Trust.any(), header.dcid,
                     )
+                    if self.deliver:
+                        self.server.deliver_to(self.on_stream_data, None)
                 self.server.receive_datagrams([data], CLIENT, self.now)
             else:
                 self.client.receive_datagrams([data], SERVER, self.now)
@@ -95,6 +103,10 @@ class Exchange:
         else:
             return False
         return True
+
+    def on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
+        self.server.release(len(data))
+        self.delivered += fin
 
     def run(self, until: float = 30.0) -> None:
         client = self.client
@@ -114,9 +126,13 @@ class Exchange:
                     room = min(self.window, self.count - self.started,
                                client.streams_available(True))
                     for _ in range(room):
-                        sid = client.open_stream(True)
-                        client.send_stream(sid, self.started.to_bytes(4, "big") + bytes(1036),
-                                           True)
+                        payload = self.started.to_bytes(4, "big") + bytes(1036)
+                        if self.one_call:
+                            sid = client.send_on_new_stream(True, payload)
+                        else:
+                            sid = client.open_stream(True)
+                            client.send_stream(sid, payload, True)
+                        self.stream_ids.append(sid)
                         self.streams.add(sid)
                         self.started += 1
             self.flush(client, "server", self.drop_to_server)
@@ -136,3 +152,20 @@ def test_stale_retransmission_is_survived() -> None:
     # and the exchange completes: every stream acknowledged, every message received once
     assert (exchange.finished, exchange.received) == (exchange.count, exchange.count)
     assert not client.is_closed()
+
+
+def test_one_call_streams_and_delivery_to_receivers() -> None:
+    """``send_on_new_stream`` numbers and finishes streams as ``open_stream`` +
+    ``send_stream`` do; with ``deliver_to`` every message reaches the receiver (none comes
+    back as an event), and after ``deliver_to(None, None)`` they are events again."""
+    exchange = Exchange(count=60, window=20, drop_to_server=frozenset(),
+                        drop_to_client=frozenset(), one_call=True, deliver=True)
+    exchange.run()
+    assert (exchange.finished, exchange.delivered, exchange.received) == (60, 60, 0)
+    assert exchange.stream_ids == list(range(2, 2 + 4 * 60, 4))  # the client's uni streams
+    exchange.server.deliver_to(None, None)
+    exchange.count = 80
+    exchange.run()
+    assert (exchange.finished, exchange.delivered, exchange.received) == (80, 60, 20)
+    assert exchange.stream_ids == list(range(2, 2 + 4 * 80, 4))
+    assert not exchange.client.is_closed()
