@@ -65,6 +65,7 @@ __all__ = [
     "PeerCheck",
     "PeerParameters",
     "ReceiveBudget",
+    "Receivers",
     "StopSending",
     "StreamData",
     "StreamReset",
@@ -447,6 +448,23 @@ _ALERTS: dict[_Failure, tuple[int, str]] = {
     _Failure.UNTRUSTED_CHAIN: (42, "certificate not trusted"),  # bad_certificate
 }
 _INTERNAL_ERROR = 80  # the TLS alert internal_error
+
+
+class Receivers:
+    """:meth:`EngineConnection.deliver_to` for an adapter (a base class of both): where
+    its ``next_event`` hands stream data and datagrams, if anywhere."""
+
+    _stream_receiver: Callable[[int, bytes, bool], None] | None = None
+    _datagram_receiver: Callable[[bytes], None] | None = None
+
+    def deliver_to(
+        self,
+        stream_data: Callable[[int, bytes, bool], None] | None,
+        datagram: Callable[[bytes], None] | None,
+    ) -> None:
+        """See :meth:`EngineConnection.deliver_to`."""
+        self._stream_receiver = stream_data
+        self._datagram_receiver = datagram
 
 
 class PeerCheck:

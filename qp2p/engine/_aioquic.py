@@ -23,7 +23,6 @@ import hmac
 import os
 import struct
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from aioquic import tls
@@ -64,6 +63,7 @@ from . import (
     LongHeader,
     PeerParameters,
     ReceiveBudget,
+    Receivers,
     StopSending,
     StreamData,
     StreamReset,
@@ -457,7 +457,7 @@ def close_event(quic: QuicConnection) -> events.ConnectionTerminated | None:
     return event if isinstance(event, events.ConnectionTerminated) else None
 
 
-class FlowControlledQuicConnection(AuthenticatingQuicConnection):
+class FlowControlledQuicConnection(Receivers, AuthenticatingQuicConnection):
     """Connection-level flow control that counts every byte we still hold.
 
     aioquic treats data as consumed the moment it hands it over and doubles MAX_DATA on
@@ -485,9 +485,6 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     peer_params: PeerParameters = NO_PARAMETERS
 
     closed_by_us: bool | None = None  # set when the close begins (see closed_by_peer)
-    # where next_event hands stream data and datagrams (deliver_to), if anywhere
-    _stream_receiver: Callable[[int, bytes, bool], None] | None = None
-    _datagram_receiver: Callable[[bytes], None] | None = None
 
     def _close_begin(self, is_initiator: bool, now: float) -> None:
         self.closed_by_us = is_initiator
@@ -576,13 +573,6 @@ class FlowControlledQuicConnection(AuthenticatingQuicConnection):
     def has_pending_events(self) -> bool:
         return False  # aioquic's events are all pulled after each datagram
 
-    def deliver_to(
-        self,
-        stream_data: Callable[[int, bytes, bool], None] | None,
-        datagram: Callable[[bytes], None] | None,
-    ) -> None:
-        self._stream_receiver = stream_data
-        self._datagram_receiver = datagram
 
     def open_stream(self, unidirectional: bool) -> int:
         stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -63,6 +62,7 @@ from . import (
     LongHeader,
     PeerParameters,
     ReceiveBudget,
+    Receivers,
     StopSending,
     StreamData,
     StreamReset,
@@ -157,7 +157,7 @@ class _Bridge(QuicTlsBridge):
         return bytes(buf.data) + self.qp2p_parameters
 
 
-class Qh3Connection(QuicConnection):
+class Qh3Connection(Receivers, QuicConnection):
     """A qh3 connection driven through qp2p's engine interface (see the module docstring)."""
 
     def __init__(
@@ -199,9 +199,6 @@ class Qh3Connection(QuicConnection):
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
         self._local_parity = 0 if self._is_client else 1  # stream ID bit 0 of our streams
-        # where next_event hands stream data and datagrams (deliver_to), if anywhere
-        self._stream_receiver: Callable[[int, bytes, bool], None] | None = None
-        self._datagram_receiver: Callable[[bytes], None] | None = None
 
     # -- the facade's steps, replaced -------------------------------------------------
 
@@ -527,13 +524,6 @@ class Qh3Connection(QuicConnection):
                         return mine
                     break
 
-    def deliver_to(
-        self,
-        stream_data: Callable[[int, bytes, bool], None] | None,
-        datagram: Callable[[bytes], None] | None,
-    ) -> None:
-        self._stream_receiver = stream_data
-        self._datagram_receiver = datagram
 
     def has_pending_events(self) -> bool:
         """Events held back by the gate can be pulled now (after memory was released)."""
