@@ -64,6 +64,13 @@ RX_URGENT_PER_TURN = 1024
 #: Queued datagrams handled per loop turn: few enough that the socket is read again soon
 #: (new peers' handshakes overtake the queue only when they are read).
 RX_DRAIN_PER_TURN = 256
+#: A connection's first datagrams once established (this many, within this many seconds)
+#: queue in a lane of their own, handled before the others' queue: a fresh peer's first
+#: exchange (its first request) overtakes everyone's traffic, as its handshake did. Both
+#: bounded: a handshake buys a peer no more, and thousands of connections established at
+#: once share that lane only briefly.
+RX_FRESH_DATAGRAMS = 32
+RX_FRESH_SECONDS = 1.0
 SOCKET_BUFFER_BYTES = 4 * 2**20
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
@@ -237,7 +244,9 @@ class Endpoint(ClosesOnExit):
         self._writer_armed = False
         # datagrams read from the socket, not handled yet (see _on_readable)
         self._rx_queue: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
-        self._rx_queue_bytes = 0  # the bytes of the datagrams in _rx_queue
+        # those of just-established connections, handled before _rx_queue
+        self._rx_fresh: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
+        self._rx_queue_bytes = 0  # the bytes of the datagrams in both
         self._rx_drain_scheduled = False
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
@@ -585,14 +594,19 @@ class Endpoint(ClosesOnExit):
         and are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue
         first is what lets a new peer's handshake overtake the traffic of thousands of
         busy connections instead of waiting behind all of it (and keeps the kernel from
-        dropping what it cannot hold)."""
+        dropping what it cannot hold). A just-established connection's first datagrams
+        (``RX_FRESH_DATAGRAMS``, ``RX_FRESH_SECONDS``) queue in the fresh lane, drained
+        first. A connection's lane only moves down (urgent, fresh, queued) and the lanes
+        are handled in that order, so nothing of one connection is reordered."""
         fp = self._fp
         table = self._table
         sock = self._sock
         queue = self._rx_queue
+        fresh = self._rx_fresh
         urgent: list[tuple[bytes, SockAddr]] = []
         queued = self._rx_queue_bytes
-        while (len(queue) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES
+        now = _now()
+        while (len(queue) + len(fresh) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES
                and len(urgent) < RX_URGENT_PER_TURN):
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
@@ -603,6 +617,10 @@ class Endpoint(ClosesOnExit):
                 drive = table.lookup(item[0])
                 if drive is None or drive.phase is not _ESTABLISHED_PHASE:
                     urgent.append(item)  # all of a connection's packets take one lane
+                elif drive.fresh and drive.fresh_until > now:
+                    drive.fresh -= 1
+                    fresh.append(item)
+                    queued += len(item[0])
                 else:
                     queue.append(item)
                     queued += len(item[0])
@@ -611,20 +629,33 @@ class Endpoint(ClosesOnExit):
         self._rx_queue_bytes = queued
         if urgent:
             self._handle_datagrams(urgent)
-        self._drain_rx_queue()
+        # one drain per loop turn: when one is scheduled already it runs this turn, and a
+        # second chain of drains would double the turn's work (and halve how often the
+        # socket is read) for as long as the queue stays non-empty
+        if not self._rx_drain_scheduled:
+            self._drain_rx_queue()
 
     def _drain_rx_queue(self) -> None:
-        """Handle up to one turn's worth of the queued datagrams; the rest next turn."""
+        """Handle up to one turn's worth of the queued datagrams, the fresh lane's first;
+        the rest next turn."""
         self._rx_drain_scheduled = False
         queue = self._rx_queue
-        if not queue:
+        fresh = self._rx_fresh
+        if not queue and not fresh:
             return
-        n = min(len(queue), RX_DRAIN_PER_TURN)
-        popleft = queue.popleft
-        batch = [popleft() for _ in range(n)]
+        n = RX_DRAIN_PER_TURN
+        batch: list[tuple[bytes, SockAddr]] = []
+        if fresh:
+            take = min(len(fresh), n)
+            popleft = fresh.popleft
+            batch = [popleft() for _ in range(take)]
+            n -= take
+        if n and queue:
+            popleft = queue.popleft
+            batch += [popleft() for _ in range(min(len(queue), n))]
         self._rx_queue_bytes -= sum([len(item[0]) for item in batch])
         self._handle_datagrams(batch)
-        if queue and not self._rx_drain_scheduled:
+        if (queue or fresh) and not self._rx_drain_scheduled:
             self._rx_drain_scheduled = True
             self._loop.call_soon(self._drain_rx_queue)
 
@@ -943,6 +974,7 @@ class Endpoint(ClosesOnExit):
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
         drive.advance(Phase.ESTABLISHED)
+        drive.fresh_until = _now() + RX_FRESH_SECONDS
         drive.port.established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
@@ -1307,6 +1339,7 @@ class Endpoint(ClosesOnExit):
             self._forget(conn)
         self._loop.remove_reader(self._fd)
         self._rx_queue.clear()
+        self._rx_fresh.clear()
         self._rx_queue_bytes = 0
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
@@ -1340,7 +1373,7 @@ class Endpoint(ClosesOnExit):
             "accept_queue": list(self._accept_queue),
             "cids": {conn: sorted(drive.cids) for conn, drive in self._drives.items()},
             "table_size": len(self._table),
-            "rx_queue": len(self._rx_queue),
+            "rx_queue": len(self._rx_queue) + len(self._rx_fresh),
             "rx_queue_bytes": self._rx_queue_bytes,
             "budget_reserved": self._budget.reserved,
             "incoming_per_ip": dict(self._incoming_per_ip),
@@ -1376,8 +1409,8 @@ class _Drive:
     """What the endpoint keeps to drive one connection (nobody else reads it): its
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
-    __slots__ = ("budgeted", "cids", "conn", "handshake_deadline", "phase", "pooled", "port",
-                 "quic", "ready", "stats", "timer", "timer_at")
+    __slots__ = ("budgeted", "cids", "conn", "fresh", "fresh_until", "handshake_deadline",
+                 "phase", "pooled", "port", "quic", "ready", "stats", "timer", "timer_at")
 
     conn: Connection
     port: Port  # what we may do to the connection beyond its public API
@@ -1393,6 +1426,9 @@ class _Drive:
         self.phase = Phase.HANDSHAKING
         self.pooled = True  # False for private probes and race dials until adopted
         self.budgeted = False  # the receive budget counts its engine's reservation
+        # datagrams left to it in the fresh receive lane, and until when (once established)
+        self.fresh = RX_FRESH_DATAGRAMS
+        self.fresh_until = 0.0
 
     def advance(self, phase: Phase) -> bool:
         """The one transition: move forward to ``phase`` (never back); returns whether the
