@@ -54,10 +54,16 @@ _peer_log = RateLimitedLog(logger)
 
 #: Datagrams read per ``recv_batch`` call.
 RECV_BATCH = 64
-#: Datagrams read ahead of handling them, at most, and their bytes at most (then the
-#: kernel's buffer holds the rest): anyone who knows a connection ID can fill the queue.
+#: Datagrams read ahead of handling them, at most, and their bytes at most (beyond, the
+#: established connections' datagrams are read and dropped, counted in ``stats_counters
+#: ["dropped_queue_full"]``: left in the kernel they would stop the handshakes behind them
+#: from being read, and the kernel would drop those too): anyone who knows a connection
+#: ID can fill the queue.
 RX_QUEUE_MAX = 65536
 RX_QUEUE_MAX_BYTES = 16 * 2**20
+#: Datagrams read per readable event at most: a flood faster than we read cannot hold the
+#: loop (the rest wait in the kernel until the next turn).
+RX_READ_PER_TURN = 4096
 #: Datagrams of handshakes and unknown connection IDs handled per readable event, at most:
 #: a flood of them ends the read, so it cannot hold the loop (the rest wait in the kernel).
 RX_URGENT_PER_TURN = 1024
@@ -71,6 +77,10 @@ RX_DRAIN_PER_TURN = 256
 #: once share that lane only briefly.
 RX_FRESH_DATAGRAMS = 32
 RX_FRESH_SECONDS = 1.0
+#: The fresh lane's own bound (datagrams, and bytes beyond ``RX_QUEUE_MAX_BYTES``): a
+#: full queue does not stop a fresh connection's first exchange.
+RX_FRESH_MAX = 1024
+RX_FRESH_MAX_BYTES = 2**20
 SOCKET_BUFFER_BYTES = 4 * 2**20
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
@@ -191,8 +201,9 @@ class Endpoint(ClosesOnExit):
     - ``config``, ``identity``, ``trust``: what the endpoint was bound with.
     - ``rendezvous``, ``relay``: whether it introduces peers and relays for them.
     - ``stats_counters``: the endpoint's own counters (datagrams in and out, send errors,
-      datagrams for unknown connections dropped, Version Negotiations, refused and timed-out
-      handshakes, Retries sent).
+      datagrams for unknown connections dropped, datagrams dropped because the read-ahead
+      queue was full, Version Negotiations, refused and timed-out handshakes, Retries
+      sent).
     """
 
     def __init__(
@@ -252,7 +263,7 @@ class Endpoint(ClosesOnExit):
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
             ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
-             "version_negotiations", "handshakes_refused", "retries_sent",
+             "dropped_queue_full", "version_negotiations", "handshakes_refused", "retries_sent",
              "handshakes_timed_out"),
             0,
         )
@@ -588,12 +599,13 @@ class Endpoint(ClosesOnExit):
     # ------------------------------------------------------------------ receive path
 
     def _on_readable(self) -> None:
-        """Drain the socket: datagrams of handshakes (unknown connection IDs, connections
-        not yet established) are handled at once (``RX_URGENT_PER_TURN`` at most), the
-        rest queue in arrival order (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``)
-        and are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue
-        first is what lets a new peer's handshake overtake the traffic of thousands of
-        busy connections instead of waiting behind all of it (and keeps the kernel from
+        """Drain the socket (``RX_READ_PER_TURN`` datagrams at most): datagrams of
+        handshakes (unknown connection IDs, connections not yet established) are handled
+        at once (``RX_URGENT_PER_TURN`` at most), the rest queue in arrival order
+        (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``; beyond, they are dropped) and
+        are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue first
+        is what lets a new peer's handshake overtake the traffic of thousands of busy
+        connections instead of waiting behind all of it (and keeps the kernel from
         dropping what it cannot hold). A just-established connection's first datagrams
         (``RX_FRESH_DATAGRAMS``, ``RX_FRESH_SECONDS``) queue in the fresh lane, drained
         first. A connection's lane only moves down (urgent, fresh, queued) and the lanes
@@ -605,28 +617,38 @@ class Endpoint(ClosesOnExit):
         fresh = self._rx_fresh
         urgent: list[tuple[bytes, SockAddr]] = []
         queued = self._rx_queue_bytes
+        dropped = 0
         now = _now()
-        while (len(queue) + len(fresh) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES
-               and len(urgent) < RX_URGENT_PER_TURN):
+        read = 0
+        while read < RX_READ_PER_TURN and len(urgent) < RX_URGENT_PER_TURN:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
+            read += len(batch)
             for item in batch:
                 drive = table.lookup(item[0])
                 if drive is None or drive.phase is not _ESTABLISHED_PHASE:
                     urgent.append(item)  # all of a connection's packets take one lane
                 elif drive.fresh and drive.fresh_until > now:
                     drive.fresh -= 1
-                    fresh.append(item)
-                    queued += len(item[0])
-                else:
+                    if (len(fresh) < RX_FRESH_MAX
+                            and queued < RX_QUEUE_MAX_BYTES + RX_FRESH_MAX_BYTES):
+                        fresh.append(item)
+                        queued += len(item[0])
+                    else:
+                        dropped += 1
+                elif len(queue) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES:
                     queue.append(item)
                     queued += len(item[0])
+                else:
+                    dropped += 1
             if len(batch) < RECV_BATCH:
                 break
         self._rx_queue_bytes = queued
+        if dropped:
+            self.stats_counters["dropped_queue_full"] += dropped
         if urgent:
             self._handle_datagrams(urgent)
         # one drain per loop turn: when one is scheduled already it runs this turn, and a
