@@ -4,7 +4,8 @@ Receive path: the socket is drained in bursts (``recv_batch``); each datagram is
 its destination connection ID through the connection table and fed to its engine, whose
 events are handled at once. Send path: connections with something to send are marked
 dirty and flushed together once per loop turn (``send_batch``), so ACKs and data coalesce.
-Timers: one ``call_at`` per connection, re-armed only when its deadline moves.
+Timers: every connection's engine deadline in one heap (``qp2p.timers``) and one loop
+timer for the earliest; at most ``TIMERS_PER_TURN`` handled per loop turn.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .portmap import PROTOCOLS, Mapping, PortMapper
 from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
+from .timers import DeadlineQueue
 from .wire import SockAddr
 
 if TYPE_CHECKING:
@@ -81,9 +83,22 @@ RX_FRESH_SECONDS = 1.0
 #: full queue does not stop a fresh connection's first exchange.
 RX_FRESH_MAX = 1024
 RX_FRESH_MAX_BYTES = 2**20
+#: The socket's receive and send buffers: what a loop turn of thousands of busy
+#: connections leaves waiting in the kernel. The system caps what a process may ask
+#: (``net.core.rmem_max``, ``wmem_max``: often 208 KiB); a process allowed to exceed it
+#: (CAP_NET_ADMIN, Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE) gets the whole size.
 SOCKET_BUFFER_BYTES = 4 * 2**20
+# Linux's SO_RCVBUFFORCE and SO_SNDBUFFORCE (the socket module does not name them)
+_BUFFER_OPTIONS = (
+    ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)) if sys.platform.startswith("linux")
+    else ((None, socket.SO_RCVBUF), (None, socket.SO_SNDBUF))
+)
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
+#: Connection timers handled per loop turn at most, earliest deadline first (the rest on
+#: the next turns): thousands due at once (after a slow turn) must not make one turn
+#: last hundreds of ms, during which the socket is not read.
+TIMERS_PER_TURN = 256
 # the two events each message or datagram brings, looked up once (the receive loop)
 _STREAM_DATA = quic_engine.StreamData
 _DATAGRAM = quic_engine.Datagram
@@ -187,6 +202,22 @@ def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
     raise TypeError(f"expected a PeerId or its text form, not {type(value).__name__}")
 
 
+def size_buffers(sock: socket.socket, size: int | None = None) -> None:
+    """Ask for ``size`` (``SOCKET_BUFFER_BYTES``) of receive and send buffer: beyond the
+    system's cap where the process may (the forcing option), else up to the cap (quietly:
+    an unprivileged process gets what the system allows)."""
+    size = SOCKET_BUFFER_BYTES if size is None else size
+    for force, plain in _BUFFER_OPTIONS:
+        if force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+                continue
+            except OSError:  # EPERM without CAP_NET_ADMIN
+                pass
+        with contextlib.suppress(OSError):  # the system may cap it
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class Endpoint(ClosesOnExit):
     """One node: a UDP socket that accepts and dials QUIC connections.
 
@@ -259,6 +290,10 @@ class Endpoint(ClosesOnExit):
         self._rx_fresh: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
         self._rx_queue_bytes = 0  # the bytes of the datagrams in both
         self._rx_drain_scheduled = False
+        # every connection's engine deadline, and the one loop timer for the earliest
+        self._timers: DeadlineQueue[_Drive] = DeadlineQueue()
+        self._timer_wakeup: asyncio.Handle | None = None
+        self._timer_wakeup_at: float | None = None
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
@@ -329,9 +364,7 @@ class Endpoint(ClosesOnExit):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):  # the system may cap it
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+            size_buffers(sock)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
@@ -1140,9 +1173,9 @@ class Endpoint(ClosesOnExit):
         for cid in drive.cids:
             self._table.remove(cid)
         drive.cids.clear()
-        if drive.timer is not None:
-            drive.timer.cancel()
-            drive.timer = None
+        if drive.timer_at is not None:
+            drive.timer_at = None
+            self._timers.set(drive, None)
         self._dirty.pop(conn, None)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
@@ -1255,38 +1288,51 @@ class Endpoint(ClosesOnExit):
     # ------------------------------------------------------------------ timers
 
     def _arm_timer(self, conn: Connection, drive: _Drive, when: float | None) -> None:
+        """``conn``'s engine wants ``handle_timer`` at ``when`` (None: never)."""
         if when == drive.timer_at:
             return
-        if drive.timer is not None:
-            drive.timer.cancel()
         drive.timer_at = when
-        if when is None:
-            drive.timer = None
+        self._timers.set(drive, when)
+        if when is not None:
+            self._wake_timers_by(when)
+
+    def _wake_timers_by(self, when: float) -> None:
+        """Make sure ``_run_timers`` runs by ``when``: the one loop timer moves earlier."""
+        at = self._timer_wakeup_at
+        if at is not None and at <= when:
             return
+        if self._timer_wakeup is not None:
+            self._timer_wakeup.cancel()
+        self._timer_wakeup_at = when
         delay = when - _now()
         # uvloop's timers have 1 ms granularity: a pacing wait of a few µs must not
         # become a whole millisecond
-        drive.timer = (
-            self._loop.call_soon(self._on_timer, conn)
+        self._timer_wakeup = (
+            self._loop.call_soon(self._run_timers)
             if delay < TIMER_GRANULARITY
-            else self._loop.call_later(delay, self._on_timer, conn)
+            else self._loop.call_later(delay, self._run_timers)
         )
 
-    def _on_timer(self, conn: Connection) -> None:
-        drive = self._drives.get(conn)
-        if drive is None:
-            return
-        deadline = drive.timer_at
-        drive.timer = None
-        drive.timer_at = None
+    def _run_timers(self) -> None:
+        """Handle the due connection timers, earliest first, ``TIMERS_PER_TURN`` at most;
+        the loop timer is then armed for what is left (the next turn, if still due)."""
+        self._timer_wakeup = None
+        self._timer_wakeup_at = None
+        now = _now()
+        # a loop timer may fire a little early: what is due within its granularity is due
+        for drive, deadline in self._timers.pop_due(now + TIMER_GRANULARITY, TIMERS_PER_TURN):
+            drive.timer_at = None
+            self._on_timer(drive, max(now, deadline))
+        earliest = self._timers.earliest()
+        if earliest is not None:
+            self._wake_timers_by(earliest)
+
+    def _on_timer(self, drive: _Drive, now: float) -> None:
         if drive.phase is _TERMINATED:
             return
-        quic = drive.quic
-        now = _now()
-        if deadline is not None and now < deadline:  # fired a little early: it is due
-            now = deadline
+        conn = drive.conn
         try:
-            quic.handle_timer(now)
+            drive.quic.handle_timer(now)
             self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             self._engine_failed(conn, "handling its timer")
@@ -1360,6 +1406,9 @@ class Endpoint(ClosesOnExit):
             self._drives[conn].advance(_TERMINATED)
             self._forget(conn)
         self._loop.remove_reader(self._fd)
+        if self._timer_wakeup is not None:
+            self._timer_wakeup.cancel()
+            self._timer_wakeup = None
         self._rx_queue.clear()
         self._rx_fresh.clear()
         self._rx_queue_bytes = 0
@@ -1432,7 +1481,7 @@ class _Drive:
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
     __slots__ = ("budgeted", "cids", "conn", "fresh", "fresh_until", "handshake_deadline",
-                 "phase", "pooled", "port", "quic", "ready", "stats", "timer", "timer_at")
+                 "phase", "pooled", "port", "quic", "ready", "stats", "timer_at")
 
     conn: Connection
     port: Port  # what we may do to the connection beyond its public API
@@ -1441,8 +1490,7 @@ class _Drive:
     def __init__(self, quic: quic_engine.EngineConnection) -> None:
         self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
         self.cids: set[bytes] = set()  # our connection IDs for it in the table
-        self.timer: asyncio.Handle | None = None
-        self.timer_at: float | None = None  # the engine deadline the timer is armed for
+        self.timer_at: float | None = None  # its engine's deadline in the endpoint's timers
         self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
         self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
         self.phase = Phase.HANDSHAKING

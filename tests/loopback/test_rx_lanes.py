@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -136,3 +137,32 @@ async def test_a_fresh_connection_overtakes_the_backlog(
         assert reply.payload == b"first"
         # it did not wait behind the backlog: most of it was not handled yet
         assert handled < queued // 3, (handled, queued)
+
+
+def may_exceed_buffer_caps() -> bool:
+    """Whether this process has CAP_NET_ADMIN (what SO_RCVBUFFORCE needs)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 12 & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's buffer caps")
+async def test_socket_buffers_exceed_the_system_cap_where_permitted() -> None:
+    """A busy endpoint's kernel queue is its socket buffer: asked beyond the system's cap
+    (``net.core.rmem_max``), a privileged process gets it all, any other the cap, with
+    no error either way."""
+    with open("/proc/sys/net/core/rmem_max") as f:
+        cap = int(f.read())
+    want = 2 * cap
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        endpoint_mod.size_buffers(sock, want)
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # Linux doubles it
+    finally:
+        sock.close()
+    if may_exceed_buffer_caps():
+        assert got >= want, (got, want)
+    else:
+        assert got <= 2 * cap, (got, cap)
