@@ -58,14 +58,19 @@ _peer_log = RateLimitedLog(logger)
 RECV_BATCH = 64
 #: Datagrams read ahead of handling them, at most, and their bytes at most (beyond, the
 #: established connections' datagrams are read and dropped, counted in ``stats_counters
-#: ["dropped_queue_full"]``: left in the kernel they would stop the handshakes behind them
+#: ["rx_queue_dropped"]``: left in the kernel they would stop the handshakes behind them
 #: from being read, and the kernel would drop those too): anyone who knows a connection
 #: ID can fill the queue.
 RX_QUEUE_MAX = 65536
 RX_QUEUE_MAX_BYTES = 16 * 2**20
+#: Queued datagrams that waited longer than this are dropped unhandled (counted the same):
+#: an endpoint behind its traffic must not answer seconds late, or its peers' RTT samples
+#: grow to seconds and their loss timers back off past any useful bound; dropped, they are
+#: resent after a loss timer sized by the delay we keep to.
+RX_QUEUE_MAX_DELAY = 1.0
 #: Datagrams read per readable event at most: a flood faster than we read cannot hold the
 #: loop (the rest wait in the kernel until the next turn).
-RX_READ_PER_TURN = 4096
+RX_READ_PER_TURN = 16384
 #: Datagrams of handshakes and unknown connection IDs handled per readable event, at most:
 #: a flood of them ends the read, so it cannot hold the loop (the rest wait in the kernel).
 RX_URGENT_PER_TURN = 1024
@@ -232,9 +237,9 @@ class Endpoint(ClosesOnExit):
     - ``config``, ``identity``, ``trust``: what the endpoint was bound with.
     - ``rendezvous``, ``relay``: whether it introduces peers and relays for them.
     - ``stats_counters``: the endpoint's own counters (datagrams in and out, send errors,
-      datagrams for unknown connections dropped, datagrams dropped because the read-ahead
-      queue was full, Version Negotiations, refused and timed-out handshakes, Retries
-      sent).
+      datagrams for unknown connections dropped, datagrams dropped from the read-ahead
+      queue (full, or waited too long), Version Negotiations, refused and timed-out
+      handshakes, Retries sent).
     """
 
     def __init__(
@@ -289,6 +294,8 @@ class Endpoint(ClosesOnExit):
         # those of just-established connections, handled before _rx_queue
         self._rx_fresh: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
         self._rx_queue_bytes = 0  # the bytes of the datagrams in both
+        # [datagrams, when read] per read, oldest first, for _rx_queue (RX_QUEUE_MAX_DELAY)
+        self._rx_stamps: collections.deque[list[float]] = collections.deque()
         self._rx_drain_scheduled = False
         # every connection's engine deadline, and the one loop timer for the earliest
         self._timers: DeadlineQueue[_Drive] = DeadlineQueue()
@@ -298,7 +305,7 @@ class Endpoint(ClosesOnExit):
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
             ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
-             "dropped_queue_full", "version_negotiations", "handshakes_refused", "retries_sent",
+             "rx_queue_dropped", "version_negotiations", "handshakes_refused", "retries_sent",
              "handshakes_timed_out"),
             0,
         )
@@ -635,8 +642,9 @@ class Endpoint(ClosesOnExit):
         """Drain the socket (``RX_READ_PER_TURN`` datagrams at most): datagrams of
         handshakes (unknown connection IDs, connections not yet established) are handled
         at once (``RX_URGENT_PER_TURN`` at most), the rest queue in arrival order
-        (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``; beyond, they are dropped) and
-        are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue first
+        (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``; beyond, they are dropped, as
+        are those that waited ``RX_QUEUE_MAX_DELAY``) and are handled
+        ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue first
         is what lets a new peer's handshake overtake the traffic of thousands of busy
         connections instead of waiting behind all of it (and keeps the kernel from
         dropping what it cannot hold). A just-established connection's first datagrams
@@ -653,6 +661,7 @@ class Endpoint(ClosesOnExit):
         dropped = 0
         now = _now()
         read = 0
+        queued_before = len(queue)
         while read < RX_READ_PER_TURN and len(urgent) < RX_URGENT_PER_TURN:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
@@ -680,8 +689,10 @@ class Endpoint(ClosesOnExit):
             if len(batch) < RECV_BATCH:
                 break
         self._rx_queue_bytes = queued
+        if len(queue) > queued_before:
+            self._rx_stamps.append([len(queue) - queued_before, now])
         if dropped:
-            self.stats_counters["dropped_queue_full"] += dropped
+            self.stats_counters["rx_queue_dropped"] += dropped
         if urgent:
             self._handle_datagrams(urgent)
         # one drain per loop turn: when one is scheduled already it runs this turn, and a
@@ -698,6 +709,8 @@ class Endpoint(ClosesOnExit):
         fresh = self._rx_fresh
         if not queue and not fresh:
             return
+        if queue:
+            self._drop_late()
         n = RX_DRAIN_PER_TURN
         batch: list[tuple[bytes, SockAddr]] = []
         if fresh:
@@ -706,13 +719,41 @@ class Endpoint(ClosesOnExit):
             batch = [popleft() for _ in range(take)]
             n -= take
         if n and queue:
+            take = min(len(queue), n)
             popleft = queue.popleft
-            batch += [popleft() for _ in range(min(len(queue), n))]
+            batch += [popleft() for _ in range(take)]
+            self._unstamp(take)
         self._rx_queue_bytes -= sum([len(item[0]) for item in batch])
         self._handle_datagrams(batch)
         if (queue or fresh) and not self._rx_drain_scheduled:
             self._rx_drain_scheduled = True
             self._loop.call_soon(self._drain_rx_queue)
+
+    def _unstamp(self, count: int) -> None:
+        """``count`` datagrams left the head of ``_rx_queue``: forget their stamps."""
+        stamps = self._rx_stamps
+        while count:
+            head = stamps[0]
+            if head[0] > count:
+                head[0] -= count
+                return
+            count -= int(head[0])
+            stamps.popleft()
+
+    def _drop_late(self) -> None:
+        """Drop the queued datagrams read more than ``RX_QUEUE_MAX_DELAY`` ago."""
+        stamps = self._rx_stamps
+        cutoff = _now() - RX_QUEUE_MAX_DELAY
+        late = 0
+        while stamps and stamps[0][1] < cutoff:
+            late += int(stamps.popleft()[0])
+        if late:
+            queue = self._rx_queue
+            nbytes = 0
+            for _ in range(late):
+                nbytes += len(queue.popleft()[0])
+            self._rx_queue_bytes -= nbytes
+            self.stats_counters["rx_queue_dropped"] += late
 
     def _handle_datagrams(self, batch: list[tuple[bytes, SockAddr]]) -> None:
         """Give each datagram to its connection (or ``_on_unknown``), then send."""
@@ -1410,6 +1451,7 @@ class Endpoint(ClosesOnExit):
             self._timer_wakeup.cancel()
             self._timer_wakeup = None
         self._rx_queue.clear()
+        self._rx_stamps.clear()
         self._rx_fresh.clear()
         self._rx_queue_bytes = 0
         if self._writer_armed:
