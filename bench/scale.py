@@ -596,6 +596,9 @@ async def load_phase(
         "server_datagrams_out_per_msg": dgrams_out / received if received else None,
         "server_udp_queue_kib_max": queue_max / 1024,
         "server_udp_drops": udp_socket_state(addr[1])[1] - drops0,
+        # the endpoint's own read-ahead queue: dropped when full or more than 1 s late
+        "server_rx_queue_dropped": (after["endpoint"].get("rx_queue_dropped", 0)
+                                    - before["endpoint"].get("rx_queue_dropped", 0)),
         "server_rss_kib_end": rss_load,
         "server_rss_kib_max": max(rss_max, rss_load),
         "probes": len(probes),
@@ -817,6 +820,9 @@ def table(r: dict[str, Any]) -> str:
                                                    f"{ph['server_datagrams_out_per_msg']:.2f} out"))
         add(("  server UDP receive queue", f"{ph['server_udp_queue_kib_max']:.0f} KiB at most "
                                            f"(1 s samples), {ph['server_udp_drops']} dropped"))
+        if "server_rx_queue_dropped" in ph:
+            add(("  endpoint read-ahead queue", f"{ph['server_rx_queue_dropped']} dropped "
+                                                "(full, or waited > 1 s)"))
         add(("  server RSS under load", f"{ph['server_rss_kib_max'] / 1024:.1f} MiB max = "
                                         f"{ph['rss_kib_per_conn']:.1f} KiB/conn"))
         add(("  fresh peer connect_to", _ms(ph["probe_connect_s"]) + " (min/median/max)"))

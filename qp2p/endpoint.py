@@ -4,7 +4,8 @@ Receive path: the socket is drained in bursts (``recv_batch``); each datagram is
 its destination connection ID through the connection table and fed to its engine, whose
 events are handled at once. Send path: connections with something to send are marked
 dirty and flushed together once per loop turn (``send_batch``), so ACKs and data coalesce.
-Timers: one ``call_at`` per connection, re-armed only when its deadline moves.
+Timers: every connection's engine deadline in one heap (``qp2p.timers``) and one loop
+timer for the earliest; at most ``TIMERS_PER_TURN`` handled per loop turn.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .portmap import PROTOCOLS, Mapping, PortMapper
 from .ratelog import RateLimitedLog
 from .retry import retry_dial
 from .signal import Signal
+from .timers import DeadlineQueue
 from .wire import SockAddr
 
 if TYPE_CHECKING:
@@ -54,19 +56,54 @@ _peer_log = RateLimitedLog(logger)
 
 #: Datagrams read per ``recv_batch`` call.
 RECV_BATCH = 64
-#: Datagrams read ahead of handling them, at most, and their bytes at most (then the
-#: kernel's buffer holds the rest): anyone who knows a connection ID can fill the queue.
+#: Datagrams read ahead of handling them, at most, and their bytes at most (beyond, the
+#: established connections' datagrams are read and dropped, counted in ``stats_counters
+#: ["rx_queue_dropped"]``: left in the kernel they would stop the handshakes behind them
+#: from being read, and the kernel would drop those too): anyone who knows a connection
+#: ID can fill the queue.
 RX_QUEUE_MAX = 65536
 RX_QUEUE_MAX_BYTES = 16 * 2**20
+#: Queued datagrams that waited longer than this are dropped unhandled (counted the same):
+#: an endpoint behind its traffic must not answer seconds late, or its peers' RTT samples
+#: grow to seconds and their loss timers back off past any useful bound; dropped, they are
+#: resent after a loss timer sized by the delay we keep to.
+RX_QUEUE_MAX_DELAY = 1.0
+#: Datagrams read per readable event at most: a flood faster than we read cannot hold the
+#: loop (the rest wait in the kernel until the next turn).
+RX_READ_PER_TURN = 16384
 #: Datagrams of handshakes and unknown connection IDs handled per readable event, at most:
 #: a flood of them ends the read, so it cannot hold the loop (the rest wait in the kernel).
 RX_URGENT_PER_TURN = 1024
 #: Queued datagrams handled per loop turn: few enough that the socket is read again soon
 #: (new peers' handshakes overtake the queue only when they are read).
 RX_DRAIN_PER_TURN = 256
+#: A connection's first datagrams once established (this many, within this many seconds)
+#: queue in a lane of their own, handled before the others' queue: a fresh peer's first
+#: exchange (its first request) overtakes everyone's traffic, as its handshake did. Both
+#: bounded: a handshake buys a peer no more, and thousands of connections established at
+#: once share that lane only briefly.
+RX_FRESH_DATAGRAMS = 32
+RX_FRESH_SECONDS = 1.0
+#: The fresh lane's own bound (datagrams, and bytes beyond ``RX_QUEUE_MAX_BYTES``): a
+#: full queue does not stop a fresh connection's first exchange.
+RX_FRESH_MAX = 1024
+RX_FRESH_MAX_BYTES = 2**20
+#: The socket's receive and send buffers: what a loop turn of thousands of busy
+#: connections leaves waiting in the kernel. The system caps what a process may ask
+#: (``net.core.rmem_max``, ``wmem_max``: often 208 KiB); a process allowed to exceed it
+#: (CAP_NET_ADMIN, Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE) gets the whole size.
 SOCKET_BUFFER_BYTES = 4 * 2**20
+# Linux's SO_RCVBUFFORCE and SO_SNDBUFFORCE (the socket module does not name them)
+_BUFFER_OPTIONS = (
+    ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)) if sys.platform.startswith("linux")
+    else ((None, socket.SO_RCVBUF), (None, socket.SO_SNDBUF))
+)
 #: Timers due sooner than this run on the next loop turn instead of a loop timer.
 TIMER_GRANULARITY = 0.001
+#: Connection timers handled per loop turn at most, earliest deadline first (the rest on
+#: the next turns): thousands due at once (after a slow turn) must not make one turn
+#: last hundreds of ms, during which the socket is not read.
+TIMERS_PER_TURN = 256
 # the two events each message or datagram brings, looked up once (the receive loop)
 _STREAM_DATA = quic_engine.StreamData
 _DATAGRAM = quic_engine.Datagram
@@ -170,6 +207,22 @@ def _as_peer_id(value: PeerId | str | None) -> PeerId | None:
     raise TypeError(f"expected a PeerId or its text form, not {type(value).__name__}")
 
 
+def size_buffers(sock: socket.socket, size: int | None = None) -> None:
+    """Ask for ``size`` (``SOCKET_BUFFER_BYTES``) of receive and send buffer: beyond the
+    system's cap where the process may (the forcing option), else up to the cap (quietly:
+    an unprivileged process gets what the system allows)."""
+    size = SOCKET_BUFFER_BYTES if size is None else size
+    for force, plain in _BUFFER_OPTIONS:
+        if force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+                continue
+            except OSError:  # EPERM without CAP_NET_ADMIN
+                pass
+        with contextlib.suppress(OSError):  # the system may cap it
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class Endpoint(ClosesOnExit):
     """One node: a UDP socket that accepts and dials QUIC connections.
 
@@ -184,7 +237,8 @@ class Endpoint(ClosesOnExit):
     - ``config``, ``identity``, ``trust``: what the endpoint was bound with.
     - ``rendezvous``, ``relay``: whether it introduces peers and relays for them.
     - ``stats_counters``: the endpoint's own counters (datagrams in and out, send errors,
-      datagrams for unknown connections dropped, Version Negotiations, refused and timed-out
+      datagrams for unknown connections dropped, datagrams dropped from the read-ahead
+      queue (full, or waited too long), Version Negotiations, refused and timed-out
       handshakes, Retries sent).
     """
 
@@ -237,13 +291,21 @@ class Endpoint(ClosesOnExit):
         self._writer_armed = False
         # datagrams read from the socket, not handled yet (see _on_readable)
         self._rx_queue: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
-        self._rx_queue_bytes = 0  # the bytes of the datagrams in _rx_queue
+        # those of just-established connections, handled before _rx_queue
+        self._rx_fresh: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
+        self._rx_queue_bytes = 0  # the bytes of the datagrams in both
+        # [datagrams, when read] per read, oldest first, for _rx_queue (RX_QUEUE_MAX_DELAY)
+        self._rx_stamps: collections.deque[list[float]] = collections.deque()
         self._rx_drain_scheduled = False
+        # every connection's engine deadline, and the one loop timer for the earliest
+        self._timers: DeadlineQueue[_Drive] = DeadlineQueue()
+        self._timer_wakeup: asyncio.Handle | None = None
+        self._timer_wakeup_at: float | None = None
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self.stats_counters = dict.fromkeys(
             ("datagrams_received", "datagrams_sent", "send_errors", "dropped_unknown",
-             "version_negotiations", "handshakes_refused", "retries_sent",
+             "rx_queue_dropped", "version_negotiations", "handshakes_refused", "retries_sent",
              "handshakes_timed_out"),
             0,
         )
@@ -309,9 +371,7 @@ class Endpoint(ClosesOnExit):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):  # the system may cap it
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+            size_buffers(sock)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
@@ -579,54 +639,121 @@ class Endpoint(ClosesOnExit):
     # ------------------------------------------------------------------ receive path
 
     def _on_readable(self) -> None:
-        """Drain the socket: datagrams of handshakes (unknown connection IDs, connections
-        not yet established) are handled at once (``RX_URGENT_PER_TURN`` at most), the
-        rest queue in arrival order (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``)
-        and are handled ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue
-        first is what lets a new peer's handshake overtake the traffic of thousands of
-        busy connections instead of waiting behind all of it (and keeps the kernel from
-        dropping what it cannot hold)."""
+        """Drain the socket (``RX_READ_PER_TURN`` datagrams at most): datagrams of
+        handshakes (unknown connection IDs, connections not yet established) are handled
+        at once (``RX_URGENT_PER_TURN`` at most), the rest queue in arrival order
+        (``RX_QUEUE_MAX`` datagrams, ``RX_QUEUE_MAX_BYTES``; beyond, they are dropped, as
+        are those that waited ``RX_QUEUE_MAX_DELAY``) and are handled
+        ``RX_DRAIN_PER_TURN`` per loop turn. Emptying the kernel queue first
+        is what lets a new peer's handshake overtake the traffic of thousands of busy
+        connections instead of waiting behind all of it (and keeps the kernel from
+        dropping what it cannot hold). A just-established connection's first datagrams
+        (``RX_FRESH_DATAGRAMS``, ``RX_FRESH_SECONDS``) queue in the fresh lane, drained
+        first. A connection's lane only moves down (urgent, fresh, queued) and the lanes
+        are handled in that order, so nothing of one connection is reordered."""
         fp = self._fp
         table = self._table
         sock = self._sock
         queue = self._rx_queue
+        fresh = self._rx_fresh
         urgent: list[tuple[bytes, SockAddr]] = []
         queued = self._rx_queue_bytes
-        while (len(queue) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES
-               and len(urgent) < RX_URGENT_PER_TURN):
+        dropped = 0
+        now = _now()
+        read = 0
+        queued_before = len(queue)
+        while read < RX_READ_PER_TURN and len(urgent) < RX_URGENT_PER_TURN:
             try:
                 batch = fp.recv_batch(sock, RECV_BATCH)
             except OSError as exc:
                 logger.debug("recv failed: %r", exc)
                 break
+            read += len(batch)
             for item in batch:
                 drive = table.lookup(item[0])
                 if drive is None or drive.phase is not _ESTABLISHED_PHASE:
                     urgent.append(item)  # all of a connection's packets take one lane
-                else:
+                elif drive.fresh and drive.fresh_until > now:
+                    drive.fresh -= 1
+                    if (len(fresh) < RX_FRESH_MAX
+                            and queued < RX_QUEUE_MAX_BYTES + RX_FRESH_MAX_BYTES):
+                        fresh.append(item)
+                        queued += len(item[0])
+                    else:
+                        dropped += 1
+                elif len(queue) < RX_QUEUE_MAX and queued < RX_QUEUE_MAX_BYTES:
                     queue.append(item)
                     queued += len(item[0])
+                else:
+                    dropped += 1
             if len(batch) < RECV_BATCH:
                 break
         self._rx_queue_bytes = queued
+        if len(queue) > queued_before:
+            self._rx_stamps.append([len(queue) - queued_before, now])
+        if dropped:
+            self.stats_counters["rx_queue_dropped"] += dropped
         if urgent:
             self._handle_datagrams(urgent)
-        self._drain_rx_queue()
+        # one drain per loop turn: when one is scheduled already it runs this turn, and a
+        # second chain of drains would double the turn's work (and halve how often the
+        # socket is read) for as long as the queue stays non-empty
+        if not self._rx_drain_scheduled:
+            self._drain_rx_queue()
 
     def _drain_rx_queue(self) -> None:
-        """Handle up to one turn's worth of the queued datagrams; the rest next turn."""
+        """Handle up to one turn's worth of the queued datagrams, the fresh lane's first;
+        the rest next turn."""
         self._rx_drain_scheduled = False
         queue = self._rx_queue
-        if not queue:
+        fresh = self._rx_fresh
+        if not queue and not fresh:
             return
-        n = min(len(queue), RX_DRAIN_PER_TURN)
-        popleft = queue.popleft
-        batch = [popleft() for _ in range(n)]
+        if queue:
+            self._drop_late()
+        n = RX_DRAIN_PER_TURN
+        batch: list[tuple[bytes, SockAddr]] = []
+        if fresh:
+            take = min(len(fresh), n)
+            popleft = fresh.popleft
+            batch = [popleft() for _ in range(take)]
+            n -= take
+        if n and queue:
+            take = min(len(queue), n)
+            popleft = queue.popleft
+            batch += [popleft() for _ in range(take)]
+            self._unstamp(take)
         self._rx_queue_bytes -= sum([len(item[0]) for item in batch])
         self._handle_datagrams(batch)
-        if queue and not self._rx_drain_scheduled:
+        if (queue or fresh) and not self._rx_drain_scheduled:
             self._rx_drain_scheduled = True
             self._loop.call_soon(self._drain_rx_queue)
+
+    def _unstamp(self, count: int) -> None:
+        """``count`` datagrams left the head of ``_rx_queue``: forget their stamps."""
+        stamps = self._rx_stamps
+        while count:
+            head = stamps[0]
+            if head[0] > count:
+                head[0] -= count
+                return
+            count -= int(head[0])
+            stamps.popleft()
+
+    def _drop_late(self) -> None:
+        """Drop the queued datagrams read more than ``RX_QUEUE_MAX_DELAY`` ago."""
+        stamps = self._rx_stamps
+        cutoff = _now() - RX_QUEUE_MAX_DELAY
+        late = 0
+        while stamps and stamps[0][1] < cutoff:
+            late += int(stamps.popleft()[0])
+        if late:
+            queue = self._rx_queue
+            nbytes = 0
+            for _ in range(late):
+                nbytes += len(queue.popleft()[0])
+            self._rx_queue_bytes -= nbytes
+            self.stats_counters["rx_queue_dropped"] += late
 
     def _handle_datagrams(self, batch: list[tuple[bytes, SockAddr]]) -> None:
         """Give each datagram to its connection (or ``_on_unknown``), then send."""
@@ -951,6 +1078,7 @@ class Endpoint(ClosesOnExit):
             logger.debug("peer at %s failed authentication: %s", conn.remote_addr, exc)
             return
         drive.advance(Phase.ESTABLISHED)
+        drive.fresh_until = _now() + RX_FRESH_SECONDS
         drive.port.established(peer_id)
         self._handshaking.discard(conn)
         self._end_half_open(conn)
@@ -1095,9 +1223,9 @@ class Endpoint(ClosesOnExit):
         for cid in drive.cids:
             self._table.remove(cid)
         drive.cids.clear()
-        if drive.timer is not None:
-            drive.timer.cancel()
-            drive.timer = None
+        if drive.timer_at is not None:
+            drive.timer_at = None
+            self._timers.set(drive, None)
         self._dirty.pop(conn, None)
         self._pool.remove(conn)
         self._handshaking.discard(conn)
@@ -1210,38 +1338,51 @@ class Endpoint(ClosesOnExit):
     # ------------------------------------------------------------------ timers
 
     def _arm_timer(self, conn: Connection, drive: _Drive, when: float | None) -> None:
+        """``conn``'s engine wants ``handle_timer`` at ``when`` (None: never)."""
         if when == drive.timer_at:
             return
-        if drive.timer is not None:
-            drive.timer.cancel()
         drive.timer_at = when
-        if when is None:
-            drive.timer = None
+        self._timers.set(drive, when)
+        if when is not None:
+            self._wake_timers_by(when)
+
+    def _wake_timers_by(self, when: float) -> None:
+        """Make sure ``_run_timers`` runs by ``when``: the one loop timer moves earlier."""
+        at = self._timer_wakeup_at
+        if at is not None and at <= when:
             return
+        if self._timer_wakeup is not None:
+            self._timer_wakeup.cancel()
+        self._timer_wakeup_at = when
         delay = when - _now()
         # uvloop's timers have 1 ms granularity: a pacing wait of a few µs must not
         # become a whole millisecond
-        drive.timer = (
-            self._loop.call_soon(self._on_timer, conn)
+        self._timer_wakeup = (
+            self._loop.call_soon(self._run_timers)
             if delay < TIMER_GRANULARITY
-            else self._loop.call_later(delay, self._on_timer, conn)
+            else self._loop.call_later(delay, self._run_timers)
         )
 
-    def _on_timer(self, conn: Connection) -> None:
-        drive = self._drives.get(conn)
-        if drive is None:
-            return
-        deadline = drive.timer_at
-        drive.timer = None
-        drive.timer_at = None
+    def _run_timers(self) -> None:
+        """Handle the due connection timers, earliest first, ``TIMERS_PER_TURN`` at most;
+        the loop timer is then armed for what is left (the next turn, if still due)."""
+        self._timer_wakeup = None
+        self._timer_wakeup_at = None
+        now = _now()
+        # a loop timer may fire a little early: what is due within its granularity is due
+        for drive, deadline in self._timers.pop_due(now + TIMER_GRANULARITY, TIMERS_PER_TURN):
+            drive.timer_at = None
+            self._on_timer(drive, max(now, deadline))
+        earliest = self._timers.earliest()
+        if earliest is not None:
+            self._wake_timers_by(earliest)
+
+    def _on_timer(self, drive: _Drive, now: float) -> None:
         if drive.phase is _TERMINATED:
             return
-        quic = drive.quic
-        now = _now()
-        if deadline is not None and now < deadline:  # fired a little early: it is due
-            now = deadline
+        conn = drive.conn
         try:
-            quic.handle_timer(now)
+            drive.quic.handle_timer(now)
             self._drain_events(drive)
         except Exception:  # a bug for one connection must not stop the endpoint
             self._engine_failed(conn, "handling its timer")
@@ -1315,7 +1456,12 @@ class Endpoint(ClosesOnExit):
             self._drives[conn].advance(_TERMINATED)
             self._forget(conn)
         self._loop.remove_reader(self._fd)
+        if self._timer_wakeup is not None:
+            self._timer_wakeup.cancel()
+            self._timer_wakeup = None
         self._rx_queue.clear()
+        self._rx_stamps.clear()
+        self._rx_fresh.clear()
         self._rx_queue_bytes = 0
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
@@ -1349,7 +1495,7 @@ class Endpoint(ClosesOnExit):
             "accept_queue": list(self._accept_queue),
             "cids": {conn: sorted(drive.cids) for conn, drive in self._drives.items()},
             "table_size": len(self._table),
-            "rx_queue": len(self._rx_queue),
+            "rx_queue": len(self._rx_queue) + len(self._rx_fresh),
             "rx_queue_bytes": self._rx_queue_bytes,
             "budget_reserved": self._budget.reserved,
             "incoming_per_ip": dict(self._incoming_per_ip),
@@ -1385,8 +1531,8 @@ class _Drive:
     """What the endpoint keeps to drive one connection (nobody else reads it): its
     engine, connection IDs and timer, its dial or handshake state, its budget standing."""
 
-    __slots__ = ("budgeted", "cids", "conn", "handshake_deadline", "phase", "pooled", "port",
-                 "quic", "ready", "stats", "timer", "timer_at")
+    __slots__ = ("budgeted", "cids", "conn", "fresh", "fresh_until", "handshake_deadline",
+                 "phase", "pooled", "port", "quic", "ready", "stats", "timer_at")
 
     conn: Connection
     port: Port  # what we may do to the connection beyond its public API
@@ -1395,13 +1541,15 @@ class _Drive:
     def __init__(self, quic: quic_engine.EngineConnection) -> None:
         self.quic = quic  # the engine the endpoint feeds (the Connection sends through it)
         self.cids: set[bytes] = set()  # our connection IDs for it in the table
-        self.timer: asyncio.Handle | None = None
-        self.timer_at: float | None = None  # the engine deadline the timer is armed for
+        self.timer_at: float | None = None  # its engine's deadline in the endpoint's timers
         self.ready: asyncio.Future[None] | None = None  # a dial's outcome (dialled only)
         self.handshake_deadline: asyncio.TimerHandle | None = None  # incoming, until done
         self.phase = Phase.HANDSHAKING
         self.pooled = True  # False for private probes and race dials until adopted
         self.budgeted = False  # the receive budget counts its engine's reservation
+        # datagrams left to it in the fresh receive lane, and until when (once established)
+        self.fresh = RX_FRESH_DATAGRAMS
+        self.fresh_until = 0.0
 
     def advance(self, phase: Phase) -> bool:
         """The one transition: move forward to ``phase`` (never back); returns whether the
