@@ -737,14 +737,13 @@ class Connection(ClosesOnExit):
                     credit -= 1
                 if pending.size > LARGE_FRAME:
                     self._last_large = stream_id
-                self._sending[stream_id] = pending.size
-                self._sending_bytes += pending.size
                 wrote = True
                 if kind == 2:
+                    self._sending[stream_id] = pending.size
+                    self._sending_bytes += pending.size
                     self._requests[stream_id] = pending.future
                 else:
-                    self._unacked[stream_id] = pending
-                    self._unacked_bytes += pending.size
+                    self._started(pending, stream_id)
         if wrote:
             if len(self._sending) > self._sending_sweep:
                 self._sweep_sending()
@@ -767,14 +766,19 @@ class Connection(ClosesOnExit):
         ):
             return False
         stream_id = pending.stream_id = quic.send_on_new_stream(True, pending.frame)
-        self._sending[stream_id] = size
-        self._sending_bytes += size
-        self._unacked[stream_id] = pending
-        self._unacked_bytes += size
+        self._started(pending, stream_id)
         if len(self._sending) > self._sending_sweep:
             self._sweep_sending()
         self._driver.mark_dirty(self)
         return True
+
+    def _started(self, pending: _PendingSend, stream_id: int) -> None:
+        """``pending``'s frame is on ``stream_id``: it counts as sending and awaits its
+        acknowledgement (or receipt)."""
+        self._sending[stream_id] = pending.size
+        self._sending_bytes += pending.size
+        self._unacked[stream_id] = pending
+        self._unacked_bytes += pending.size
 
     def _sweep_sending(self) -> None:
         """Forget the streams in ``_sending`` whose bytes are all in packets. Sends leave

@@ -573,7 +573,6 @@ class FlowControlledQuicConnection(Receivers, AuthenticatingQuicConnection):
     def has_pending_events(self) -> bool:
         return False  # aioquic's events are all pulled after each datagram
 
-
     def open_stream(self, unidirectional: bool) -> int:
         stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)
         return stream_id

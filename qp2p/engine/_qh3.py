@@ -524,7 +524,6 @@ class Qh3Connection(Receivers, QuicConnection):
                         return mine
                     break
 
-
     def has_pending_events(self) -> bool:
         """Events held back by the gate can be pulled now (after memory was released)."""
         return bool(self._early) or (

@@ -47,6 +47,16 @@ def send_burst(sock: socket.socket, data: bytes, addr: tuple[str, int], count: i
             sock.sendto(data, addr)
 
 
+async def queue_backlog(server: qp2p.Endpoint, count: int) -> None:
+    """Send ``count`` junk datagrams for the server's only connection and let the server
+    read them (into its queue, or dropped)."""
+    (dcid, *_), = server.debug_snapshot()["cids"].values()
+    with junk_sender() as sock:
+        send_burst(sock, junk_for(dcid), server.local_addr, count)
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def test_a_backlog_is_handled_a_bounded_number_per_loop_turn(
     impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,11 +114,7 @@ async def test_a_fresh_connection_overtakes_the_backlog(
         attacker(server) as client,
     ):
         assert client is not None
-        (dcid, *_), = server.debug_snapshot()["cids"].values()
-        with junk_sender() as sock:
-            send_burst(sock, junk_for(dcid), server.local_addr, backlog)
-        for _ in range(20):  # the server reads all of it (into its queue, or dropped)
-            await asyncio.sleep(0)
+        await queue_backlog(server, backlog)
         queued = server.debug_snapshot()["rx_queue"]
         # (the attacker's connection is fresh too: its first datagrams take that lane)
         assert min(queue_max, backlog) // 2 < queued <= queue_max + endpoint_mod.RX_FRESH_DATAGRAMS
@@ -183,11 +189,7 @@ async def test_queued_datagrams_that_waited_too_long_are_dropped(
         attacker(server) as client,
     ):
         assert client is not None
-        (dcid, *_), = server.debug_snapshot()["cids"].values()
-        with junk_sender() as sock:
-            send_burst(sock, junk_for(dcid), server.local_addr, backlog)
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await queue_backlog(server, backlog)
         assert server.debug_snapshot()["rx_queue"] > backlog // 2
         assert server.stats_counters["rx_queue_dropped"] == 0
         time.sleep(0.1)  # the loop blocked on purpose: everything queued is now late
