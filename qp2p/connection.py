@@ -75,6 +75,10 @@ RECEIPT_BATCH = 1024
 #: dropped and counted (``stats()["control_dropped"]``): a peer that grants no
 #: unidirectional stream must not grow what we hold with each frame it makes us answer.
 MAX_QUEUED_CONTROL = 64
+#: Times one message is sent again after its stream stalled in the engine (SendStalled).
+MAX_RESENDS = 3
+#: Receipt frames kept until their stream is acknowledged, to be sent again if it stalls.
+MAX_KEPT_RECEIPT_FRAMES = 64
 
 
 class ConnectionStats(TypedDict):
@@ -104,6 +108,10 @@ class ConnectionStats(TypedDict):
     """Calls to ``request``."""
     streams_rejected: int
     """Streams from the peer reset for breaking the wire format or our limits."""
+    sends_stalled: int
+    """Streams of ours the engine stalled (qh3 under heavy loss, see ``SendStalled``)."""
+    messages_resent: int
+    """Messages sent again because the peer dropped their stalled stream unread."""
     rtt: float | None
     """Smoothed round-trip time (seconds); ``None`` before the first sample."""
     min_rtt: float | None
@@ -184,7 +192,8 @@ class _PendingSend:
     """A frame waiting for stream credit, for its acknowledgement or for its receipt
     (``receipt``: the peer sends one, and the send completes on it, not on the ACK)."""
 
-    __slots__ = ("control", "frame", "future", "receipt", "size", "stream_id")
+    __slots__ = ("control", "frame", "future", "receipt", "resends", "size", "stalled",
+                 "stream_id")
 
     def __init__(self, frame: bytes, future: asyncio.Future[Any]) -> None:
         self.frame = frame
@@ -193,6 +202,8 @@ class _PendingSend:
         self.stream_id = -1
         self.receipt = False
         self.control = False  # from send_control: counted in Connection._control_queued
+        self.stalled = False  # we reset its stream for a stall: a receipt says what next
+        self.resends = 0  # times sent again after a stall
 
 
 class _Closable(Protocol):
@@ -298,6 +309,8 @@ class Connection(ClosesOnExit):
         self._requests: dict[int, asyncio.Future[Message | ControlMessage]] = {}  # our bidi streams
         # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
         self._receipts: list[bytes] = []
+        # our streams of receipts not yet acknowledged -> their frame (sent again on a stall)
+        self._receipt_frames: dict[int, bytes] = {}
         # whether we promised the peer receipts (see engine.TP_RECEIPTS)
         self._sends_receipts = quic.local_parameters().receipts
         # we owe this peer receipts, known for good (set by _owe_receipt once established)
@@ -316,6 +329,8 @@ class Connection(ClosesOnExit):
                 "messages_received",
                 "requests_sent",
                 "streams_rejected",
+                "sends_stalled",
+                "messages_resent",
                 "control_dropped",
             ),
             0,
@@ -882,6 +897,9 @@ class Connection(ClosesOnExit):
             pending = unacked.get(sid)
             if pending is None or not pending.receipt:
                 continue  # not ours, cancelled, or already failed by STOP_SENDING
+            if code == wire.ERR_STALLED and pending.stalled:
+                self._send_again(pending)
+                continue
             if code:
                 self._on_peer_rejected(sid, code, "refused")
                 if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
@@ -900,6 +918,19 @@ class Connection(ClosesOnExit):
         self._sending_bytes -= unsent
         if self._queue_uni or self._queue_bidi or self._queue_reply:
             self._pump()
+
+    def _send_again(self, pending: _PendingSend) -> None:
+        """The peer dropped ``pending``'s stalled stream unread: queue it first, for a new
+        stream (``_on_receipts`` pumps after it)."""
+        del self._unacked[pending.stream_id]
+        self._unacked_bytes -= pending.size
+        pending.stream_id = -1
+        pending.stalled = False
+        pending.resends += 1
+        self._stats["messages_resent"] += 1
+        self._queue_uni.appendleft(pending)
+        if pending.control:
+            self._control_queued += 1
 
     def _owe_receipt(self, sid: int, code: int) -> None:
         """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
@@ -926,11 +957,20 @@ class Connection(ClosesOnExit):
         batch = RECEIPT_BATCH
         if peer_limit is not None:  # each frame must fit the peer's own limit
             batch = max(1, min(batch, peer_limit // 16))
+        kept = self._receipt_frames
+        if len(kept) >= MAX_KEPT_RECEIPT_FRAMES // 2:
+            for sid in [sid for sid in kept if quic.send_finished(sid)]:
+                del kept[sid]
         while receipts and quic.streams_available(True) > 0:
             payload = b"".join(receipts[:batch])
             del receipts[:batch]
-            frame: bytes = self._fp.encode_frame(b"", b"", payload, wire.KIND_RECEIPT)
-            quic.send_stream(quic.open_stream(True), frame, True)
+            self._send_receipt_frame(self._fp.encode_frame(b"", b"", payload, wire.KIND_RECEIPT))
+
+    def _send_receipt_frame(self, frame: bytes) -> None:
+        kept = self._receipt_frames
+        kept[self._quic.send_on_new_stream(True, frame)] = frame
+        if len(kept) > MAX_KEPT_RECEIPT_FRAMES:  # the oldest goes unguarded
+            del kept[next(iter(kept))]
 
     # ------------------------------------------------------------------ events
 
@@ -955,6 +995,32 @@ class Connection(ClosesOnExit):
             self._on_peer_rejected(event.stream_id, event.error_code, "stopped")  # type: ignore[attr-defined]
         elif kind is engine.StreamReset:
             self._on_stream_reset(event.stream_id, event.error_code)  # type: ignore[attr-defined]
+        elif kind is engine.SendStalled:
+            self._on_send_stalled(event.stream_id)  # type: ignore[attr-defined]
+
+    def _on_send_stalled(self, sid: int) -> None:
+        """Our engine will never complete stream ``sid`` (see engine.SendStalled). A message
+        whose receiver sends receipts: reset the stream; the receipt then says whether the
+        peer took it whole (the send completes) or dropped it (``ERR_STALLED``: it goes
+        again, on a new stream), so it arrives exactly once. Receipts are sent again as
+        they are (the peer ignores a repeated one). Anything else cannot be told apart
+        from a message the peer took, so it is left to its timeout."""
+        pending = self._unacked.get(sid)
+        quic = self._quic
+        if pending is not None and pending.receipt and pending.resends < MAX_RESENDS:
+            pending.stalled = True
+            quic.reset_stream(sid, wire.ERR_STALLED)
+            self._stop_sending_on(sid)
+            self._stats["sends_stalled"] += 1
+        elif (frame := self._receipt_frames.pop(sid, None)) is not None:
+            quic.reset_stream(sid, wire.ERR_STALLED)
+            self._send_receipt_frame(frame)
+            self._stats["sends_stalled"] += 1
+        else:
+            _peer_log.warning("stalled", "engine stalled stream %d to %s; left to its timeout",
+                              sid, self.remote_addr)
+            return
+        self._driver.mark_dirty(self)
 
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
         assembler = self._assemblers.get(sid)
@@ -1153,6 +1219,10 @@ class Connection(ClosesOnExit):
             nbytes += assembler.buffered
         self._release(nbytes)
         self._on_peer_rejected(sid, code, "reset")
+        if code == wire.ERR_STALLED and sid & 2 and (sid & 1) != (0 if self._is_client else 1):
+            # the peer's engine stalled it and we did not take it: say so, and it comes
+            # again (a stream we took whole was receipted, and its reset is not reported)
+            self._owe_receipt(sid, wire.ERR_STALLED)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1236,7 +1306,9 @@ class Connection(ClosesOnExit):
         stability promise (keys and values may change in any release).
 
         Keys: ``inbox_messages`` / ``inbox_bytes`` (received, not yet read),
-        ``assemblers`` (incoming streams with a frame being assembled); from the engine:
+        ``assemblers`` (incoming streams with a frame being assembled), ``unacked_streams``
+        (our streams whose send awaits its acknowledgement or receipt), ``receipt_streams``
+        (our unacknowledged streams of receipts); from the engine:
         ``held`` (stream bytes received, not released), ``credit`` (the receive window it
         grants, or None), ``reservation`` (what the peer may still make us hold),
         ``starved`` (the endpoint's budget could not give the credit wanted),
@@ -1247,6 +1319,10 @@ class Connection(ClosesOnExit):
             "inbox_messages": len(self._inbox),
             "inbox_bytes": self._inbox_bytes,
             "assemblers": len(self._assemblers),
+            "unacked_streams": sorted(self._unacked),
+            "receipt_streams": sorted(
+                sid for sid in self._receipt_frames if not quic.send_finished(sid)
+            ),
             "held": quic.held,
             "credit": getattr(quic, "credit", None),  # an adapter's, not the Protocol's
             "reservation": quic.reservation(),

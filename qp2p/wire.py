@@ -25,6 +25,7 @@ __all__ = [
     "ERR_BUFFER_FULL",
     "ERR_CANCELLED",
     "ERR_FRAME_REJECTED",
+    "ERR_STALLED",
     "FRAME_HEADER_LEN",
     "KIND_ECHO_REQUEST",
     "KIND_ECHO_RESPONSE",
@@ -85,6 +86,9 @@ KIND_PATH_OK: Final = 12
 ERR_FRAME_REJECTED: Final = 0x71_70_01  # the frame broke the wire format or a limit
 ERR_CANCELLED: Final = 0x71_70_02  # the sender gave up on the message
 ERR_BUFFER_FULL: Final = 0x71_70_03  # unfinished messages filled the receiver's buffer
+# the sender's engine lost track of the stream (a RESET_STREAM); in a receipt: the receiver
+# dropped it unread, so the sender may send the message again (see Connection)
+ERR_STALLED: Final = 0x71_70_04
 
 # Connection close codes (application CONNECTION_CLOSE).
 CLOSE_NORMAL: Final = 0

@@ -66,6 +66,7 @@ __all__ = [
     "PeerParameters",
     "ReceiveBudget",
     "Receivers",
+    "SendStalled",
     "StopSending",
     "StreamData",
     "StreamReset",
@@ -155,6 +156,16 @@ class StopSending(Event):
 
     stream_id: int
     error_code: int
+
+
+@dataclass(slots=True)
+class SendStalled(Event):
+    """A stream of ours whose bytes are all in packets but which the engine will never
+    complete: it lost track of a retransmission (qh3 2.1 under heavy loss, see
+    ``qp2p.engine._qh3.STALE_STREAM``). The runtime resets the stream and, once the peer
+    confirms it dropped it, sends the message again; aioquic never emits this."""
+
+    stream_id: int
 
 
 @dataclass(slots=True)

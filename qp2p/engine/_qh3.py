@@ -63,6 +63,7 @@ from . import (
     PeerParameters,
     ReceiveBudget,
     Receivers,
+    SendStalled,
     StopSending,
     StreamData,
     StreamReset,
@@ -186,7 +187,7 @@ class Qh3Connection(Receivers, QuicConnection):
         self._rejected: dict[int, int] = {}  # of those, the ones we rejected -> bytes
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
         self._unfinished: set[int] = set()  # streams we wrote whose FIN is not acknowledged
-        self._early: deque[Event] = deque()  # pulled while the handshake ran, not yet asked
+        self._early: deque[Event] = deque()  # pulled in the handshake, or our own: not yet asked
         self._pulled = 0
         self._released = 0
         self._budget: ReceiveBudget | None = None
@@ -195,6 +196,12 @@ class Qh3Connection(Receivers, QuicConnection):
         self._min_rtt: float | None = None
         self._closed_by_peer: bool | None = None
         self._carried = 0  # datagrams still to send with copies (see datagrams_to_send)
+        # the stall watch after a stale build (see _check_stalls): when it next looks, until
+        # when it keeps looking, the streams that looked stalled last time, those reported
+        self._stall_check: float | None = None
+        self._stall_watch_until = 0.0
+        self._stall_suspects: set[int] = set()
+        self._stall_reported: set[int] = set()
         #: How often the core failed a packet build on a stale retransmission (STALE_STREAM).
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
@@ -446,6 +453,9 @@ class Qh3Connection(Receivers, QuicConnection):
                 stale += 1
                 self.stale_stream_errors += 1
                 self._carried = CARRIED_DATAGRAMS
+                self._stall_watch_until = now + STALL_WATCH
+                if self._stall_check is None:
+                    self._stall_check = now + STALL_AFTER
                 _core_log.log(
                     logging.DEBUG, "stale-stream",
                     "qh3 core: %s (a stale retransmission); the next %d datagrams go out "
@@ -524,6 +534,47 @@ class Qh3Connection(Receivers, QuicConnection):
                         return mine
                     break
 
+    def get_timer(self) -> float | None:
+        timer = super().get_timer()
+        check = self._stall_check
+        if check is not None and (timer is None or check < timer):
+            return check
+        return timer
+
+    def handle_timer(self, now: float) -> None:
+        check = self._stall_check
+        if check is not None and now >= check:
+            self._check_stalls(now)
+            core = self._core
+            due = None if core is None else core.get_timer()
+            if due is None or due[1] > now:
+                return  # only the watch was due: firing the core early raises its backoff
+        super().handle_timer(now)
+
+    def _check_stalls(self, now: float) -> None:
+        """After a stale build (STALE_STREAM) the core may hold a stream of ours that it
+        will never complete: all its bytes in packets, none of them tracked any more. One
+        that looks so at two checks STALL_AFTER apart, while the peer acknowledges (no
+        probe outstanding), is reported once as ``SendStalled``."""
+        core = self._core
+        if core is None or core.state in _CLOSING_STATES:
+            self._stall_check = None
+            return
+        size_of = core.get_send_buffer_size
+        suspects = {sid for sid in self._unfinished if size_of(sid) == 0}
+        suspects -= self._stall_reported
+        if core.pto_count == 0:
+            for sid in sorted(suspects & self._stall_suspects):
+                self._stall_reported.add(sid)
+                self._early.append(SendStalled(sid))
+            suspects -= self._stall_reported
+        self._stall_reported &= self._unfinished
+        self._stall_suspects = suspects
+        if suspects or now < self._stall_watch_until:
+            self._stall_check = now + max(STALL_AFTER, 8 * (core.smoothed_rtt or 0.0))
+        else:
+            self._stall_check = None
+
     def has_pending_events(self) -> bool:
         """Events held back by the gate can be pulled now (after memory was released)."""
         return bool(self._early) or (
@@ -585,7 +636,8 @@ class Qh3Connection(Receivers, QuicConnection):
         return stream_id
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        with contextlib.suppress(QuicConnectionError, AssertionError):  # finished or gone
+        # finished (ValueError from the core), or gone
+        with contextlib.suppress(QuicConnectionError, AssertionError, ValueError):
             super().reset_stream(stream_id, error_code)
         self._sent_all(stream_id)  # after the facade's call: it records the stream
 
@@ -755,8 +807,9 @@ class Qh3Connection(Receivers, QuicConnection):
 #: entries; the packet build that reaches one fails with this. Before it, the build took
 #: retransmissions queued ahead of the entry; they still go out in the next packets, but
 #: for a while the core no longer tracks the retransmissions it sends for loss recovery:
-#: lost once more, their stream never completes (its ``send()`` hangs until the idle
-#: timeout). Raising it to the endpoint was worse: the flush was aborted, so the
+#: lost once more, their stream never completes (its ``send()`` waited for the idle
+#: timeout: now ``_check_stalls`` reports it, as ``SendStalled``, and the runtime sends
+#: the message again). Raising it to the endpoint was worse: the flush was aborted, so the
 #: datagrams built so far were dropped and the connection's timer was not re-armed.
 STALE_STREAM = "reserved stream is missing"
 #: What a build may raise in the same state (right after that failure, and on its own):
@@ -772,6 +825,11 @@ CARRIED_DATAGRAMS = 32
 #: only if all four are (p^4 at loss p). At 20 % loss each way, 1000 messages of 1 KiB
 #: took 1472 datagrams with 1 failure, 1787 with 5 (0-11 failures per run).
 EXTRA_COPIES = 3
+#: After such a failure: how long a stream of ours may look stalled (all bytes in packets,
+#: unacknowledged, while acknowledgements come) before it is reported (at least 8 RTTs),
+#: and how long after the last failure the adapter keeps looking (see _check_stalls).
+STALL_AFTER = 2.0
+STALL_WATCH = 30.0
 _core_log = RateLimitedLog(logger)
 
 #: Native core states of a closing connection: the gate holds nothing back then.
