@@ -6,7 +6,7 @@ identical exceptions (type and message). Errors for bad wire data are
 """
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from typing_extensions import disjoint_base
@@ -27,6 +27,7 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
+    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -98,6 +99,18 @@ def encode_receipt(stream_id: int, code: int) -> bytes:
     """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints.
 
     Raises ``ValueError`` for a value outside ``0..2**62-1``.
+    """
+
+def pull_event(
+    next_event: Callable[[], tuple[Any, ...] | None], unfinished: set[int], created: set[int]
+) -> tuple[Any, ...] | None:
+    """The next event of a native QUIC core that needs its adapter.
+
+    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
+    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
+    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
+    times per message; this loop is what runs for them.)
     """
 
 def parse_receipts(payload: bytes) -> list[tuple[int, int]]:

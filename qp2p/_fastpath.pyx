@@ -226,6 +226,7 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
+    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -488,6 +489,28 @@ def parse_receipts(payload):
         return _parse_receipts(<const unsigned char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
+
+
+def pull_event(next_event, set unfinished, set created):
+    """The next event of a native QUIC core that needs its adapter.
+
+    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
+    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
+    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
+    times per message; this loop is what runs for them.)
+    """
+    cdef object native, kind
+    while True:
+        native = next_event()
+        if native is None:
+            return None
+        kind = (<tuple?>native)[0]
+        if kind == "stream_finished":
+            unfinished.discard(native[1])
+            created.discard(native[1])
+        elif kind != "streams_available" and kind != "connection_credit":
+            return native
 
 
 def decode_frame(data, max_message_size, max_kind=MAX_KIND):

@@ -14,6 +14,7 @@ import errno as _errno
 import operator as _operator
 import socket as _socket
 import struct as _struct
+from collections.abc import Callable as _Callable
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
+    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -357,6 +359,29 @@ def parse_receipts(payload: bytes) -> list[tuple[int, int]]:
     if len(values) % 2:
         raise ProtocolError("truncated receipt")
     return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+
+
+def pull_event(
+    next_event: _Callable[[], tuple[_Any, ...] | None], unfinished: set[int], created: set[int]
+) -> tuple[_Any, ...] | None:
+    """The next event of a native QUIC core that needs its adapter.
+
+    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
+    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
+    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
+    times per message; this loop is what runs for them.)
+    """
+    while True:
+        native = next_event()
+        if native is None:
+            return None
+        kind = native[0]
+        if kind == "stream_finished":
+            unfinished.discard(native[1])
+            created.discard(native[1])
+        elif kind != "streams_available" and kind != "connection_credit":
+            return native
 
 
 def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:

@@ -75,6 +75,10 @@ RECEIPT_BATCH = 1024
 #: dropped and counted (``stats()["control_dropped"]``): a peer that grants no
 #: unidirectional stream must not grow what we hold with each frame it makes us answer.
 MAX_QUEUED_CONTROL = 64
+#: Bytes of read messages released together while more messages wait to be read (the
+#: rest of a burst): one release per burst, not per message. An emptied inbox, or a
+#: message of this size, releases at once.
+RELEASE_BATCH = 8192
 #: Times one message is sent again after its stream stalled in the engine (SendStalled).
 MAX_RESENDS = 3
 #: Receipt frames kept until their stream is acknowledged, to be sent again if it stalls.
@@ -281,6 +285,7 @@ class Connection(ClosesOnExit):
         # set once the endpoint forgot us with messages unread: only they stay charged to
         # its budget, until recv() hands them over (or this object is collected)
         self._inbox_charged = False
+        self._unreleased = 0  # bytes of messages read, not yet released (RELEASE_BATCH)
         self._inbox_signal = Signal(self._loop)
         # flow control (see the engine adapters): the bound on what we hold
         self._window = config.max_buffered_bytes
@@ -412,12 +417,16 @@ class Connection(ClosesOnExit):
         while not self._inbox:
             self._raise_if_closed()
             await self._inbox_signal.wait()
-        header, dst, payload, sid, size = self._inbox.popleft()
+        inbox = self._inbox
+        header, dst, payload, sid, size = inbox.popleft()
         self._inbox_bytes -= size
         if self._inbox_charged:  # the engine is gone: only the budget still counts it
             self._driver.release_budget(size)
+        elif inbox and self._unreleased + size < RELEASE_BATCH:
+            self._unreleased += size  # released with the rest of the burst read
         else:
-            self._release(size)
+            self._release(self._unreleased + size)
+            self._unreleased = 0
         # a bound method for requests only: kept on the connection it would be a cycle,
         # and a dropped connection must be freed at once (its __del__ returns budget)
         return Message(self, header, dst, payload, sid,
@@ -1235,6 +1244,7 @@ class Connection(ClosesOnExit):
             self._driver.release_budget(STREAM_COST * len(self._assemblers))
             self._assemblers.clear()
         self._inbox_charged = self._inbox_bytes > 0
+        self._unreleased = 0  # still held by the engine: the endpoint releases them with it
         return self._inbox_bytes
 
     def __del__(self) -> None:

@@ -45,6 +45,7 @@ from qh3.quic.packet import (
 )
 from qh3.quic.tls_bridge import QuicTlsBridge, QuicTlsBridgeError
 
+from .. import _speedups
 from .. import engine as _engine  # looked up per call: tests replace what we advertise
 from ..config import Config
 from ..errors import PeerAuthenticationError
@@ -196,6 +197,7 @@ class Qh3Connection(Receivers, QuicConnection):
         self._min_rtt: float | None = None
         self._closed_by_peer: bool | None = None
         self._carried = 0  # datagrams still to send with copies (see datagrams_to_send)
+        self._pull = _speedups.impl.pull_event  # the implementation selected now
         # the stall watch after a stale build (see _check_stalls): when it next looks, until
         # when it keeps looking, the streams that looked stalled last time, those reported
         self._stall_check: float | None = None
@@ -427,7 +429,17 @@ class Qh3Connection(Receivers, QuicConnection):
     # -- the engine interface (qp2p.engine.EngineConnection) ---------------------------
 
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
-        self.receive_many_datagrams(datagrams, addr, now)
+        core = self._core
+        if core is None or not self._handshake_complete or self._quic_logger is not None:
+            self.receive_many_datagrams(datagrams, addr, now)
+            return
+        # the facade's receive_many_datagrams once the handshake is done, without its call
+        # per datagram (to a logger there is none of) and its check of an address the
+        # endpoint took from its socket; its _drain_core then does nothing (see ours)
+        try:
+            core.receive_many_datagrams(datagrams, addr, now)
+        except RuntimeError as exc:
+            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         core = self._core
@@ -495,51 +507,48 @@ class Qh3Connection(Receivers, QuicConnection):
                 budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
             )) and not self._gate_open():  # the gate's common case first, without a call
                 return None
-            next_native = core.next_event
-            while True:
-                # what every message and datagram brings, handled here (per event):
-                # stream_finished and streams_available come twice and once per message
-                native = next_native()
-                if native is None:
-                    return None
-                kind = native[0]
-                if kind == "stream_data":
-                    sid, data, fin = native[1], native[2], native[3]
-                    if fin and not self._rejected and (sid & 1) != self._local_parity:
-                        # _on_pulled's common case (a peer's whole message), inlined
-                        nbytes = len(data)
-                        self._pulled += nbytes
-                        if budget is not None:
-                            budget.reserved += nbytes
-                        self._peer_streams.pop(sid, None)
-                    else:
-                        self._on_pulled(sid, len(data), fin)
-                    if self._stream_receiver is None:
-                        return StreamData(sid, data, fin)
-                    self._stream_receiver(sid, data, fin)
-                    break  # from the top: the gate is asked again after each delivery
-                if kind == "datagram":
-                    if self._datagram_receiver is None:
-                        return Datagram(native[1])
-                    self._datagram_receiver(native[1])
-                    break
-                if kind == "stream_finished":  # _sent_all, inlined (once per message;
-                    # acknowledged data means 1-RTT: the handshake is complete)
-                    sid = native[1]
-                    self._unfinished.discard(sid)
-                    self._created_local_stream_ids.discard(sid)
-                elif kind != "streams_available" and kind != "connection_credit":
-                    mine = self._translate(native)
-                    if mine is not _NOTHING:
-                        return mine
-                    break
+            # the core's acknowledgement bookkeeping (three events per message) is handled
+            # in the fast path's loop; what every message and datagram brings, here
+            native = self._pull(
+                core.next_event, self._unfinished, self._created_local_stream_ids
+            )
+            if native is None:
+                return None
+            kind = native[0]
+            if kind == "stream_data":
+                sid, data, fin = native[1], native[2], native[3]
+                if fin and not self._rejected and (sid & 1) != self._local_parity:
+                    # _on_pulled's common case (a peer's whole message), inlined
+                    nbytes = len(data)
+                    self._pulled += nbytes
+                    if budget is not None:
+                        budget.reserved += nbytes
+                    self._peer_streams.pop(sid, None)
+                else:
+                    self._on_pulled(sid, len(data), fin)
+                if self._stream_receiver is None:
+                    return StreamData(sid, data, fin)
+                self._stream_receiver(sid, data, fin)
+                continue  # from the top: the gate is asked again after each delivery
+            if kind == "datagram":
+                if self._datagram_receiver is None:
+                    return Datagram(native[1])
+                self._datagram_receiver(native[1])
+                continue
+            mine = self._translate(native)
+            if mine is not _NOTHING:
+                return mine
 
     def get_timer(self) -> float | None:
-        timer = super().get_timer()
+        # the facade's, inlined (after every flush), and the stall watch's
+        core = self._core
+        if core is None:
+            return None
+        timer = core.get_timer()
         check = self._stall_check
-        if check is not None and (timer is None or check < timer):
+        if check is not None and (timer is None or check < timer[1]):
             return check
-        return timer
+        return None if timer is None else timer[1]
 
     def handle_timer(self, now: float) -> None:
         check = self._stall_check
