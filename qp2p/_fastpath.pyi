@@ -6,6 +6,7 @@ identical exceptions (type and message). Errors for bad wire data are
 """
 
 import socket
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "WIRE_VERSION",
     "ConnectionTable",
     "FrameAssembler",
+    "MessageSink",
     "decode_frame",
     "enable_gro",
     "encode_frame",
@@ -58,6 +60,45 @@ def decode_frame(
     Same checks and ``ProtocolError`` messages as ``FrameAssembler`` fed ``data`` with
     ``fin=True``.
     """
+
+@disjoint_base
+class MessageSink:
+    """A connection's receive core for whole messages: called with each piece of stream data
+    its engine pulls (``sid, data, fin``), it takes a peer's message that arrived whole on
+    a stream of its own (the common case: one call per small message) and hands anything
+    else to ``fallback`` (a ``weakref.WeakMethod``): a frame in pieces, a stream being
+    rejected, a control frame, a malformed frame, a receipt it cannot yet write.
+
+    It owns ``inbox`` (``(header, dst, payload, stream_id or None, size)`` per message
+    to be read), ``inbox_bytes`` (their stream bytes) and ``receipts`` (encoded receipt
+    entries owed to the peer, which ``receipts_mode`` says how to write: 0 not known yet,
+    so the fallback decides; 1 one per message from the peer's unidirectional streams;
+    2 none). A message taken bumps ``stats["messages_received"]``, calls
+    ``mark_dirty(conn)`` for a receipt written (``conn`` a ``weakref.ref``) and
+    ``notify()``. ``assemblers`` and ``rejected`` (dicts keyed by stream) are only read:
+    a stream in either goes to the fallback.
+    """
+
+    inbox: deque[tuple[bytes, bytes, bytes, int | None, int]]
+    inbox_bytes: int
+    receipts: list[bytes]
+    receipts_mode: int
+
+    def __init__(
+        self,
+        fallback: Callable[[], Callable[[int, bytes, bool], None] | None],
+        conn: Callable[[], Any],
+        mark_dirty: Callable[[Any], None],
+        notify: Callable[[], None],
+        stats: dict[str, int],
+        assemblers: dict[int, Any],
+        rejected: dict[int, int],
+        max_frame_size: int,
+        peer_parity: int,
+        max_receipts: int,
+    ) -> None: ...
+    def __call__(self, sid: int, data: bytes, fin: bool) -> None:
+        """Take one piece of stream data (see the class)."""
 
 @disjoint_base
 class FrameAssembler:

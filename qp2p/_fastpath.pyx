@@ -35,6 +35,7 @@ from libc.string cimport memcmp, memcpy, memset, strchr, strlen
 import _socket
 import logging as _logging
 import os as _os
+from collections import deque as _deque
 
 from qp2p.errors import ProtocolError
 
@@ -219,6 +220,7 @@ __all__ = [
     "WIRE_VERSION",
     "ConnectionTable",
     "FrameAssembler",
+    "MessageSink",
     "decode_frame",
     "enable_gro",
     "encode_frame",
@@ -444,6 +446,13 @@ cdef inline Py_ssize_t _put_varint(unsigned char* p, uint64_t v) noexcept nogil:
     return n
 
 
+cdef bytes _receipt_accepted(object stream_id):
+    cdef unsigned char buf[16]
+    cdef Py_ssize_t n = _put_varint(buf, _varint_value(stream_id, "stream id"))
+    n += _put_varint(buf + n, 0)
+    return PyBytes_FromStringAndSize(<char*>buf, n)
+
+
 def encode_receipt(stream_id, code):
     """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints."""
     cdef unsigned char buf[16]
@@ -527,6 +536,92 @@ def decode_frame(data, max_message_size, max_kind=MAX_KIND):
         return _decode(<const unsigned char*>view.buf, view.len, size, k)
     finally:
         PyBuffer_Release(&view)
+
+
+cdef class MessageSink:
+    """A connection's receive core for whole messages: called with each piece of stream data
+    its engine pulls (``sid, data, fin``), it takes a peer's message that arrived whole on
+    a stream of its own (the common case: one call per small message) and hands anything
+    else to ``fallback`` (a ``weakref.WeakMethod``): a frame in pieces, a stream being
+    rejected, a control frame, a malformed frame, a receipt it cannot yet write.
+
+    It owns ``inbox`` (``(header, dst, payload, stream_id or None, size)`` per message
+    to be read), ``inbox_bytes`` (their stream bytes) and ``receipts`` (encoded receipt
+    entries owed to the peer, which ``receipts_mode`` says how to write: 0 not known yet,
+    so the fallback decides; 1 one per message from the peer's unidirectional streams;
+    2 none). A message taken bumps ``stats["messages_received"]``, calls
+    ``mark_dirty(conn)`` for a receipt written (``conn`` a ``weakref.ref``) and
+    ``notify()``. ``assemblers`` and ``rejected`` (dicts keyed by stream) are only read:
+    a stream in either goes to the fallback.
+    """
+
+    cdef public object inbox
+    cdef public Py_ssize_t inbox_bytes
+    cdef public list receipts
+    cdef public int receipts_mode
+    cdef object _fallback, _conn, _mark_dirty, _notify, _max_frame_size_obj
+    cdef dict _stats, _assemblers, _rejected
+    cdef int64_t _max_frame_size
+    cdef int _max_kind
+    cdef long _peer_parity
+    cdef Py_ssize_t _max_receipts
+
+    def __init__(self, fallback, conn, mark_dirty, notify, dict stats, dict assemblers,
+                 dict rejected, max_frame_size, peer_parity, max_receipts):
+        self._fallback = fallback
+        self._conn = conn
+        self._mark_dirty = mark_dirty
+        self._notify = notify
+        self._stats = stats
+        self._assemblers = assemblers
+        self._rejected = rejected
+        _limits(max_frame_size, MAX_KIND, &self._max_frame_size, &self._max_kind)
+        self._peer_parity = PyNumber_Index(peer_parity) & 1
+        self._max_receipts = max_receipts
+        self.inbox = _deque()
+        self.inbox_bytes = 0
+        self.receipts = []
+        self.receipts_mode = 0
+
+    def __call__(self, sid, data, fin):
+        """Take one piece of stream data (see the class)."""
+        cdef object frame, entry, conn
+        cdef int mode
+        cdef Py_ssize_t size
+        if (not fin or self._rejected or type(data) is not bytes
+                or (sid & 1) != self._peer_parity or sid in self._assemblers):
+            return self._hand_over(sid, data, fin)
+        try:
+            frame = _decode(<const unsigned char*>PyBytes_AS_STRING(data),
+                            PyBytes_GET_SIZE(data), self._max_frame_size, self._max_kind)
+        except ProtocolError:
+            return self._hand_over(sid, data, fin)
+        if (<tuple>frame)[0] != KIND_USER:
+            return self._hand_over(sid, data, fin)
+        size = PyBytes_GET_SIZE(data)
+        if sid & 2:
+            mode = self.receipts_mode
+            if mode == 1 and len(self.receipts) < self._max_receipts:
+                self.receipts.append(_receipt_accepted(sid))
+                conn = self._conn()
+                if conn is not None:
+                    self._mark_dirty(conn)
+            elif mode != 2:
+                return self._hand_over(sid, data, fin)
+            entry = ((<tuple>frame)[1], (<tuple>frame)[2], (<tuple>frame)[3], None, size)
+        else:
+            entry = ((<tuple>frame)[1], (<tuple>frame)[2], (<tuple>frame)[3], sid, size)
+        self._stats["messages_received"] += 1
+        self.inbox.append(entry)
+        self.inbox_bytes += size
+        self._notify()
+        return None
+
+    cdef _hand_over(self, sid, data, fin):
+        fallback = self._fallback()
+        if fallback is not None:
+            fallback(sid, data, fin)
+        return None
 
 
 cdef class FrameAssembler:

@@ -14,6 +14,7 @@ import errno as _errno
 import operator as _operator
 import socket as _socket
 import struct as _struct
+from collections import deque as _deque
 from collections.abc import Callable as _Callable
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
@@ -27,6 +28,7 @@ __all__ = [
     "WIRE_VERSION",
     "ConnectionTable",
     "FrameAssembler",
+    "MessageSink",
     "decode_frame",
     "enable_gro",
     "encode_frame",
@@ -168,6 +170,97 @@ def decode_frame(
     a = FRAME_HEADER_LEN + lh
     b = a + ld
     return kind, bytes(buf[FRAME_HEADER_LEN:a]), bytes(buf[a:b]), bytes(buf[b:])
+
+
+class MessageSink:
+    """A connection's receive core for whole messages: called with each piece of stream data
+    its engine pulls (``sid, data, fin``), it takes a peer's message that arrived whole on
+    a stream of its own (the common case: one call per small message) and hands anything
+    else to ``fallback`` (a ``weakref.WeakMethod``): a frame in pieces, a stream being
+    rejected, a control frame, a malformed frame, a receipt it cannot yet write.
+
+    It owns ``inbox`` (``(header, dst, payload, stream_id or None, size)`` per message
+    to be read), ``inbox_bytes`` (their stream bytes) and ``receipts`` (encoded receipt
+    entries owed to the peer, which ``receipts_mode`` says how to write: 0 not known yet,
+    so the fallback decides; 1 one per message from the peer's unidirectional streams;
+    2 none). A message taken bumps ``stats["messages_received"]``, calls
+    ``mark_dirty(conn)`` for a receipt written (``conn`` a ``weakref.ref``) and
+    ``notify()``. ``assemblers`` and ``rejected`` (dicts keyed by stream) are only read:
+    a stream in either goes to the fallback.
+    """
+
+    __slots__ = (
+        "_assemblers", "_conn", "_fallback", "_mark_dirty", "_max_frame_size",
+        "_max_receipts", "_notify", "_peer_parity", "_rejected", "_stats", "inbox",
+        "inbox_bytes", "receipts", "receipts_mode",
+    )
+
+    def __init__(
+        self,
+        fallback: _Callable[[], _Callable[[int, bytes, bool], None] | None],
+        conn: _Callable[[], _Any],
+        mark_dirty: _Callable[[_Any], None],
+        notify: _Callable[[], None],
+        stats: dict[str, int],
+        assemblers: dict[int, _Any],
+        rejected: dict[int, int],
+        max_frame_size: int,
+        peer_parity: int,
+        max_receipts: int,
+    ) -> None:
+        self._fallback = fallback
+        self._conn = conn
+        self._mark_dirty = mark_dirty
+        self._notify = notify
+        self._stats = stats
+        self._assemblers = assemblers
+        self._rejected = rejected
+        self._max_frame_size = _operator.index(max_frame_size)
+        self._peer_parity = peer_parity & 1
+        self._max_receipts = max_receipts
+        self.inbox: _deque[tuple[bytes, bytes, bytes, int | None, int]] = _deque()
+        self.inbox_bytes = 0
+        self.receipts: list[bytes] = []
+        self.receipts_mode = 0
+
+    def __call__(self, sid: int, data: bytes, fin: bool) -> None:
+        """Take one piece of stream data (see the class)."""
+        if (
+            not fin or self._rejected or (sid & 1) != self._peer_parity
+            or sid in self._assemblers
+        ):
+            return self._hand_over(sid, data, fin)
+        try:
+            kind, header, dst, payload = decode_frame(data, self._max_frame_size)
+        except ProtocolError:
+            return self._hand_over(sid, data, fin)
+        if kind != KIND_USER:
+            return self._hand_over(sid, data, fin)
+        size = len(data)
+        if sid & 2:
+            mode = self.receipts_mode
+            if mode == 1 and len(self.receipts) < self._max_receipts:
+                self.receipts.append(encode_receipt(sid, 0))
+                conn = self._conn()
+                if conn is not None:
+                    self._mark_dirty(conn)
+            elif mode != 2:
+                return self._hand_over(sid, data, fin)
+            entry: tuple[bytes, bytes, bytes, int | None, int] = (
+                header, dst, payload, None, size
+            )
+        else:
+            entry = (header, dst, payload, sid, size)
+        self._stats["messages_received"] += 1
+        self.inbox.append(entry)
+        self.inbox_bytes += size
+        self._notify()
+        return None
+
+    def _hand_over(self, sid: int, data: bytes, fin: bool) -> None:
+        fallback = self._fallback()
+        if fallback is not None:
+            fallback(sid, data, fin)
 
 
 class FrameAssembler:

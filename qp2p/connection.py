@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -68,6 +69,10 @@ STALL_CREDIT = 4096
 #: Receipts (wire.KIND_RECEIPT) we keep for a peer that grants no stream to send them on;
 #: beyond it new ones are dropped (only that peer's own send() calls then wait).
 MAX_PENDING_RECEIPTS = 16384
+#: MessageSink.receipts_mode: a receipt for each message from a peer's unidirectional
+#: stream, or none (0: not known yet, the connection decides).
+RECEIPTS_EACH = 1
+RECEIPTS_NONE = 2
 #: Most entries in one receipt frame (each at most 16 bytes).
 RECEIPT_BATCH = 1024
 #: qp2p control frames (``send_control``: introductions, relay offers and answers, path
@@ -276,12 +281,6 @@ class Connection(ClosesOnExit):
         # data is dropped, but counts as held until the stream ends (flow control)
         self._rejected: dict[int, int] = {}
         self._shed_pending: int | None = None  # a stream reset for lack of room, until it ends
-        # (header, dst, payload, request stream or None, stream bytes): a Message is made
-        # as recv() hands it over, so a dropped connection is not kept alive by a cycle
-        self._inbox: collections.deque[tuple[bytes, bytes, bytes, int | None, int]] = (
-            collections.deque()
-        )
-        self._inbox_bytes = 0  # stream bytes of the messages in _inbox
         # set once the endpoint forgot us with messages unread: only they stay charged to
         # its budget, until recv() hands them over (or this object is collected)
         self._inbox_charged = False
@@ -312,8 +311,6 @@ class Connection(ClosesOnExit):
         self._unacked_bytes = 0
         self._last_large = -1  # stream id of the newest large frame written
         self._requests: dict[int, asyncio.Future[Message | ControlMessage]] = {}  # our bidi streams
-        # receipts owed to the peer for its unidirectional streams (wire.KIND_RECEIPT)
-        self._receipts: list[bytes] = []
         # our streams of receipts not yet acknowledged -> their frame (sent again on a stall)
         self._receipt_frames: dict[int, bytes] = {}
         # whether we promised the peer receipts (see engine.TP_RECEIPTS)
@@ -340,12 +337,26 @@ class Connection(ClosesOnExit):
             ),
             0,
         )
+        # the receive core (the fast path's MessageSink): it takes each whole message, and
+        # owns the inbox ((header, dst, payload, request stream or None, stream bytes): a
+        # Message is made as recv() hands it over, so a dropped connection is not kept
+        # alive by a cycle), its byte count and the receipts owed to the peer for its
+        # unidirectional streams (wire.KIND_RECEIPT). It holds us weakly, for that reason.
+        self._rx = self._fp.MessageSink(
+            weakref.WeakMethod(self._on_stream_data), weakref.ref(self), driver.mark_dirty,
+            self._inbox_signal.notify_all, self._stats, self._assemblers, self._rejected,
+            self._max_frame_size, 1 if is_client else 0, MAX_PENDING_RECEIPTS,
+        )
+        if not self._sends_receipts:
+            self._rx.receipts_mode = RECEIPTS_NONE
+        self._inbox = self._rx.inbox
+        self._receipts = self._rx.receipts
         # what the endpoint driving us may do beyond the public API
         attach(self, Port(
             stats=self._stats, handle_event=self._handle_event, after_events=self._after_events,
             established=self._on_established, set_closed=self._set_closed,
             before_send=self._before_send, forgotten=self._keep_inbox_charged,
-            stream_data=self._on_stream_data, datagram=self._on_datagram,
+            stream_data=self._rx, datagram=self._on_datagram,
         ))
 
     # ------------------------------------------------------------------ public API
@@ -419,7 +430,7 @@ class Connection(ClosesOnExit):
             await self._inbox_signal.wait()
         inbox = self._inbox
         header, dst, payload, sid, size = inbox.popleft()
-        self._inbox_bytes -= size
+        self._rx.inbox_bytes -= size
         if self._inbox_charged:  # the engine is gone: only the budget still counts it
             self._driver.release_budget(size)
         elif inbox and self._unreleased + size < RELEASE_BATCH:
@@ -948,8 +959,12 @@ class Connection(ClosesOnExit):
         if not self._sends_receipts or (
             self._peer_params or self._peer_parameters()
         ) == engine.NO_PARAMETERS:
+            if self._peer_params is not None:  # fixed from here on: none for this peer
+                self._rx.receipts_mode = RECEIPTS_NONE
             return
         self._receipting = self._peer_params is not None  # fixed from here on
+        if self._receipting:
+            self._rx.receipts_mode = RECEIPTS_EACH
         if len(self._receipts) < MAX_PENDING_RECEIPTS:
             self._receipts.append(self._fp.encode_receipt(sid, code))
             self._driver.mark_dirty(self)
@@ -1138,7 +1153,7 @@ class Connection(ClosesOnExit):
                     self._owe_receipt(sid, 0)
             self._stats["messages_received"] += 1
             self._inbox.append((header, dst, payload, None if sid & 2 else sid, size))
-            self._inbox_bytes += size
+            self._rx.inbox_bytes += size
             self._inbox_signal.notify_all()
             return  # held until recv() hands it over
         self._release(size)  # anything else is handled (or dropped) right here
@@ -1243,9 +1258,10 @@ class Connection(ClosesOnExit):
         if self._assemblers:
             self._driver.release_budget(STREAM_COST * len(self._assemblers))
             self._assemblers.clear()
-        self._inbox_charged = self._inbox_bytes > 0
+        inbox_bytes: int = self._rx.inbox_bytes
+        self._inbox_charged = inbox_bytes > 0
         self._unreleased = 0  # still held by the engine: the endpoint releases them with it
-        return self._inbox_bytes
+        return inbox_bytes
 
     def __del__(self) -> None:
         # an application that dropped a connection without reading it: give the
@@ -1254,7 +1270,7 @@ class Connection(ClosesOnExit):
             getattr(self, "_datagrams", ())
         )
         if getattr(self, "_inbox_charged", False):
-            charged += self._inbox_bytes
+            charged += self._rx.inbox_bytes
         if charged > 0:
             self._driver.release_budget_soon(charged)
 
@@ -1327,7 +1343,7 @@ class Connection(ClosesOnExit):
         quic = self._quic
         return {
             "inbox_messages": len(self._inbox),
-            "inbox_bytes": self._inbox_bytes,
+            "inbox_bytes": self._rx.inbox_bytes,
             "assemblers": len(self._assemblers),
             "unacked_streams": sorted(self._unacked),
             "receipt_streams": sorted(

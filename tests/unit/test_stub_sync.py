@@ -189,6 +189,13 @@ def test_stub_and_twin_signatures_match() -> None:
             assert inspect.isclass(twin), f"{name} is a class in the stub"
             stub_members: set[str] = set()
             for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    # a plain attribute: a slot (or class attribute) of the twin
+                    stub_members.add(item.target.id)
+                    assert inspect.getattr_static(twin, item.target.id, None) is not None, (
+                        f"{name}.{item.target.id} is in the stub, not in the twin"
+                    )
+                    continue
                 if not isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     continue
                 stub_members.add(item.name)
