@@ -13,6 +13,22 @@ cdef enum _AssemblerState:
     _FAILED = 4     # a ProtocolError was raised; every later feed raises it again
 
 
+cdef class MessageSink:
+    cdef public object inbox
+    cdef public Py_ssize_t inbox_bytes
+    cdef public list receipts
+    cdef public int receipts_mode
+    cdef:
+        object _fallback, _conn, _mark_dirty, _notify
+        dict _stats, _assemblers, _rejected
+        int64_t _max_frame_size
+        int _max_kind
+        long _peer_parity
+        Py_ssize_t _max_receipts
+
+    cdef _hand_over(self, sid, data, fin)
+
+
 cdef class FrameAssembler:
     cdef:
         int64_t _max_message_size

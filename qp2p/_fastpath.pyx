@@ -555,17 +555,6 @@ cdef class MessageSink:
     a stream in either goes to the fallback.
     """
 
-    cdef public object inbox
-    cdef public Py_ssize_t inbox_bytes
-    cdef public list receipts
-    cdef public int receipts_mode
-    cdef object _fallback, _conn, _mark_dirty, _notify, _max_frame_size_obj
-    cdef dict _stats, _assemblers, _rejected
-    cdef int64_t _max_frame_size
-    cdef int _max_kind
-    cdef long _peer_parity
-    cdef Py_ssize_t _max_receipts
-
     def __init__(self, fallback, conn, mark_dirty, notify, dict stats, dict assemblers,
                  dict rejected, max_frame_size, peer_parity, max_receipts):
         self._fallback = fallback
