@@ -226,8 +226,8 @@ class MessageSink:
     def __call__(self, sid: int, data: bytes, fin: bool) -> None:
         """Take one piece of stream data (see the class)."""
         if (
-            not fin or self._rejected or (sid & 1) != self._peer_parity
-            or sid in self._assemblers
+            not fin or self._rejected or type(data) is not bytes
+            or (sid & 1) != self._peer_parity or sid in self._assemblers
         ):
             return self._hand_over(sid, data, fin)
         try:

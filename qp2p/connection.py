@@ -81,13 +81,14 @@ RECEIPT_BATCH = 1024
 #: unidirectional stream must not grow what we hold with each frame it makes us answer.
 MAX_QUEUED_CONTROL = 64
 #: Bytes of read messages released together while more messages wait to be read (the
-#: rest of a burst): one release per burst, not per message. An emptied inbox, or a
-#: message of this size, releases at once.
+#: rest of a burst): one release per burst, not per message. An emptied inbox, this many
+#: bytes, a connection near its receive window or a starved endpoint budget release at once.
 RELEASE_BATCH = 8192
 #: Times one message is sent again after its stream stalled in the engine (SendStalled).
 MAX_RESENDS = 3
-#: Receipt frames kept until their stream is acknowledged, to be sent again if it stalls.
-MAX_KEPT_RECEIPT_FRAMES = 64
+#: Receipt frames kept until their stream is acknowledged, to be sent again if it stalls
+#: (more than a peer's usual 100 open streams; beyond it the oldest goes unguarded).
+MAX_KEPT_RECEIPT_FRAMES = 256
 
 
 class ConnectionStats(TypedDict):
@@ -313,6 +314,8 @@ class Connection(ClosesOnExit):
         self._requests: dict[int, asyncio.Future[Message | ControlMessage]] = {}  # our bidi streams
         # our streams of receipts not yet acknowledged -> their frame (sent again on a stall)
         self._receipt_frames: dict[int, bytes] = {}
+        self._receipt_prune = MAX_KEPT_RECEIPT_FRAMES // 4  # its size that makes a prune
+        self._receipt_resends: list[bytes] = []  # frames of stalled streams, to send again
         # whether we promised the peer receipts (see engine.TP_RECEIPTS)
         self._sends_receipts = quic.local_parameters().receipts
         # we owe this peer receipts, known for good (set by _owe_receipt once established)
@@ -433,8 +436,11 @@ class Connection(ClosesOnExit):
         self._rx.inbox_bytes -= size
         if self._inbox_charged:  # the engine is gone: only the budget still counts it
             self._driver.release_budget(size)
-        elif inbox and self._unreleased + size < RELEASE_BATCH:
-            self._unreleased += size  # released with the rest of the burst read
+        elif (
+            inbox and self._unreleased + size < RELEASE_BATCH and not self._budget.starved
+            and self._quic.held + RELEASE_BATCH < self._window
+        ):  # nobody waits for this credit: released with the rest of the burst read
+            self._unreleased += size
         else:
             self._release(self._unreleased + size)
             self._unreleased = 0
@@ -948,9 +954,7 @@ class Connection(ClosesOnExit):
         pending.stalled = False
         pending.resends += 1
         self._stats["messages_resent"] += 1
-        self._queue_uni.appendleft(pending)
-        if pending.control:
-            self._control_queued += 1
+        self._queue_uni.appendleft(pending)  # (a message: control frames take no receipts)
 
     def _owe_receipt(self, sid: int, code: int) -> None:
         """The peer's unidirectional stream ``sid`` was taken whole (code 0) or rejected:
@@ -976,15 +980,20 @@ class Connection(ClosesOnExit):
         quic = self._quic
         if self._closed is not None:
             receipts.clear()
+            self._receipt_resends.clear()
             return
         peer_limit = quic.peer_parameters().max_message_size
         batch = RECEIPT_BATCH
         if peer_limit is not None:  # each frame must fit the peer's own limit
             batch = max(1, min(batch, peer_limit // 16))
         kept = self._receipt_frames
-        if len(kept) >= MAX_KEPT_RECEIPT_FRAMES // 2:
+        if len(kept) >= self._receipt_prune:  # amortized: a constant per frame
             for sid in [sid for sid in kept if quic.send_finished(sid)]:
                 del kept[sid]
+            self._receipt_prune = max(MAX_KEPT_RECEIPT_FRAMES // 4, 2 * len(kept))
+        resends = self._receipt_resends
+        while resends and quic.streams_available(True) > 0:
+            self._send_receipt_frame(resends.pop(0))
         while receipts and quic.streams_available(True) > 0:
             payload = b"".join(receipts[:batch])
             del receipts[:batch]
@@ -993,8 +1002,8 @@ class Connection(ClosesOnExit):
     def _send_receipt_frame(self, frame: bytes) -> None:
         kept = self._receipt_frames
         kept[self._quic.send_on_new_stream(True, frame)] = frame
-        if len(kept) > MAX_KEPT_RECEIPT_FRAMES:  # the oldest goes unguarded
-            del kept[next(iter(kept))]
+        if len(kept) > MAX_KEPT_RECEIPT_FRAMES:  # a peer acknowledging none: the oldest
+            del kept[next(iter(kept))]  # goes unguarded
 
     # ------------------------------------------------------------------ events
 
@@ -1005,7 +1014,7 @@ class Connection(ClosesOnExit):
 
     def _before_send(self) -> None:
         """The endpoint is about to collect our datagrams: write the receipts owed."""
-        if self._receipts:
+        if self._receipts or self._receipt_resends:
             self._flush_receipts()
 
     def _handle_event(self, event: engine.Event) -> None:
@@ -1027,23 +1036,33 @@ class Connection(ClosesOnExit):
         whose receiver sends receipts: reset the stream; the receipt then says whether the
         peer took it whole (the send completes) or dropped it (``ERR_STALLED``: it goes
         again, on a new stream), so it arrives exactly once. Receipts are sent again as
-        they are (the peer ignores a repeated one). Anything else cannot be told apart
-        from a message the peer took, so it is left to its timeout."""
-        pending = self._unacked.get(sid)
+        they are (the peer ignores a repeated one). Anything else (a request, a reply, a
+        send to a peer without receipts, a message stalled more than MAX_RESENDS times)
+        cannot be told apart from one the peer took: it fails with ``MessageRejected``
+        (``ERR_STALLED``) rather than wait for good."""
         quic = self._quic
+        pending = self._unacked.get(sid)
         if pending is not None and pending.receipt and pending.resends < MAX_RESENDS:
             pending.stalled = True
             quic.reset_stream(sid, wire.ERR_STALLED)
             self._stop_sending_on(sid)
-            self._stats["sends_stalled"] += 1
         elif (frame := self._receipt_frames.pop(sid, None)) is not None:
             quic.reset_stream(sid, wire.ERR_STALLED)
-            self._send_receipt_frame(frame)
-            self._stats["sends_stalled"] += 1
+            self._receipt_resends.append(frame)  # by _flush_receipts, as streams allow
+        elif pending is not None or sid in self._requests:
+            quic.reset_stream(sid, wire.ERR_STALLED)
+            self._stop_sending_on(sid)
+            if pending is not None:
+                del self._unacked[sid]
+                self._unacked_bytes -= pending.size
+            future = pending.future if pending is not None else self._requests.pop(sid)
+            if not future.done():
+                future.set_exception(MessageRejected(
+                    "our QUIC engine lost track of this stream (qh3 under heavy loss): the "
+                    "peer may or may not have it", wire.ERR_STALLED))
         else:
-            _peer_log.warning("stalled", "engine stalled stream %d to %s; left to its timeout",
-                              sid, self.remote_addr)
-            return
+            return  # done or gone meanwhile
+        self._stats["sends_stalled"] += 1
         self._driver.mark_dirty(self)
 
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:

@@ -204,6 +204,10 @@ class Qh3Connection(Receivers, QuicConnection):
         self._stall_watch_until = 0.0
         self._stall_suspects: set[int] = set()
         self._stall_reported: set[int] = set()
+        # the peer's streams whose FIN was pulled since the core's events last ran out: a
+        # reset of one queued behind its data is not reported (qp2p took the message whole,
+        # and a receiver must not then say it dropped it: see SendStalled)
+        self._fin_pulled: set[int] = set()
         #: How often the core failed a packet build on a stale retransmission (STALE_STREAM).
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
@@ -320,6 +324,8 @@ class Qh3Connection(Receivers, QuicConnection):
         if kind == "stream_finished":
             self._sent_all(native[1])
         elif kind == "stream_reset":
+            if native[1] in self._fin_pulled:
+                return _NOTHING  # its message was taken whole (see _fin_pulled)
             self._end_peer_stream(native[1])
             return StreamReset(native[1], native[2])
         elif kind == "stop_sending":
@@ -403,6 +409,7 @@ class Qh3Connection(Receivers, QuicConnection):
             rejected[sid] += nbytes
             self._exempt += nbytes
         if fin:  # _end_peer_stream, inlined (once per message)
+            self._fin_pulled.add(sid)
             self._peer_streams.pop(sid, None)
             if rejected:
                 self._exempt -= rejected.pop(sid, 0)
@@ -513,6 +520,8 @@ class Qh3Connection(Receivers, QuicConnection):
                 core.next_event, self._unfinished, self._created_local_stream_ids
             )
             if native is None:
+                if self._fin_pulled:  # no reset can still come behind their data
+                    self._fin_pulled.clear()
                 return None
             kind = native[0]
             if kind == "stream_data":
@@ -524,6 +533,7 @@ class Qh3Connection(Receivers, QuicConnection):
                     if budget is not None:
                         budget.reserved += nbytes
                     self._peer_streams.pop(sid, None)
+                    self._fin_pulled.add(sid)
                 else:
                     self._on_pulled(sid, len(data), fin)
                 if self._stream_receiver is None:
@@ -568,6 +578,9 @@ class Qh3Connection(Receivers, QuicConnection):
         core = self._core
         if core is None or core.state in _CLOSING_STATES:
             self._stall_check = None
+            return
+        if core.has_events:  # acknowledgements may wait there (behind the gate): look later
+            self._stall_check = now + STALL_AFTER
             return
         size_of = core.get_send_buffer_size
         suspects = {sid for sid in self._unfinished if size_of(sid) == 0}
