@@ -405,7 +405,9 @@ class Connection(ClosesOnExit):
         advertise its limit), once its receipt says it took the message. Raises ``ValueError`` for
         an empty payload, ``MessageTooLarge`` before sending anything if it does not fit
         ``max_message_size`` or the peer's (qp2p peers advertise theirs in the handshake),
-        ``MessageRejected`` if the peer refused the message and
+        ``MessageRejected`` if the peer refused the message (or, with ``error_code``
+        ``wire.ERR_STALLED``, if qh3's engine lost track of its stream under heavy loss
+        and whether the peer has it cannot be told: see README, engine differences) and
         ``ConnectionClosed`` if the connection is or becomes closed first.
         """
         frame = self._frame(payload, header, dst, wire.KIND_USER)
