@@ -1053,15 +1053,8 @@ class Connection(ClosesOnExit):
             self._receipt_resends.append(frame)  # by _flush_receipts, as streams allow
         elif pending is not None or sid in self._requests:
             quic.reset_stream(sid, wire.ERR_STALLED)
-            self._stop_sending_on(sid)
-            if pending is not None:
-                del self._unacked[sid]
-                self._unacked_bytes -= pending.size
-            future = pending.future if pending is not None else self._requests.pop(sid)
-            if not future.done():
-                future.set_exception(MessageRejected(
-                    "our QUIC engine lost track of this stream (qh3 under heavy loss): the "
-                    "peer may or may not have it", wire.ERR_STALLED))
+            self._fail_stream(sid, wire.ERR_STALLED, "our QUIC engine lost track of the {}'s "
+                              "stream (qh3 under heavy loss): the peer may or may not have it")
         else:
             return  # done or gone meanwhile
         self._stats["sends_stalled"] += 1
@@ -1239,19 +1232,20 @@ class Connection(ClosesOnExit):
         self._datagram_signal.notify_all()
 
     def _on_peer_rejected(self, sid: int, code: int, how: str) -> None:
+        self._fail_stream(sid, code, f"peer {how} the {{}}'s stream (code {code:#x})")
+
+    def _fail_stream(self, sid: int, code: int, text: str) -> None:
+        """The send or request on our stream ``sid`` fails with ``MessageRejected(text,
+        code)`` (``text`` names it at ``{}``: "message" or "request")."""
         self._stop_sending_on(sid)
         pending = self._unacked.pop(sid, None)
         if pending is not None:
             self._unacked_bytes -= pending.size
             if not pending.future.done():
-                pending.future.set_exception(
-                    MessageRejected(f"peer {how} the message's stream (code {code:#x})", code)
-                )
+                pending.future.set_exception(MessageRejected(text.format("message"), code))
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
-            future.set_exception(
-                MessageRejected(f"peer {how} the request's stream (code {code:#x})", code)
-            )
+            future.set_exception(MessageRejected(text.format("request"), code))
 
     def _on_stream_reset(self, sid: int, code: int) -> None:
         # everything the stream counted against flow control is gone: what we were

@@ -12,6 +12,7 @@ qh3), so these run on qh3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,10 +51,11 @@ def stalls_on_demand(monkeypatch: pytest.MonkeyPatch) -> None:
     STALLS.clear()
 
 
-@pytest_asyncio.fixture
-async def through_relay(impl: str) -> AsyncIterator[Setup]:
-    """(sender's connection, receiver's connection, the relay between them)."""
-    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=LOSSY)
+@contextlib.asynccontextmanager
+async def _relayed(receiver: qp2p.Config = LOSSY) -> AsyncIterator[Setup]:
+    """(sender's connection, receiver's connection, the relay between them), after one
+    message went through."""
+    b = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=receiver)
     relay = UdpRelay(("127.0.0.1", 0), b.local_addr)
     await relay.start()
     a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=LOSSY)
@@ -67,6 +69,26 @@ async def through_relay(impl: str) -> AsyncIterator[Setup]:
         await a.close()
         relay.close()
         await b.close()
+
+
+@pytest_asyncio.fixture
+async def through_relay(impl: str) -> AsyncIterator[Setup]:
+    """``_relayed`` between two qp2p endpoints on qh3."""
+    async with _relayed() as setup:
+        yield setup
+
+
+async def _receipt_lost(setup: Setup) -> tuple[asyncio.Future[None], list[int]]:
+    """A message goes through, its receipt does not (the relay drops what the receiver
+    sends): the sender's pending send, and the receiver's unacknowledged receipt streams."""
+    conn, accepted, relay = setup
+    relay.set_impairment("down", loss=1.0)
+    sending = asyncio.ensure_future(conn.send(b"second"))
+    assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"second"
+    await asyncio.sleep(0.05)  # its receipt is written (and lost)
+    stalled = accepted.debug_snapshot()["receipt_streams"]
+    assert stalled
+    return sending, stalled
 
 
 async def _unacked_stream(conn: qp2p.Connection) -> int:
@@ -132,13 +154,8 @@ async def test_a_stalled_message_the_peer_took_is_not_sent_twice(through_relay: 
 async def test_a_stalled_receipt_goes_again(through_relay: Setup) -> None:
     # the receiver's own stream of receipts stalls: it resends the receipts (a repeated
     # receipt is ignored), and the sender's send completes
-    conn, accepted, relay = through_relay
-    relay.set_impairment("down", loss=1.0)
-    sending = asyncio.ensure_future(conn.send(b"second"))
-    assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"second"
-    await asyncio.sleep(0.05)  # its receipt is written (and lost)
-    stalled = accepted.debug_snapshot()["receipt_streams"]
-    assert stalled
+    _, accepted, relay = through_relay
+    sending, stalled = await _receipt_lost(through_relay)
     await _stall(accepted, *stalled)
     # reset, so their bytes are never sent again: new streams carry the receipts (at the
     # connection's next flush)
@@ -158,12 +175,7 @@ async def test_a_stalled_receipt_waits_for_stream_credit(through_relay: Setup) -
     # the receiver has no stream left to send the stalled receipts again on (its own
     # messages hold every one the peer grants): they wait for credit, the connection lives
     conn, accepted, relay = through_relay
-    relay.set_impairment("down", loss=1.0)
-    sending = asyncio.ensure_future(conn.send(b"second"))
-    assert (await asyncio.wait_for(accepted.recv(), 5)).payload == b"second"
-    await asyncio.sleep(0.05)  # its receipt is written (and lost)
-    stalled = accepted.debug_snapshot()["receipt_streams"]
-    assert stalled
+    sending, stalled = await _receipt_lost(through_relay)
     replies = [i.to_bytes(2, "big") for i in range(150)]  # more than the streams granted
     answering = asyncio.gather(*(accepted.send(body) for body in replies))
     await asyncio.sleep(0.1)
@@ -181,14 +193,7 @@ async def test_a_stalled_receipt_waits_for_stream_credit(through_relay: Setup) -
 async def test_a_stall_toward_a_peer_without_receipts_fails_the_send(impl: str) -> None:
     # qp2p on aioquic sends no receipts: a stalled stream cannot be told from a message it
     # took, so send() fails (typed, with the code) instead of waiting for good
-    b = await qp2p.Endpoint.bind(("127.0.0.1", 0),
-                                 config=dataclasses.replace(LOSSY, engine="aioquic"))
-    relay = UdpRelay(("127.0.0.1", 0), b.local_addr)
-    await relay.start()
-    a = await qp2p.Endpoint.bind(("127.0.0.1", 0), config=LOSSY)
-    try:
-        conn = await a.connect_to(relay.address)
-        await conn.send(b"first")
+    async with _relayed(dataclasses.replace(LOSSY, engine="aioquic")) as (conn, _, relay):
         relay.set_impairment("both", loss=1.0)
         sending = asyncio.ensure_future(conn.send(b"second"))
         sid = await _unacked_stream(conn)
@@ -197,7 +202,3 @@ async def test_a_stall_toward_a_peer_without_receipts_fails_the_send(impl: str) 
             await asyncio.wait_for(sending, 5)
         assert raised.value.error_code == wire.ERR_STALLED
         assert conn.stats()["messages_resent"] == 0 and not conn.is_closed
-    finally:
-        await a.close()
-        relay.close()
-        await b.close()
