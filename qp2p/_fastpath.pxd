@@ -29,6 +29,30 @@ cdef class MessageSink:
     cdef _hand_over(self, sid, data, fin)
 
 
+cdef class PendingSend:
+    cdef public object frame, future
+    cdef public Py_ssize_t size
+    cdef public int64_t stream_id
+    cdef public bint receipt, control, stalled
+    cdef public int resends
+
+
+cdef class Outbox:
+    cdef public object queue_uni, queue_bidi, queue_reply
+    cdef public dict unacked, sending
+    cdef public Py_ssize_t unacked_bytes, sending_bytes, send_limit
+    cdef public int64_t last_large
+    cdef public bint open, receipts
+    cdef:
+        object _quic, _create_future, _mark_dirty, _conn
+        Py_ssize_t _max_pending, _large_frame, _min_sweep, _sweep_at
+
+    cdef bint _start_at_once(self, PendingSend pending) except -1
+    cdef int _started(self, PendingSend pending, object stream_id, bint awaits_ack) except -1
+    cdef bint _credit_covers(self, Py_ssize_t size) except -1
+    cdef int _sweep(self) except -1
+
+
 cdef class FrameAssembler:
     cdef:
         int64_t _max_message_size

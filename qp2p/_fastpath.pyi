@@ -22,6 +22,8 @@ __all__ = [
     "ConnectionTable",
     "FrameAssembler",
     "MessageSink",
+    "Outbox",
+    "PendingSend",
     "decode_frame",
     "enable_gro",
     "encode_frame",
@@ -99,6 +101,106 @@ class MessageSink:
     ) -> None: ...
     def __call__(self, sid: int, data: bytes, fin: bool) -> None:
         """Take one piece of stream data (see the class)."""
+
+@disjoint_base
+class PendingSend:
+    """One frame of ours waiting for stream credit, for its acknowledgement or for its
+    receipt (``receipt``: the peer sends one, and the send completes on it, not on the
+    ACK). ``stream_id`` is -1 until it is written; ``control``: from ``send_control``;
+    ``stalled``: we reset its stream for a stall, a receipt says what next; ``resends``:
+    times sent again after a stall."""
+
+    frame: bytes
+    future: Any
+    size: int
+    stream_id: int
+    receipt: bool
+    control: bool
+    stalled: bool
+    resends: int
+
+    def __init__(self, frame: bytes, future: Any) -> None: ...
+
+@disjoint_base
+class Outbox:
+    """A connection's send core: what it wrote on its own streams and what waits to be.
+
+    It owns the three queues of ``PendingSend`` waiting for stream credit (``queue_uni``,
+    ``queue_bidi``, ``queue_reply``), ``unacked`` (stream id -> the send awaiting its
+    acknowledgement or receipt) with ``unacked_bytes``, and ``sending`` (stream id ->
+    frame size of a stream that may still have bytes to put in packets) with
+    ``sending_bytes``. ``open`` (established and not closed), ``receipts`` (the peer
+    sends them) and ``send_limit`` (the most header + dst + payload may hold; 0 until the
+    peer's limit is known) are the connection's to set. ``quic`` is its engine;
+    ``mark_dirty(conn())`` runs after a write (``conn`` a ``weakref.ref``). Streams start
+    while unacknowledged bytes stay under ``max_pending``; a frame over ``large_frame``
+    bytes starts once the previous large one is nearly all in packets; ``sending`` is
+    swept of streams all in packets once it holds more than twice what the last sweep
+    kept (at least ``min_sweep``)."""
+
+    queue_uni: deque[PendingSend]
+    queue_bidi: deque[PendingSend]
+    queue_reply: deque[PendingSend]
+    unacked: dict[int, PendingSend]
+    sending: dict[int, int]
+    unacked_bytes: int
+    sending_bytes: int
+    send_limit: int
+    last_large: int
+    open: bool
+    receipts: bool
+
+    def __init__(
+        self,
+        quic: Any,
+        create_future: Callable[[], Any],
+        mark_dirty: Callable[[Any], None],
+        conn: Callable[[], Any],
+        max_pending: int,
+        large_frame: int,
+        min_sweep: int,
+    ) -> None: ...
+    def start(self, payload: bytes, header: bytes, dst: bytes) -> PendingSend | None:
+        """A user message (all three ``bytes``) as a ``PendingSend``, written on a new
+        unidirectional stream when ``start_at_once`` would (``stream_id`` set) and not
+        queued otherwise; None, with nothing done, when the connection must decide:
+        not open, an empty payload, over ``send_limit``, or not all ``bytes``."""
+    def start_at_once(self, pending: PendingSend) -> bool:
+        """Write a small message on a new unidirectional stream now if nothing waits
+        before it and credit allows, as the connection's pump would; else False (it
+        queues it)."""
+    def started(self, pending: PendingSend, stream_id: int, awaits_ack: bool = True) -> None:
+        """``pending``'s frame is on ``stream_id``: it counts as sending and, if
+        ``awaits_ack`` (not a request), awaits its acknowledgement or receipt."""
+    def full(self) -> bool:
+        """Whether unacknowledged bytes reached ``max_pending`` (no stream starts)."""
+    def may_start(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may go on a stream now: a large one when
+        the previous large one is nearly all sent, a small one when the peer's credit
+        covers it (see ``credit_covers``)."""
+    def credit_covers(self, size: int) -> bool:
+        """Whether the peer's flow-control credit covers a small message of ``size``
+        bytes on top of what the open small streams still have to send. Starting more
+        than that would leave several messages half-sent, each waiting for credit the
+        receiver only returns once one completes (it then resets the newest). The one
+        large message in flight is not counted: it streams as credit comes."""
+    def sweep(self) -> None:
+        """Sweep ``sending`` if it outgrew the last sweep (see the class)."""
+    def stop_sending_on(self, sid: int) -> None:
+        """``sid`` will send nothing more (reset by us or the peer)."""
+    def forget(self, sid: int) -> PendingSend | None:
+        """The send awaiting its acknowledgement on ``sid``, no longer counted; or None."""
+    def complete_acked(self) -> None:
+        """Complete the sends (without receipts) whose streams the peer fully
+        acknowledged."""
+    def take_receipts(self, payload: bytes) -> list[tuple[PendingSend, int]]:
+        """Complete the sends a receipt frame's payload says the peer took; return
+        ``(pending, code)`` for its other entries (refused, or dropped after a stall)
+        that name a send awaiting a receipt, in order, for the connection to decide.
+        Entries for streams not awaiting one (not ours, cancelled, done) are ignored."""
+    def close(self) -> list[PendingSend]:
+        """Not open from here on: every send queued or awaiting its acknowledgement, for
+        the connection to fail, and nothing kept."""
 
 @disjoint_base
 class FrameAssembler:

@@ -29,6 +29,8 @@ __all__ = [
     "ConnectionTable",
     "FrameAssembler",
     "MessageSink",
+    "Outbox",
+    "PendingSend",
     "decode_frame",
     "enable_gro",
     "encode_frame",
@@ -261,6 +263,250 @@ class MessageSink:
         fallback = self._fallback()
         if fallback is not None:
             fallback(sid, data, fin)
+
+
+class PendingSend:
+    """One frame of ours waiting for stream credit, for its acknowledgement or for its
+    receipt (``receipt``: the peer sends one, and the send completes on it, not on the
+    ACK). ``stream_id`` is -1 until it is written; ``control``: from ``send_control``;
+    ``stalled``: we reset its stream for a stall, a receipt says what next; ``resends``:
+    times sent again after a stall."""
+
+    __slots__ = ("control", "frame", "future", "receipt", "resends", "size", "stalled",
+                 "stream_id")
+
+    def __init__(self, frame: bytes, future: _Any) -> None:
+        self.frame = frame
+        self.future = future
+        self.size = len(frame)
+        self.stream_id = -1
+        self.receipt = False
+        self.control = False
+        self.stalled = False
+        self.resends = 0
+
+
+class Outbox:
+    """A connection's send core: what it wrote on its own streams and what waits to be.
+
+    It owns the three queues of ``PendingSend`` waiting for stream credit (``queue_uni``,
+    ``queue_bidi``, ``queue_reply``), ``unacked`` (stream id -> the send awaiting its
+    acknowledgement or receipt) with ``unacked_bytes``, and ``sending`` (stream id ->
+    frame size of a stream that may still have bytes to put in packets) with
+    ``sending_bytes``. ``open`` (established and not closed), ``receipts`` (the peer
+    sends them) and ``send_limit`` (the most header + dst + payload may hold; 0 until the
+    peer's limit is known) are the connection's to set. ``quic`` is its engine;
+    ``mark_dirty(conn())`` runs after a write (``conn`` a ``weakref.ref``). Streams start
+    while unacknowledged bytes stay under ``max_pending``; a frame over ``large_frame``
+    bytes starts once the previous large one is nearly all in packets; ``sending`` is
+    swept of streams all in packets once it holds more than twice what the last sweep
+    kept (at least ``min_sweep``)."""
+
+    __slots__ = (
+        "_conn", "_create_future", "_large_frame", "_mark_dirty", "_max_pending",
+        "_min_sweep", "_quic", "_sweep_at", "last_large", "open", "queue_bidi",
+        "queue_reply", "queue_uni", "receipts", "send_limit", "sending", "sending_bytes",
+        "unacked", "unacked_bytes",
+    )
+
+    def __init__(
+        self,
+        quic: _Any,
+        create_future: _Callable[[], _Any],
+        mark_dirty: _Callable[[_Any], None],
+        conn: _Callable[[], _Any],
+        max_pending: int,
+        large_frame: int,
+        min_sweep: int,
+    ) -> None:
+        self.queue_uni: _deque[PendingSend] = _deque()
+        self.queue_bidi: _deque[PendingSend] = _deque()
+        self.queue_reply: _deque[PendingSend] = _deque()
+        self.unacked: dict[int, PendingSend] = {}
+        self.sending: dict[int, int] = {}
+        self.unacked_bytes = 0
+        self.sending_bytes = 0
+        self.send_limit = 0
+        self.last_large = -1
+        self.open = False
+        self.receipts = False
+        self._quic = quic
+        self._create_future = create_future
+        self._mark_dirty = mark_dirty
+        self._conn = conn
+        self._max_pending = max_pending
+        self._large_frame = large_frame
+        self._min_sweep = min_sweep
+        self._sweep_at = min_sweep
+
+    def start(self, payload: bytes, header: bytes, dst: bytes) -> PendingSend | None:
+        """A user message (all three ``bytes``) as a ``PendingSend``, written on a new
+        unidirectional stream when ``start_at_once`` would (``stream_id`` set) and not
+        queued otherwise; None, with nothing done, when the connection must decide:
+        not open, an empty payload, over ``send_limit``, or not all ``bytes``."""
+        if (
+            not self.open or type(payload) is not bytes or type(header) is not bytes
+            or type(dst) is not bytes
+        ):
+            return None
+        size = len(header) + len(dst) + len(payload)
+        if not payload or size > self.send_limit or size >= 0xFFFFFFFF:
+            return None
+        pending = PendingSend(encode_frame(header, dst, payload, KIND_USER),
+                              self._create_future())
+        pending.receipt = self.receipts
+        self.start_at_once(pending)
+        return pending
+
+    def start_at_once(self, pending: PendingSend) -> bool:
+        """Write a small message on a new unidirectional stream now if nothing waits
+        before it and credit allows, as the connection's pump would; else False (it
+        queues it)."""
+        size = pending.size
+        if (
+            not self.open or self.queue_uni or self.queue_reply or self.queue_bidi
+            or (self.unacked_bytes >= self._max_pending and self.unacked)
+            or size > self._large_frame
+        ):
+            return False
+        quic = self._quic
+        if quic.streams_available(True) <= 0 or (
+            quic.send_credit() < size + self.sending_bytes and not self.credit_covers(size)
+        ):
+            return False
+        self.started(pending, quic.send_on_new_stream(True, pending.frame))
+        self.sweep()
+        conn = self._conn()
+        if conn is not None:
+            self._mark_dirty(conn)
+        return True
+
+    def started(self, pending: PendingSend, stream_id: int, awaits_ack: bool = True) -> None:
+        """``pending``'s frame is on ``stream_id``: it counts as sending and, if
+        ``awaits_ack`` (not a request), awaits its acknowledgement or receipt."""
+        pending.stream_id = stream_id
+        if pending.size > self._large_frame:
+            self.last_large = stream_id
+        self.sending[stream_id] = pending.size
+        self.sending_bytes += pending.size
+        if awaits_ack:
+            self.unacked[stream_id] = pending
+            self.unacked_bytes += pending.size
+
+    def full(self) -> bool:
+        """Whether unacknowledged bytes reached ``max_pending`` (no stream starts)."""
+        return self.unacked_bytes >= self._max_pending and bool(self.unacked)
+
+    def may_start(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may go on a stream now: a large one when
+        the previous large one is nearly all sent, a small one when the peer's credit
+        covers it (see ``credit_covers``)."""
+        if size > self._large_frame:
+            last = self.last_large
+            return last < 0 or bool(self._quic.unsent_bytes(last) <= self._large_frame)
+        return self.credit_covers(size)
+
+    def credit_covers(self, size: int) -> bool:
+        """Whether the peer's flow-control credit covers a small message of ``size``
+        bytes on top of what the open small streams still have to send. Starting more
+        than that would leave several messages half-sent, each waiting for credit the
+        receiver only returns once one completes (it then resets the newest). The one
+        large message in flight is not counted: it streams as credit comes."""
+        quic = self._quic
+        left: int = quic.send_credit()
+        if left >= size + self.sending_bytes:
+            return True  # the common case, without looking at each stream
+        unsent = 0
+        for sid, frame_size in list(self.sending.items()):
+            rest: int = quic.unsent_bytes(sid)
+            if rest == 0:  # all in packets: never walked again
+                del self.sending[sid]
+                self.sending_bytes -= frame_size
+            elif sid != self.last_large:
+                unsent += rest
+        return unsent == 0 or left >= unsent + size
+
+    def sweep(self) -> None:
+        """Sweep ``sending`` if it outgrew the last sweep (see the class)."""
+        if len(self.sending) <= self._sweep_at:
+            return
+        # requests and replies leave ``sending`` only so; the entries dropped are those
+        # credit_covers drops, so no decision changes (amortized: a constant per message)
+        quic = self._quic
+        for sid, frame_size in list(self.sending.items()):
+            if quic.unsent_bytes(sid) == 0:
+                del self.sending[sid]
+                self.sending_bytes -= frame_size
+        self._sweep_at = max(self._min_sweep, 2 * len(self.sending))
+
+    def stop_sending_on(self, sid: int) -> None:
+        """``sid`` will send nothing more (reset by us or the peer)."""
+        size = self.sending.pop(sid, None)
+        if size is not None:
+            self.sending_bytes -= size
+
+    def forget(self, sid: int) -> PendingSend | None:
+        """The send awaiting its acknowledgement on ``sid``, no longer counted; or None."""
+        pending = self.unacked.pop(sid, None)
+        if pending is not None:
+            self.unacked_bytes -= pending.size
+        return pending
+
+    def complete_acked(self) -> None:
+        """Complete the sends (without receipts) whose streams the peer fully
+        acknowledged."""
+        quic = self._quic
+        done = [sid for sid, p in self.unacked.items()
+                if not p.receipt and quic.send_finished(sid)]
+        for sid in done:
+            pending = self.unacked.pop(sid)
+            self.unacked_bytes -= pending.size
+            size = self.sending.pop(sid, None)  # all acknowledged: nothing left to send
+            if size is not None:
+                self.sending_bytes -= size
+            if not pending.future.done():
+                pending.future.set_result(None)
+
+    def take_receipts(self, payload: bytes) -> list[tuple[PendingSend, int]]:
+        """Complete the sends a receipt frame's payload says the peer took; return
+        ``(pending, code)`` for its other entries (refused, or dropped after a stall)
+        that name a send awaiting a receipt, in order, for the connection to decide.
+        Entries for streams not awaiting one (not ours, cancelled, done) are ignored."""
+        left: list[tuple[PendingSend, int]] = []
+        unacked = self.unacked
+        sending = self.sending
+        taken = unsent = 0
+        for sid, code in parse_receipts(payload):
+            pending = unacked.get(sid)
+            if pending is None or not pending.receipt:
+                continue
+            if code:
+                left.append((pending, code))
+                continue
+            del unacked[sid]
+            taken += pending.size
+            size = sending.pop(sid, None)  # the peer took it whole: all was sent
+            if size is not None:
+                unsent += size
+            if not pending.future.done():
+                pending.future.set_result(None)
+        self.unacked_bytes -= taken
+        self.sending_bytes -= unsent
+        return left
+
+    def close(self) -> list[PendingSend]:
+        """Not open from here on: every send queued or awaiting its acknowledgement, for
+        the connection to fail, and nothing kept."""
+        out = [*self.queue_uni, *self.queue_bidi, *self.queue_reply, *self.unacked.values()]
+        self.open = False
+        self.queue_uni.clear()
+        self.queue_bidi.clear()
+        self.queue_reply.clear()
+        self.sending.clear()
+        self.sending_bytes = 0
+        self.unacked.clear()
+        self.unacked_bytes = 0
+        return out
 
 
 class FrameAssembler:

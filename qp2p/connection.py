@@ -29,6 +29,7 @@ from .ratelog import RateLimitedLog
 from .signal import Signal
 
 if TYPE_CHECKING:
+    from ._fastpath import Outbox, PendingSend
     from .config import Config
 
 __all__ = [
@@ -61,7 +62,7 @@ DATAGRAM_COST = 64
 #: engine's stream state and our assembler; measured: tests/loopback/test_hardening_unread.py),
 #: charged to the endpoint's receive budget until the stream ends.
 STREAM_COST = 3 * 2**10
-#: Streams in ``Connection._sending`` before the first sweep drops those whose bytes are
+#: Streams in the Outbox's ``sending`` before the first sweep drops those whose bytes are
 #: all in packets (then at twice what the last sweep kept).
 SENDING_SWEEP = 256
 #: Credit below which a connection the endpoint's budget starves counts as stalled.
@@ -198,24 +199,6 @@ class Message:
         )
 
 
-class _PendingSend:
-    """A frame waiting for stream credit, for its acknowledgement or for its receipt
-    (``receipt``: the peer sends one, and the send completes on it, not on the ACK)."""
-
-    __slots__ = ("control", "frame", "future", "receipt", "resends", "size", "stalled",
-                 "stream_id")
-
-    def __init__(self, frame: bytes, future: asyncio.Future[Any]) -> None:
-        self.frame = frame
-        self.future = future
-        self.size = len(frame)
-        self.stream_id = -1
-        self.receipt = False
-        self.control = False  # from send_control: counted in Connection._control_queued
-        self.stalled = False  # we reset its stream for a stall: a receipt says what next
-        self.resends = 0  # times sent again after a stall
-
-
 class _Closable(Protocol):
     async def close(self) -> None: ...
 
@@ -267,7 +250,6 @@ class Connection(ClosesOnExit):
         self._max_message_size = config.max_message_size
         # the fast path's limit counts the whole frame, ours header+dst+payload
         self._max_frame_size = self._max_message_size + wire.FRAME_HEADER_LEN
-        self._max_pending = config.max_pending_send_bytes
         #: the peer's (host, port); the engine keeps the socket's full address form
         self.remote_addr: wire.Address = (remote_addr[0], remote_addr[1])
         #: the peer's id; None only for a peer that presented no certificate (only
@@ -294,23 +276,18 @@ class Connection(ClosesOnExit):
         self._datagrams: collections.deque[bytes] = collections.deque()
         self._datagram_limit = -1  # max_datagram_payload, once it is fixed (established)
         self._peer_params: engine.PeerParameters | None = None  # fixed once established
-        # the size header + dst + payload must not exceed, once the peer's limit is fixed
-        # with its parameters (0 until then: _frame asks both limits each time)
-        self._send_limit = 0
         self._datagram_bytes = 0  # payload bytes queued in _datagrams
         self._datagram_signal = Signal(self._loop)
-        # send side
-        self._queue_uni: collections.deque[_PendingSend] = collections.deque()
-        self._queue_bidi: collections.deque[_PendingSend] = collections.deque()
-        self._queue_reply: collections.deque[_PendingSend] = collections.deque()
+        # send side: the fast path's Outbox owns the queues, the streams being sent and
+        # the sends awaiting their acknowledgement; the queues are aliased for _pump
+        self._tx: Outbox = self._fp.Outbox(
+            quic, self._loop.create_future, driver.mark_dirty, weakref.ref(self),
+            config.max_pending_send_bytes, LARGE_FRAME, SENDING_SWEEP,
+        )
+        self._queue_uni = self._tx.queue_uni
+        self._queue_bidi = self._tx.queue_bidi
+        self._queue_reply = self._tx.queue_reply
         self._control_queued = 0  # control frames in _queue_uni (MAX_QUEUED_CONTROL)
-        # streams we wrote that may still have bytes to put in packets -> frame size
-        self._sending: dict[int, int] = {}
-        self._sending_bytes = 0
-        self._sending_sweep = SENDING_SWEEP  # its size that makes _pump sweep it
-        self._unacked: dict[int, _PendingSend] = {}  # stream id -> send awaiting its ACK
-        self._unacked_bytes = 0
-        self._last_large = -1  # stream id of the newest large frame written
         self._requests: dict[int, asyncio.Future[Message | ControlMessage]] = {}  # our bidi streams
         # our streams of receipts not yet acknowledged -> their frame (sent again on a stall)
         self._receipt_frames: dict[int, bytes] = {}
@@ -410,15 +387,18 @@ class Connection(ClosesOnExit):
         and whether the peer has it cannot be told: see README, engine differences) and
         ``ConnectionClosed`` if the connection is or becomes closed first.
         """
-        frame = self._frame(payload, header, dst, wire.KIND_USER)
-        future: asyncio.Future[None] = self._loop.create_future()
-        pending = _PendingSend(frame, future)
-        pending.receipt = (self._peer_params or self._peer_parameters()).receipts
-        if not self._start_at_once(pending):
+        # the common case (established, within the limit known for good) in one compiled call
+        pending = self._tx.start(payload, header, dst)
+        if pending is None:  # a check that raises, or not yet established: the long way
+            pending = self._fp.PendingSend(self._frame(payload, header, dst, wire.KIND_USER),
+                                           self._loop.create_future())
+            pending.receipt = (self._peer_params or self._peer_parameters()).receipts
+            self._tx.start_at_once(pending)
+        if pending.stream_id < 0:
             self._queue_uni.append(pending)
             self._pump()
         try:
-            await future
+            await pending.future
         except asyncio.CancelledError:
             self._cancel_send(pending)
             raise
@@ -562,7 +542,7 @@ class Connection(ClosesOnExit):
         streams, queued and unacknowledged bytes (each key is documented there)."""
         out: dict[str, Any] = dict(self._stats)
         out.update(self._quic.path_stats())
-        out["unacked_bytes"] = self._unacked_bytes
+        out["unacked_bytes"] = self._tx.unacked_bytes
         out["buffered_bytes"] = self._quic.held
         out["datagram_bytes_buffered"] = self._datagram_bytes
         out["queued_messages"] = (
@@ -595,8 +575,9 @@ class Connection(ClosesOnExit):
             if self._established:
                 self._peer_params = params
                 peer_limit = params.max_message_size
-                self._send_limit = (self._max_message_size if peer_limit is None
-                                    else min(peer_limit, self._max_message_size))
+                self._tx.send_limit = (self._max_message_size if peer_limit is None
+                                       else min(peer_limit, self._max_message_size))
+                self._tx.receipts = params.receipts
         return params
 
     # ------------------------------------------------------------------ sending
@@ -608,7 +589,7 @@ class Connection(ClosesOnExit):
             header = wire.as_bytes("header", header)
         if type(dst) is not bytes:
             dst = wire.as_bytes("dst", dst)
-        if not payload or len(header) + len(dst) + len(payload) > self._send_limit:
+        if not payload or len(header) + len(dst) + len(payload) > self._tx.send_limit:
             # past the limit known for good (or it is not known yet): which one, if any
             wire.check_message(header, dst, payload, self._max_message_size)  # raises
             # the peer's own limit, when it advertised one: refused here, before a byte
@@ -626,7 +607,7 @@ class Connection(ClosesOnExit):
         self, frame: bytes, timeout: float | None
     ) -> Message | ControlMessage:
         future: asyncio.Future[Message | ControlMessage] = self._loop.create_future()
-        pending = _PendingSend(frame, future)
+        pending = self._fp.PendingSend(frame, future)
         self._queue_bidi.append(pending)
         self._pump()
         try:
@@ -647,7 +628,7 @@ class Connection(ClosesOnExit):
     async def _reply_frame(self, stream_id: int, frame: bytes) -> None:
         self._raise_if_closed()
         future: asyncio.Future[None] = self._loop.create_future()
-        pending = _PendingSend(frame, future)
+        pending = self._fp.PendingSend(frame, future)
         pending.stream_id = stream_id
         # replies queue like messages: large ones one at a time, small ones when the
         # requester's credit covers them
@@ -699,7 +680,8 @@ class Connection(ClosesOnExit):
             return None
         future: asyncio.Future[None] = self._loop.create_future()
         future.add_done_callback(_consume_exception)
-        pending = _PendingSend(self._fp.encode_frame(header, b"", payload, kind), future)
+        pending = self._fp.PendingSend(self._fp.encode_frame(header, b"", payload, kind),
+                                       future)
         pending.control = True
         self._control_queued += 1
         self._queue_uni.append(pending)
@@ -732,34 +714,24 @@ class Connection(ClosesOnExit):
         if self._closed is not None or not self._established:
             return
         quic = self._quic
+        tx = self._tx
         wrote = False
-        left = -1  # the peer's connection credit, asked once: writing does not consume it
-        queue: collections.deque[_PendingSend]
+        queue: collections.deque[PendingSend]
         for queue, kind in (
             (self._queue_reply, 0), (self._queue_uni, 1), (self._queue_bidi, 2)
         ):
             if not queue:
                 continue
             credit = 1 << 62 if kind == 0 else quic.streams_available(kind == 1)
-            while queue and credit > 0:
-                if self._unacked_bytes >= self._max_pending and self._unacked:
-                    break
+            while queue and credit > 0 and not tx.full():
                 head = queue[0]
                 if head.future.done():  # cancelled while queued
                     queue.popleft()
                     if head.control:
                         self._control_queued -= 1
                     continue
-                size = head.size
-                if size > LARGE_FRAME:
-                    if not self._may_start(size):
-                        break
-                else:
-                    if left < 0:
-                        left = quic.send_credit()
-                    # _credit_covers' own first test, without the call per message
-                    if left < size + self._sending_bytes and not self._credit_covers(size):
-                        break
+                if not tx.may_start(head.size):
+                    break
                 pending = queue.popleft()
                 if kind == 0:
                     stream_id = pending.stream_id
@@ -774,115 +746,26 @@ class Connection(ClosesOnExit):
                 else:
                     if pending.control:
                         self._control_queued -= 1
-                    stream_id = pending.stream_id = quic.send_on_new_stream(
-                        kind == 1, pending.frame
-                    )
+                    stream_id = quic.send_on_new_stream(kind == 1, pending.frame)
                     credit -= 1
-                if pending.size > LARGE_FRAME:
-                    self._last_large = stream_id
                 wrote = True
+                tx.started(pending, stream_id, kind != 2)
                 if kind == 2:
-                    self._sending[stream_id] = pending.size
-                    self._sending_bytes += pending.size
                     self._requests[stream_id] = pending.future
-                else:
-                    self._started(pending, stream_id)
         if wrote:
-            if len(self._sending) > self._sending_sweep:
-                self._sweep_sending()
+            tx.sweep()
             self._driver.mark_dirty(self)
 
-    def _start_at_once(self, pending: _PendingSend) -> bool:
-        """``_pump`` for one small message when nothing waits before it (the common
-        case, once per message): write it now if ``_pump`` would, else False (it
-        queues)."""
-        if (
-            self._queue_uni or self._queue_reply or self._queue_bidi
-            or self._closed is not None or not self._established
-            or (self._unacked_bytes >= self._max_pending and self._unacked)
-        ):
-            return False
-        size = pending.size
-        quic = self._quic
-        if size > LARGE_FRAME or quic.streams_available(True) <= 0 or (
-            quic.send_credit() < size + self._sending_bytes and not self._credit_covers(size)
-        ):
-            return False
-        stream_id = pending.stream_id = quic.send_on_new_stream(True, pending.frame)
-        self._started(pending, stream_id)
-        if len(self._sending) > self._sending_sweep:
-            self._sweep_sending()
-        self._driver.mark_dirty(self)
-        return True
-
-    def _started(self, pending: _PendingSend, stream_id: int) -> None:
-        """``pending``'s frame is on ``stream_id``: it counts as sending and awaits its
-        acknowledgement (or receipt)."""
-        self._sending[stream_id] = pending.size
-        self._sending_bytes += pending.size
-        self._unacked[stream_id] = pending
-        self._unacked_bytes += pending.size
-
-    def _sweep_sending(self) -> None:
-        """Forget the streams in ``_sending`` whose bytes are all in packets. Sends leave
-        it when acknowledged or on their receipt, but requests and replies are not
-        completed so: without a sweep each stayed for the connection's lifetime. The
-        entries dropped are those ``_credit_covers`` drops (it counts them as nothing
-        left to send), so no decision changes; the next sweep waits for twice the
-        streams this one kept (amortized, a constant per message)."""
-        quic = self._quic
-        for sid, frame_size in list(self._sending.items()):
-            if quic.unsent_bytes(sid) == 0:
-                del self._sending[sid]
-                self._sending_bytes -= frame_size
-        self._sending_sweep = max(SENDING_SWEEP, 2 * len(self._sending))
-
-    def _may_start(self, size: int) -> bool:
-        """Whether a message of ``size`` bytes may go on a stream now: a large one when
-        the previous large one is nearly all sent (see LARGE_FRAME), a small one when
-        the peer's credit covers it (see ``_credit_covers``)."""
-        if size > LARGE_FRAME:
-            last = self._last_large
-            return last < 0 or self._quic.unsent_bytes(last) <= LARGE_FRAME
-        return self._credit_covers(size)
-
-    def _stop_sending_on(self, sid: int) -> None:
-        """``sid`` will send nothing more (reset by us or the peer)."""
-        size = self._sending.pop(sid, None)
-        if size is not None:
-            self._sending_bytes -= size
-
-    def _credit_covers(self, size: int) -> bool:
-        """Whether the peer's flow-control credit covers a small message of ``size`` bytes
-        on top of what the open small streams still have to send. Starting more than
-        that would leave several messages half-sent, each waiting for credit the
-        receiver only returns once one completes (it then resets the newest). The one
-        large message in flight is not counted: it streams as credit comes."""
-        quic = self._quic
-        left = quic.send_credit()
-        if left >= size + self._sending_bytes:
-            return True  # the common case, without looking at each stream
-        unsent = 0
-        for sid, frame_size in list(self._sending.items()):
-            rest = quic.unsent_bytes(sid)
-            if rest == 0:  # all in packets: never walked again
-                del self._sending[sid]
-                self._sending_bytes -= frame_size
-            elif sid != self._last_large:
-                unsent += rest
-        return unsent == 0 or left >= unsent + size
-
-    def _cancel_send(self, pending: _PendingSend) -> None:
+    def _cancel_send(self, pending: PendingSend) -> None:
         """The user gave up on a message: drop it, or reset its stream if already started."""
         if not pending.future.done():
             pending.future.cancel()
         sid = pending.stream_id
         if sid < 0 or self._closed is not None:
             return
-        if self._unacked.pop(sid, None) is not None:
-            self._unacked_bytes -= pending.size
+        self._tx.forget(sid)
         asked = self._requests.pop(sid, None) is not None
-        self._stop_sending_on(sid)
+        self._tx.stop_sending_on(sid)
         if asked:
             # a request: stop the reply too, so the replier's reply() fails instead of
             # reporting a reply we will drop
@@ -894,64 +777,33 @@ class Connection(ClosesOnExit):
 
     def _check_acks(self) -> None:
         """Complete sends whose streams the peer fully acknowledged, then send more."""
-        if self._unacked:
-            self._complete_acked()
+        if self._tx.unacked:
+            self._tx.complete_acked()
         if self._queue_uni or self._queue_bidi or self._queue_reply:
             self._pump()
-
-    def _complete_acked(self) -> None:
-        quic = self._quic
-        done = [
-            sid for sid, p in self._unacked.items() if not p.receipt and quic.send_finished(sid)
-        ]
-        sending = self._sending
-        for sid in done:
-            pending = self._unacked.pop(sid)
-            self._unacked_bytes -= pending.size
-            size = sending.pop(sid, None)  # all acknowledged: nothing left to put in packets
-            if size is not None:
-                self._sending_bytes -= size
-            if not pending.future.done():
-                pending.future.set_result(None)
 
     def _on_receipts(self, payload: bytes) -> None:
         """The peer's receipts for our unidirectional streams: each completes its send,
-        or fails it with the peer's rejection code."""
-        unacked = self._unacked
-        sending = self._sending
-        taken = 0  # bytes of the sends completed here, and of those still in _sending
-        unsent = 0
-        for sid, code in self._fp.parse_receipts(payload):
-            pending = unacked.get(sid)
-            if pending is None or not pending.receipt:
-                continue  # not ours, cancelled, or already failed by STOP_SENDING
+        or fails it with the peer's rejection code (or, after a stall, sends it again)."""
+        tx = self._tx
+        for pending, code in tx.take_receipts(payload):
+            sid = pending.stream_id
+            if tx.unacked.get(sid) is not pending:
+                continue  # an earlier entry of this frame decided it
             if code == wire.ERR_STALLED and pending.stalled:
                 self._send_again(pending)
                 continue
-            if code:
-                self._on_peer_rejected(sid, code, "refused")
-                if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
-                    self._quic.reset_stream(sid, code)
-                    self._driver.mark_dirty(self)
-                continue
-            del unacked[sid]
-            taken += pending.size
-            size = sending.pop(sid, None)  # the peer took it whole: all was sent
-            if size is not None:
-                unsent += size
-            future = pending.future
-            if not future.done():
-                future.set_result(None)
-        self._unacked_bytes -= taken
-        self._sending_bytes -= unsent
+            self._on_peer_rejected(sid, code, "refused")
+            if not self._quic.send_finished(sid):  # its STOP_SENDING may still come
+                self._quic.reset_stream(sid, code)
+                self._driver.mark_dirty(self)
         if self._queue_uni or self._queue_bidi or self._queue_reply:
             self._pump()
 
-    def _send_again(self, pending: _PendingSend) -> None:
+    def _send_again(self, pending: PendingSend) -> None:
         """The peer dropped ``pending``'s stalled stream unread: queue it first, for a new
         stream (``_on_receipts`` pumps after it)."""
-        del self._unacked[pending.stream_id]
-        self._unacked_bytes -= pending.size
+        self._tx.forget(pending.stream_id)
         pending.stream_id = -1
         pending.stalled = False
         pending.resends += 1
@@ -1043,11 +895,11 @@ class Connection(ClosesOnExit):
         cannot be told apart from one the peer took: it fails with ``MessageRejected``
         (``ERR_STALLED``) rather than wait for good."""
         quic = self._quic
-        pending = self._unacked.get(sid)
+        pending = self._tx.unacked.get(sid)
         if pending is not None and pending.receipt and pending.resends < MAX_RESENDS:
             pending.stalled = True
             quic.reset_stream(sid, wire.ERR_STALLED)
-            self._stop_sending_on(sid)
+            self._tx.stop_sending_on(sid)
         elif (frame := self._receipt_frames.pop(sid, None)) is not None:
             quic.reset_stream(sid, wire.ERR_STALLED)
             self._receipt_resends.append(frame)  # by _flush_receipts, as streams allow
@@ -1144,7 +996,7 @@ class Connection(ClosesOnExit):
         self._quic.reject_stream(sid, code)
         if sid & 2 and (sid & 1) != (0 if self._is_client else 1):
             self._owe_receipt(sid, code)  # STOP_SENDING may be lost or not sent (qh3)
-        self._stop_sending_on(sid)
+        self._tx.stop_sending_on(sid)
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
             if code == wire.ERR_BUFFER_FULL:  # not the peer's fault: our buffer was full
@@ -1237,12 +1089,10 @@ class Connection(ClosesOnExit):
     def _fail_stream(self, sid: int, code: int, text: str) -> None:
         """The send or request on our stream ``sid`` fails with ``MessageRejected(text,
         code)`` (``text`` names it at ``{}``: "message" or "request")."""
-        self._stop_sending_on(sid)
-        pending = self._unacked.pop(sid, None)
-        if pending is not None:
-            self._unacked_bytes -= pending.size
-            if not pending.future.done():
-                pending.future.set_exception(MessageRejected(text.format("message"), code))
+        self._tx.stop_sending_on(sid)
+        pending = self._tx.forget(sid)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(MessageRejected(text.format("message"), code))
         future = self._requests.pop(sid, None)
         if future is not None and not future.done():
             future.set_exception(MessageRejected(text.format("request"), code))
@@ -1292,6 +1142,7 @@ class Connection(ClosesOnExit):
     def _on_established(self, peer_id: PeerId | None) -> None:
         self.peer_id = peer_id
         self._established = True
+        self._tx.open = self._closed is None
         self._quic.release_handshake_buffers()
         if self._config.keep_alive_interval is not None:
             self._schedule_keepalive()
@@ -1313,24 +1164,15 @@ class Connection(ClosesOnExit):
         """Fail everything waiting on this connection; keep already received messages."""
         if self._closed is not None:
             return
-        self._complete_acked()  # acknowledged before the close: those sends succeeded
+        self._tx.complete_acked()  # acknowledged before the close: those sends succeeded
         self._closed = exc
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
-        for pending in (
-            *self._queue_uni, *self._queue_bidi, *self._queue_reply, *self._unacked.values()
-        ):
+        for pending in self._tx.close():
             if not pending.future.done():
                 pending.future.set_exception(exc)
-        self._queue_uni.clear()
         self._control_queued = 0
-        self._queue_bidi.clear()
-        self._queue_reply.clear()
-        self._sending.clear()
-        self._sending_bytes = 0
-        self._unacked.clear()
-        self._unacked_bytes = 0
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(exc)
@@ -1360,7 +1202,7 @@ class Connection(ClosesOnExit):
             "inbox_messages": len(self._inbox),
             "inbox_bytes": self._rx.inbox_bytes,
             "assemblers": len(self._assemblers),
-            "unacked_streams": sorted(self._unacked),
+            "unacked_streams": sorted(self._tx.unacked),
             "receipt_streams": sorted(
                 sid for sid in self._receipt_frames if not quic.send_finished(sid)
             ),
