@@ -13,14 +13,31 @@ cdef enum _AssemblerState:
     _FAILED = 4     # a ProtocolError was raised; every later feed raises it again
 
 
+cdef class CorePuller:
+    cdef public int64_t pulled
+    cdef public object receiver, datagram_receiver
+    cdef:
+        set _unfinished, _created, _fin_pulled
+        dict _rejected, _peer_streams
+        long _peer_parity
+
+
+cdef class DirtySet:
+    cdef public dict dirty
+    cdef public bint scheduled
+    cdef object _call_soon, _flush
+
+
 cdef class MessageSink:
     cdef public object inbox
     cdef public Py_ssize_t inbox_bytes
     cdef public list receipts
     cdef public int receipts_mode
+    cdef public Py_ssize_t unreleased
     cdef:
         object _fallback, _conn, _mark_dirty, _notify
-        dict _stats, _assemblers, _rejected
+        dict _stats, _assemblers, _rejected, _starved
+        Py_ssize_t _window, _release_batch
         int64_t _max_frame_size
         int _max_kind
         long _peer_parity

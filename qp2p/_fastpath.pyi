@@ -20,6 +20,8 @@ __all__ = [
     "MAX_KIND",
     "WIRE_VERSION",
     "ConnectionTable",
+    "CorePuller",
+    "DirtySet",
     "FrameAssembler",
     "MessageSink",
     "Outbox",
@@ -31,7 +33,6 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
-    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -64,6 +65,64 @@ def decode_frame(
     """
 
 @disjoint_base
+class CorePuller:
+    """A native QUIC core's event loop for its adapter (qh3's), where qp2p's per-message
+    work on receipt runs: ``pull(next_event, budget, room)`` calls ``next_event()`` (the
+    core's) until it returns ``None`` (returned) or an event the adapter must handle
+    (returned). It owns ``pulled`` (stream bytes taken from the core so far).
+
+    On the way it handles, without returning:
+
+    - the core's acknowledgement bookkeeping: ``"streams_available"`` and
+      ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+      ``stream_id`` from ``unfinished`` and ``created``;
+    - a peer's whole message (``("stream_data", sid, data, True)``, ``sid`` of parity
+      ``peer_parity``, ``data`` bytes) while ``rejected`` is empty and ``receiver`` is
+      set: ``pulled`` and (``budget`` not None) ``budget.reserved`` grow by its length,
+      ``sid`` leaves ``peer_streams`` and joins ``fin_pulled``, and
+      ``receiver(sid, data, True)`` takes it. Once ``room`` bytes or more were taken so,
+      it returns ``()``: the adapter asks its gate again;
+    - a datagram (``("datagram", data)``) while ``datagram_receiver`` is set: it takes it.
+
+    ``unfinished``, ``created``, ``rejected``, ``peer_streams`` and ``fin_pulled`` are the
+    adapter's; this loop only does the above to them. (qh3's core emits about four events
+    per message: this is what runs for them.)
+    """
+
+    pulled: int
+    receiver: Callable[[int, bytes, bool], None] | None
+    datagram_receiver: Callable[[bytes], None] | None
+
+    def __init__(
+        self,
+        unfinished: set[int],
+        created: set[int],
+        rejected: dict[int, int],
+        peer_streams: dict[int, int],
+        fin_pulled: set[int],
+        peer_parity: int,
+    ) -> None: ...
+    def pull(
+        self, next_event: Callable[[], tuple[Any, ...] | None], budget: Any, room: int
+    ) -> tuple[Any, ...] | None:
+        """The next event for the adapter, None, or ``()`` (see the class)."""
+
+@disjoint_base
+class DirtySet:
+    """An endpoint's connections with something to send: calling it with a connection
+    adds it to ``dirty`` (a dict used as an ordered set) and, unless one is already
+    scheduled (``scheduled``), schedules ``flush`` with ``call_soon``, so that everything
+    written in one turn of the loop goes out in one batch. ``flush`` sets ``scheduled``
+    back to False when it runs."""
+
+    dirty: dict[Any, None]
+    scheduled: bool
+
+    def __init__(self, call_soon: Callable[..., Any], flush: Callable[[], None]) -> None: ...
+    def __call__(self, conn: Any) -> None:
+        """Mark ``conn`` dirty (see the class)."""
+
+@disjoint_base
 class MessageSink:
     """A connection's receive core for whole messages: called with each piece of stream data
     its engine pulls (``sid, data, fin``), it takes a peer's message that arrived whole on
@@ -85,6 +144,7 @@ class MessageSink:
     inbox_bytes: int
     receipts: list[bytes]
     receipts_mode: int
+    unreleased: int
 
     def __init__(
         self,
@@ -98,7 +158,18 @@ class MessageSink:
         max_frame_size: int,
         peer_parity: int,
         max_receipts: int,
+        starved: dict[Any, None],
+        window: int,
+        release_batch: int,
     ) -> None: ...
+    def take(self, held: int) -> tuple[bytes, bytes, bytes, int | None, int]:
+        """The oldest message of ``inbox`` as ``(header, dst, payload, stream_id or None,
+        release)``; its bytes leave ``inbox_bytes``. ``release`` is what to release now
+        (its bytes and those of the messages read before it, then no longer counted in
+        ``unreleased``), or 0 while nobody waits for this credit: more of the burst is in
+        the inbox, fewer than ``release_batch`` bytes are unreleased, ``starved`` is
+        empty (no connection waits for the endpoint's budget) and ``held``, the bytes
+        the engine holds, stays ``release_batch`` under ``window``."""
     def __call__(self, sid: int, data: bytes, fin: bool) -> None:
         """Take one piece of stream data (see the class)."""
 
@@ -242,18 +313,6 @@ def encode_receipt(stream_id: int, code: int) -> bytes:
     """One receipt entry: ``stream_id`` and ``code`` (0: accepted) as QUIC varints.
 
     Raises ``ValueError`` for a value outside ``0..2**62-1``.
-    """
-
-def pull_event(
-    next_event: Callable[[], tuple[Any, ...] | None], unfinished: set[int], created: set[int]
-) -> tuple[Any, ...] | None:
-    """The next event of a native QUIC core that needs its adapter.
-
-    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
-    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
-    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
-    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
-    times per message; this loop is what runs for them.)
     """
 
 def parse_receipts(payload: bytes) -> list[tuple[int, int]]:

@@ -219,6 +219,8 @@ __all__ = [
     "MAX_KIND",
     "WIRE_VERSION",
     "ConnectionTable",
+    "CorePuller",
+    "DirtySet",
     "FrameAssembler",
     "MessageSink",
     "Outbox",
@@ -230,7 +232,6 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
-    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -502,28 +503,6 @@ def parse_receipts(payload):
         PyBuffer_Release(&view)
 
 
-def pull_event(next_event, set unfinished, set created):
-    """The next event of a native QUIC core that needs its adapter.
-
-    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
-    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
-    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
-    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
-    times per message; this loop is what runs for them.)
-    """
-    cdef object native, kind
-    while True:
-        native = next_event()
-        if native is None:
-            return None
-        kind = (<tuple?>native)[0]
-        if kind == "stream_finished":
-            unfinished.discard(native[1])
-            created.discard(native[1])
-        elif kind != "streams_available" and kind != "connection_credit":
-            return native
-
-
 def decode_frame(data, max_message_size, max_kind=MAX_KIND):
     """Decode a whole frame held in one buffer: ``(kind, header, dst, payload)``."""
     cdef int64_t size
@@ -538,6 +517,98 @@ def decode_frame(data, max_message_size, max_kind=MAX_KIND):
         return _decode(<const unsigned char*>view.buf, view.len, size, k)
     finally:
         PyBuffer_Release(&view)
+
+
+cdef class CorePuller:
+    """A native QUIC core's event loop for its adapter (qh3's), where qp2p's per-message
+    work on receipt runs: ``pull(next_event, budget, room)`` calls ``next_event()`` (the
+    core's) until it returns ``None`` (returned) or an event the adapter must handle
+    (returned). It owns ``pulled`` (stream bytes taken from the core so far).
+
+    On the way it handles, without returning:
+
+    - the core's acknowledgement bookkeeping: ``"streams_available"`` and
+      ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+      ``stream_id`` from ``unfinished`` and ``created``;
+    - a peer's whole message (``("stream_data", sid, data, True)``, ``sid`` of parity
+      ``peer_parity``, ``data`` bytes) while ``rejected`` is empty and ``receiver`` is
+      set: ``pulled`` and (``budget`` not None) ``budget.reserved`` grow by its length,
+      ``sid`` leaves ``peer_streams`` and joins ``fin_pulled``, and
+      ``receiver(sid, data, True)`` takes it. Once ``room`` bytes or more were taken so,
+      it returns ``()``: the adapter asks its gate again;
+    - a datagram (``("datagram", data)``) while ``datagram_receiver`` is set: it takes it.
+
+    ``unfinished``, ``created``, ``rejected``, ``peer_streams`` and ``fin_pulled`` are the
+    adapter's; this loop only does the above to them. (qh3's core emits about four events
+    per message: this is what runs for them.)
+    """
+
+    def __init__(self, set unfinished, set created, dict rejected, dict peer_streams,
+                 set fin_pulled, peer_parity):
+        self.pulled = 0
+        self.receiver = None
+        self.datagram_receiver = None
+        self._unfinished = unfinished
+        self._created = created
+        self._rejected = rejected
+        self._peer_streams = peer_streams
+        self._fin_pulled = fin_pulled
+        self._peer_parity = PyNumber_Index(peer_parity) & 1
+
+    def pull(self, next_event, budget, room):
+        """The next event for the adapter, None, or ``()`` (see the class)."""
+        cdef object native, kind, sid, data
+        cdef int64_t stop = self.pulled + <int64_t>min(room, _SIZE_CLAMP)
+        cdef Py_ssize_t n
+        while True:
+            native = next_event()
+            if native is None:
+                return None
+            kind = (<tuple?>native)[0]
+            if kind == "stream_data":
+                sid = native[1]
+                data = native[2]
+                if (native[3] is True and not self._rejected and self.receiver is not None
+                        and type(data) is bytes and (sid & 1) == self._peer_parity):
+                    n = PyBytes_GET_SIZE(data)
+                    self.pulled += n
+                    if budget is not None:
+                        budget.reserved += n
+                    self._peer_streams.pop(sid, None)
+                    self._fin_pulled.add(sid)
+                    self.receiver(sid, data, True)
+                    if self.pulled >= stop:
+                        return ()
+                    continue
+                return native
+            if kind == "stream_finished":
+                self._unfinished.discard(native[1])
+                self._created.discard(native[1])
+            elif kind == "datagram" and self.datagram_receiver is not None:
+                self.datagram_receiver(native[1])
+            elif kind != "streams_available" and kind != "connection_credit":
+                return native
+
+
+cdef class DirtySet:
+    """An endpoint's connections with something to send: calling it with a connection
+    adds it to ``dirty`` (a dict used as an ordered set) and, unless one is already
+    scheduled (``scheduled``), schedules ``flush`` with ``call_soon``, so that everything
+    written in one turn of the loop goes out in one batch. ``flush`` sets ``scheduled``
+    back to False when it runs."""
+
+    def __init__(self, call_soon, flush):
+        self.dirty = {}
+        self.scheduled = False
+        self._call_soon = call_soon
+        self._flush = flush
+
+    def __call__(self, conn):
+        """Mark ``conn`` dirty (see the class)."""
+        self.dirty[conn] = None
+        if not self.scheduled:
+            self.scheduled = True
+            self._call_soon(self._flush)
 
 
 cdef class MessageSink:
@@ -558,7 +629,8 @@ cdef class MessageSink:
     """
 
     def __init__(self, fallback, conn, mark_dirty, notify, dict stats, dict assemblers,
-                 dict rejected, max_frame_size, peer_parity, max_receipts):
+                 dict rejected, max_frame_size, peer_parity, max_receipts, dict starved,
+                 window, release_batch):
         self._fallback = fallback
         self._conn = conn
         self._mark_dirty = mark_dirty
@@ -573,6 +645,30 @@ cdef class MessageSink:
         self.inbox_bytes = 0
         self.receipts = []
         self.receipts_mode = 0
+        self.unreleased = 0
+        self._starved = starved
+        self._window = window
+        self._release_batch = release_batch
+
+    def take(self, held):
+        """The oldest message of ``inbox`` as ``(header, dst, payload, stream_id or None,
+        release)``; its bytes leave ``inbox_bytes``. ``release`` is what to release now
+        (its bytes and those of the messages read before it, then no longer counted in
+        ``unreleased``), or 0 while nobody waits for this credit: more of the burst is in
+        the inbox, fewer than ``release_batch`` bytes are unreleased, ``starved`` is
+        empty (no connection waits for the endpoint's budget) and ``held``, the bytes
+        the engine holds, stays ``release_batch`` under ``window``."""
+        cdef tuple entry = self.inbox.popleft()
+        cdef Py_ssize_t size = entry[4]
+        cdef Py_ssize_t release = 0
+        self.inbox_bytes -= size
+        if (self.inbox and self.unreleased + size < self._release_batch and not self._starved
+                and held + self._release_batch < self._window):
+            self.unreleased += size
+        else:
+            release = self.unreleased + size
+            self.unreleased = 0
+        return (entry[0], entry[1], entry[2], entry[3], release)
 
     def __call__(self, sid, data, fin):
         """Take one piece of stream data (see the class)."""

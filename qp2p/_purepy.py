@@ -27,6 +27,8 @@ __all__ = [
     "MAX_KIND",
     "WIRE_VERSION",
     "ConnectionTable",
+    "CorePuller",
+    "DirtySet",
     "FrameAssembler",
     "MessageSink",
     "Outbox",
@@ -38,7 +40,6 @@ __all__ = [
     "features",
     "parse_dcid",
     "parse_receipts",
-    "pull_event",
     "recv_batch",
     "send_batch",
 ]
@@ -54,6 +55,7 @@ MAX_KIND: int = 12
 
 _HEADER = _struct.Struct(">HIIIBB")
 _LEN_LIMIT = 1 << 32
+_SIZE_CLAMP = 1 << 40  # as the compiled code: larger counts behave the same
 _MAX_CID_LEN = 20
 # A UDP payload never exceeds 65535 bytes: a larger receive buffer is never useful.
 _MAX_RECV_BUFSIZE = 65536
@@ -174,6 +176,111 @@ def decode_frame(
     return kind, bytes(buf[FRAME_HEADER_LEN:a]), bytes(buf[a:b]), bytes(buf[b:])
 
 
+class CorePuller:
+    """A native QUIC core's event loop for its adapter (qh3's), where qp2p's per-message
+    work on receipt runs: ``pull(next_event, budget, room)`` calls ``next_event()`` (the
+    core's) until it returns ``None`` (returned) or an event the adapter must handle
+    (returned). It owns ``pulled`` (stream bytes taken from the core so far).
+
+    On the way it handles, without returning:
+
+    - the core's acknowledgement bookkeeping: ``"streams_available"`` and
+      ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
+      ``stream_id`` from ``unfinished`` and ``created``;
+    - a peer's whole message (``("stream_data", sid, data, True)``, ``sid`` of parity
+      ``peer_parity``, ``data`` bytes) while ``rejected`` is empty and ``receiver`` is
+      set: ``pulled`` and (``budget`` not None) ``budget.reserved`` grow by its length,
+      ``sid`` leaves ``peer_streams`` and joins ``fin_pulled``, and
+      ``receiver(sid, data, True)`` takes it. Once ``room`` bytes or more were taken so,
+      it returns ``()``: the adapter asks its gate again;
+    - a datagram (``("datagram", data)``) while ``datagram_receiver`` is set: it takes it.
+
+    ``unfinished``, ``created``, ``rejected``, ``peer_streams`` and ``fin_pulled`` are the
+    adapter's; this loop only does the above to them. (qh3's core emits about four events
+    per message: this is what runs for them.)
+    """
+
+    __slots__ = ("_created", "_fin_pulled", "_peer_parity", "_peer_streams", "_rejected",
+                 "_unfinished", "datagram_receiver", "pulled", "receiver")
+
+    def __init__(
+        self,
+        unfinished: set[int],
+        created: set[int],
+        rejected: dict[int, int],
+        peer_streams: dict[int, int],
+        fin_pulled: set[int],
+        peer_parity: int,
+    ) -> None:
+        self.pulled = 0
+        self.receiver: _Callable[[int, bytes, bool], None] | None = None
+        self.datagram_receiver: _Callable[[bytes], None] | None = None
+        self._unfinished = unfinished
+        self._created = created
+        self._rejected = rejected
+        self._peer_streams = peer_streams
+        self._fin_pulled = fin_pulled
+        self._peer_parity = _operator.index(peer_parity) & 1
+
+    def pull(
+        self, next_event: _Callable[[], tuple[_Any, ...] | None], budget: _Any, room: int
+    ) -> tuple[_Any, ...] | None:
+        """The next event for the adapter, None, or ``()`` (see the class)."""
+        stop = self.pulled + min(room, _SIZE_CLAMP)
+        while True:
+            native = next_event()
+            if native is None:
+                return None
+            kind = native[0]
+            if kind == "stream_data":
+                sid, data = native[1], native[2]
+                if (
+                    native[3] is True and not self._rejected and self.receiver is not None
+                    and type(data) is bytes and (sid & 1) == self._peer_parity
+                ):
+                    n = len(data)
+                    self.pulled += n
+                    if budget is not None:
+                        budget.reserved += n
+                    self._peer_streams.pop(sid, None)
+                    self._fin_pulled.add(sid)
+                    self.receiver(sid, data, True)
+                    if self.pulled >= stop:
+                        return ()
+                    continue
+                return native
+            if kind == "stream_finished":
+                self._unfinished.discard(native[1])
+                self._created.discard(native[1])
+            elif kind == "datagram" and self.datagram_receiver is not None:
+                self.datagram_receiver(native[1])
+            elif kind != "streams_available" and kind != "connection_credit":
+                return native
+
+
+class DirtySet:
+    """An endpoint's connections with something to send: calling it with a connection
+    adds it to ``dirty`` (a dict used as an ordered set) and, unless one is already
+    scheduled (``scheduled``), schedules ``flush`` with ``call_soon``, so that everything
+    written in one turn of the loop goes out in one batch. ``flush`` sets ``scheduled``
+    back to False when it runs."""
+
+    __slots__ = ("_call_soon", "_flush", "dirty", "scheduled")
+
+    def __init__(self, call_soon: _Callable[..., _Any], flush: _Callable[[], None]) -> None:
+        self.dirty: dict[_Any, None] = {}
+        self.scheduled = False
+        self._call_soon = call_soon
+        self._flush = flush
+
+    def __call__(self, conn: _Any) -> None:
+        """Mark ``conn`` dirty (see the class)."""
+        self.dirty[conn] = None
+        if not self.scheduled:
+            self.scheduled = True
+            self._call_soon(self._flush)
+
+
 class MessageSink:
     """A connection's receive core for whole messages: called with each piece of stream data
     its engine pulls (``sid, data, fin``), it takes a peer's message that arrived whole on
@@ -193,8 +300,9 @@ class MessageSink:
 
     __slots__ = (
         "_assemblers", "_conn", "_fallback", "_mark_dirty", "_max_frame_size",
-        "_max_receipts", "_notify", "_peer_parity", "_rejected", "_stats", "inbox",
-        "inbox_bytes", "receipts", "receipts_mode",
+        "_max_receipts", "_notify", "_peer_parity", "_rejected", "_release_batch",
+        "_starved", "_stats", "_window", "inbox", "inbox_bytes", "receipts", "receipts_mode",
+        "unreleased",
     )
 
     def __init__(
@@ -209,6 +317,9 @@ class MessageSink:
         max_frame_size: int,
         peer_parity: int,
         max_receipts: int,
+        starved: dict[_Any, None],
+        window: int,
+        release_batch: int,
     ) -> None:
         self._fallback = fallback
         self._conn = conn
@@ -224,6 +335,31 @@ class MessageSink:
         self.inbox_bytes = 0
         self.receipts: list[bytes] = []
         self.receipts_mode = 0
+        self.unreleased = 0
+        self._starved = starved
+        self._window = window
+        self._release_batch = release_batch
+
+    def take(self, held: int) -> tuple[bytes, bytes, bytes, int | None, int]:
+        """The oldest message of ``inbox`` as ``(header, dst, payload, stream_id or None,
+        release)``; its bytes leave ``inbox_bytes``. ``release`` is what to release now
+        (its bytes and those of the messages read before it, then no longer counted in
+        ``unreleased``), or 0 while nobody waits for this credit: more of the burst is in
+        the inbox, fewer than ``release_batch`` bytes are unreleased, ``starved`` is
+        empty (no connection waits for the endpoint's budget) and ``held``, the bytes
+        the engine holds, stays ``release_batch`` under ``window``."""
+        header, dst, payload, sid, size = self.inbox.popleft()
+        self.inbox_bytes -= size
+        release = 0
+        if (
+            self.inbox and self.unreleased + size < self._release_batch and not self._starved
+            and held + self._release_batch < self._window
+        ):
+            self.unreleased += size
+        else:
+            release = self.unreleased + size
+            self.unreleased = 0
+        return header, dst, payload, sid, release
 
     def __call__(self, sid: int, data: bytes, fin: bool) -> None:
         """Take one piece of stream data (see the class)."""
@@ -698,29 +834,6 @@ def parse_receipts(payload: bytes) -> list[tuple[int, int]]:
     if len(values) % 2:
         raise ProtocolError("truncated receipt")
     return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
-
-
-def pull_event(
-    next_event: _Callable[[], tuple[_Any, ...] | None], unfinished: set[int], created: set[int]
-) -> tuple[_Any, ...] | None:
-    """The next event of a native QUIC core that needs its adapter.
-
-    Calls ``next_event()`` until it returns ``None`` (returned) or a tuple whose first
-    item is not acknowledgement bookkeeping (returned): ``"streams_available"`` and
-    ``"connection_credit"`` are skipped, and ``("stream_finished", stream_id)`` removes
-    ``stream_id`` from ``unfinished`` and ``created``. (qh3's core emits these about three
-    times per message; this loop is what runs for them.)
-    """
-    while True:
-        native = next_event()
-        if native is None:
-            return None
-        kind = native[0]
-        if kind == "stream_finished":
-            unfinished.discard(native[1])
-            created.discard(native[1])
-        elif kind != "streams_available" and kind != "connection_credit":
-            return native
 
 
 def parse_dcid(datagram: bytes, short_cid_len: int) -> bytes | None:

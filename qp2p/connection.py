@@ -267,7 +267,6 @@ class Connection(ClosesOnExit):
         # set once the endpoint forgot us with messages unread: only they stay charged to
         # its budget, until recv() hands them over (or this object is collected)
         self._inbox_charged = False
-        self._unreleased = 0  # bytes of messages read, not yet released (RELEASE_BATCH)
         self._inbox_signal = Signal(self._loop)
         # flow control (see the engine adapters): the bound on what we hold
         self._window = config.max_buffered_bytes
@@ -326,6 +325,7 @@ class Connection(ClosesOnExit):
             weakref.WeakMethod(self._on_stream_data), weakref.ref(self), driver.mark_dirty,
             self._inbox_signal.notify_all, self._stats, self._assemblers, self._rejected,
             self._max_frame_size, 1 if is_client else 0, MAX_PENDING_RECEIPTS,
+            driver.budget.starved, self._window, RELEASE_BATCH,
         )
         if not self._sends_receipts:
             self._rx.receipts_mode = RECEIPTS_NONE
@@ -413,19 +413,14 @@ class Connection(ClosesOnExit):
         while not self._inbox:
             self._raise_if_closed()
             await self._inbox_signal.wait()
-        inbox = self._inbox
-        header, dst, payload, sid, size = inbox.popleft()
-        self._rx.inbox_bytes -= size
         if self._inbox_charged:  # the engine is gone: only the budget still counts it
+            header, dst, payload, sid, size = self._inbox.popleft()
+            self._rx.inbox_bytes -= size
             self._driver.release_budget(size)
-        elif (
-            inbox and self._unreleased + size < RELEASE_BATCH and not self._budget.starved
-            and self._quic.held + RELEASE_BATCH < self._window
-        ):  # nobody waits for this credit: released with the rest of the burst read
-            self._unreleased += size
-        else:
-            self._release(self._unreleased + size)
-            self._unreleased = 0
+        else:  # credit goes back once per burst read (RELEASE_BATCH: see the sink's take)
+            header, dst, payload, sid, release = self._rx.take(self._quic.held)
+            if release:
+                self._release(release)
         # a bound method for requests only: kept on the connection it would be a cycle,
         # and a dropped connection must be freed at once (its __del__ returns budget)
         return Message(self, header, dst, payload, sid,
@@ -1125,7 +1120,7 @@ class Connection(ClosesOnExit):
             self._assemblers.clear()
         inbox_bytes: int = self._rx.inbox_bytes
         self._inbox_charged = inbox_bytes > 0
-        self._unreleased = 0  # still held by the engine: the endpoint releases them with it
+        self._rx.unreleased = 0  # still held by the engine: the endpoint releases them
         return inbox_bytes
 
     def __del__(self) -> None:

@@ -46,6 +46,7 @@ from .timers import DeadlineQueue
 from .wire import SockAddr
 
 if TYPE_CHECKING:
+    from ._fastpath import DirtySet
     from .services.host import ControlHandler, FirstFlight
 
 __all__ = ["Endpoint", "EndpointBinding"]
@@ -284,8 +285,9 @@ class Endpoint(ClosesOnExit):
         self._drives: dict[Connection, _Drive] = {}
         self._accept_queue: collections.deque[Connection] = collections.deque()
         self._accept_signal = Signal(self._loop)
-        self._dirty: dict[Connection, None] = {}
-        self._flush_scheduled = False
+        # connections with something to send, flushed together at the end of a turn
+        self._mark_dirty: DirtySet = self._fp.DirtySet(self._loop.call_soon, self._flush)
+        self._dirty: dict[Connection, None] = self._mark_dirty.dirty
         self._backlog: list[tuple[bytes, SockAddr]] = []
         self._backlog_pos = 0
         self._writer_armed = False
@@ -1245,16 +1247,9 @@ class Endpoint(ClosesOnExit):
 
     # ------------------------------------------------------------------ send path
 
-    def _mark_dirty(self, conn: Connection) -> None:
-        """``conn`` has something to send: flush it with the others at the end of this turn."""
-        self._dirty[conn] = None
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
     def _flush(self) -> None:
         """Collect every dirty connection's datagrams and send them in one batch."""
-        self._flush_scheduled = False
+        self._mark_dirty.scheduled = False
         if not self._dirty:
             return
         now = _now()

@@ -26,7 +26,8 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from qh3 import __version__ as QH3_VERSION
@@ -73,6 +74,9 @@ from . import (
     parse_peer_parameters,
 )
 from ._qh3_tls import CLIENT_SIGNATURE_ALGORITHMS, Authenticator
+
+if TYPE_CHECKING:
+    from .._fastpath import CorePuller
 
 # No __all__: the module is a qp2p.engine.Engine, whose Protocol lists what the runtime uses.
 
@@ -189,7 +193,6 @@ class Qh3Connection(Receivers, QuicConnection):
         self._exempt = 0  # bytes of rejected streams: held, but no reason to shut the gate
         self._unfinished: set[int] = set()  # streams we wrote whose FIN is not acknowledged
         self._early: deque[Event] = deque()  # pulled in the handshake, or our own: not yet asked
-        self._pulled = 0
         self._released = 0
         self._budget: ReceiveBudget | None = None
         self._owner: Any = None
@@ -197,7 +200,6 @@ class Qh3Connection(Receivers, QuicConnection):
         self._min_rtt: float | None = None
         self._closed_by_peer: bool | None = None
         self._carried = 0  # datagrams still to send with copies (see datagrams_to_send)
-        self._pull = _speedups.impl.pull_event  # the implementation selected now
         # the stall watch after a stale build (see _check_stalls): when it next looks, until
         # when it keeps looking, the streams that looked stalled last time, those reported
         self._stall_check: float | None = None
@@ -212,6 +214,22 @@ class Qh3Connection(Receivers, QuicConnection):
         self.stale_stream_errors = 0
         super().__init__(configuration=configuration, **kwargs)
         self._local_parity = 0 if self._is_client else 1  # stream ID bit 0 of our streams
+        # the loop over the core's events (the implementation selected now): it owns the
+        # count of stream bytes pulled, and takes each whole message and datagram itself
+        self._puller: CorePuller = _speedups.impl.CorePuller(
+            self._unfinished, self._created_local_stream_ids, self._rejected,
+            self._peer_streams, self._fin_pulled, 1 - self._local_parity,
+        )
+
+    def deliver_to(
+        self,
+        stream_data: Callable[[int, bytes, bool], None] | None,
+        datagram: Callable[[bytes], None] | None,
+    ) -> None:
+        """See :meth:`EngineConnection.deliver_to` (the core's loop hands them over)."""
+        super().deliver_to(stream_data, datagram)
+        self._puller.receiver = stream_data
+        self._puller.datagram_receiver = datagram
 
     # -- the facade's steps, replaced -------------------------------------------------
 
@@ -274,7 +292,7 @@ class Qh3Connection(Receivers, QuicConnection):
         endpoint's budget is spent and this connection holds its floor of it (as on
         aioquic, every connection may keep ``INITIAL_MAX_DATA``). A closing connection
         drains: its peer can send no more."""
-        held = self._pulled - self._released - self._exempt
+        held = self._puller.pulled - self._released - self._exempt
         budget = self._budget
         if held < self._window and (
             budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
@@ -398,7 +416,7 @@ class Qh3Connection(Receivers, QuicConnection):
         return _NOTHING
 
     def _on_pulled(self, sid: int, nbytes: int, fin: bool) -> None:
-        self._pulled += nbytes
+        self._puller.pulled += nbytes
         if self._budget is not None:
             # charged as pulled (the core grants the credit back then)
             self._budget.reserved += nbytes
@@ -508,34 +526,33 @@ class Qh3Connection(Receivers, QuicConnection):
             core = self._core
             if core is None:
                 return None
-            held = self._pulled - self._released - self._exempt
+            puller = self._puller
+            window = self._window
+            held = puller.pulled - self._released - self._exempt
             budget = self._budget
-            if not (held < self._window and (
+            if held < window and (
                 budget is None or held < INITIAL_MAX_DATA or budget.reserved < budget.limit
-            )) and not self._gate_open():  # the gate's common case first, without a call
+            ):  # the gate's common case first, without a call; room: what keeps it open
+                room = window - held
+                if budget is not None:
+                    room = min(room, max(INITIAL_MAX_DATA - held, budget.limit - budget.reserved))
+            elif self._gate_open():
+                room = 1 << 62  # closing: drain
+            else:
                 return None
-            # the core's acknowledgement bookkeeping (three events per message) is handled
-            # in the fast path's loop; what every message and datagram brings, here
-            native = self._pull(
-                core.next_event, self._unfinished, self._created_local_stream_ids
-            )
+            # the core's acknowledgement bookkeeping, whole messages and datagrams (what
+            # every message brings) are handled in the fast path's loop; the rest, here
+            native = puller.pull(core.next_event, budget, room)
             if native is None:
                 if self._fin_pulled:  # no reset can still come behind their data
                     self._fin_pulled.clear()
                 return None
+            if not native:
+                continue  # the room ran out: the gate is asked again
             kind = native[0]
             if kind == "stream_data":
                 sid, data, fin = native[1], native[2], native[3]
-                if fin and not self._rejected and (sid & 1) != self._local_parity:
-                    # _on_pulled's common case (a peer's whole message), inlined
-                    nbytes = len(data)
-                    self._pulled += nbytes
-                    if budget is not None:
-                        budget.reserved += nbytes
-                    self._peer_streams.pop(sid, None)
-                    self._fin_pulled.add(sid)
-                else:
-                    self._on_pulled(sid, len(data), fin)
+                self._on_pulled(sid, len(data), fin)
                 if self._stream_receiver is None:
                     return StreamData(sid, data, fin)
                 self._stream_receiver(sid, data, fin)
@@ -766,7 +783,7 @@ class Qh3Connection(Receivers, QuicConnection):
 
     @property
     def held(self) -> int:
-        return self._pulled - self._released
+        return self._puller.pulled - self._released
 
     @property
     def credit(self) -> int:

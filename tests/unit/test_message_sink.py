@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 MAX_FRAME = 1 << 20
+WINDOW = 1 << 16
+RELEASE_BATCH = 1000
 
 
 class Counter:
@@ -41,12 +43,13 @@ class Owner:
 
 def _sink(fp: ModuleType, owner: Owner, *, peer_parity: int = 1, mode: int = 1,
           assemblers: dict[int, Any] | None = None, rejected: dict[int, int] | None = None,
-          max_receipts: int = 16) -> Any:
+          max_receipts: int = 16, starved: dict[Any, None] | None = None) -> Any:
     stats = {"messages_received": 0}
     sink = fp.MessageSink(
         weakref.WeakMethod(owner.fallback), weakref.ref(owner), owner.dirty.append,
         owner.notify, stats, {} if assemblers is None else assemblers,
         {} if rejected is None else rejected, MAX_FRAME, peer_parity, max_receipts,
+        {} if starved is None else starved, WINDOW, RELEASE_BATCH,
     )
     sink.receipts_mode = mode
     return sink
@@ -117,3 +120,37 @@ def test_a_gone_owner_is_not_kept_alive_nor_called(fp: ModuleType) -> None:
     sink(3, b"short", False)  # to the fallback, which is gone: nothing happens
     sink(3, fp.encode_frame(b"", b"", b"x"), True)  # taken; nobody to mark dirty
     assert len(sink.inbox) == 1
+
+
+def _fill(fp: ModuleType, sink: Any, n: int, size: int) -> int:
+    """``n`` messages of ``size`` payload bytes into the inbox; returns a frame's length."""
+    frame = fp.encode_frame(b"", b"", b"x" * size)
+    for i in range(n):
+        sink(3 + 4 * i, frame, True)
+    return len(frame)
+
+
+def test_take_releases_once_per_burst(fp: ModuleType) -> None:
+    owner = Owner()
+    sink = _sink(fp, owner, max_receipts=64)
+    flen = _fill(fp, sink, 25, 84)  # 100-byte frames: ten fit under RELEASE_BATCH
+    released = []
+    for _ in range(25):
+        header, dst, payload, sid, release = sink.take(0)
+        assert (header, dst, payload, sid) == (b"", b"", b"x" * 84, None)
+        released.append(release)
+    # the tenth read reaches the batch; the last read empties the inbox: both release all
+    assert released == [0] * 9 + [10 * flen] + [0] * 9 + [10 * flen] + [0] * 4 + [5 * flen]
+    assert sink.unreleased == 0 and sink.inbox_bytes == 0
+
+
+def test_take_releases_at_once_when_credit_is_wanted(fp: ModuleType) -> None:
+    owner = Owner()
+    starved: dict[Any, None] = {}
+    sink = _sink(fp, owner, starved=starved)
+    flen = _fill(fp, sink, 4, 84)
+    assert sink.take(0)[4] == 0
+    assert sink.take(WINDOW - RELEASE_BATCH)[4] == 2 * flen  # near the window: now
+    starved[object()] = None  # another connection waits for the endpoint's budget
+    assert sink.take(0)[4] == flen
+    assert sink.inbox_bytes == flen
