@@ -62,6 +62,7 @@ cdef class Outbox:
     cdef public bint open, receipts
     cdef:
         object _quic, _create_future, _mark_dirty, _conn
+        bint _credit_tracked
         Py_ssize_t _max_pending, _large_frame, _min_sweep, _sweep_at
 
     cdef bint _start_at_once(self, PendingSend pending) except -1

@@ -759,6 +759,7 @@ cdef class Outbox:
         self.open = False
         self.receipts = False
         self._quic = quic
+        self._credit_tracked = getattr(quic, "send_credit_tracked", True)
         self._create_future = create_future
         self._mark_dirty = mark_dirty
         self._conn = conn
@@ -805,11 +806,14 @@ cdef class Outbox:
                 or size > self._large_frame):
             return False
         quic = self._quic
-        if quic.streams_available(True) <= 0 or (
+        if self._credit_tracked and (
             quic.send_credit() < size + self.sending_bytes and not self._credit_covers(size)
         ):
             return False
-        self._started(pending, quic.send_on_new_stream(True, pending.frame), True)
+        stream_id = quic.send_on_new_stream(True, pending.frame)
+        if stream_id < 0:  # no stream credit
+            return False
+        self._started(pending, stream_id, True)
         if len(self.sending) > self._sweep_at:
             self._sweep()
         conn = self._conn()
@@ -855,6 +859,8 @@ cdef class Outbox:
         return self._credit_covers(size)
 
     cdef bint _credit_covers(self, Py_ssize_t size) except -1:
+        if not self._credit_tracked:
+            return True
         quic = self._quic
         left = quic.send_credit()
         if left >= size + self.sending_bytes:

@@ -439,10 +439,10 @@ class Outbox:
     kept (at least ``min_sweep``)."""
 
     __slots__ = (
-        "_conn", "_create_future", "_large_frame", "_mark_dirty", "_max_pending",
-        "_min_sweep", "_quic", "_sweep_at", "last_large", "open", "queue_bidi",
-        "queue_reply", "queue_uni", "receipts", "send_limit", "sending", "sending_bytes",
-        "unacked", "unacked_bytes",
+        "_conn", "_create_future", "_credit_tracked", "_large_frame", "_mark_dirty",
+        "_max_pending", "_min_sweep", "_quic", "_sweep_at", "last_large", "open",
+        "queue_bidi", "queue_reply", "queue_uni", "receipts", "send_limit", "sending",
+        "sending_bytes", "unacked", "unacked_bytes",
     )
 
     def __init__(
@@ -467,6 +467,7 @@ class Outbox:
         self.open = False
         self.receipts = False
         self._quic = quic
+        self._credit_tracked: bool = getattr(quic, "send_credit_tracked", True)
         self._create_future = create_future
         self._mark_dirty = mark_dirty
         self._conn = conn
@@ -506,11 +507,14 @@ class Outbox:
         ):
             return False
         quic = self._quic
-        if quic.streams_available(True) <= 0 or (
+        if self._credit_tracked and (
             quic.send_credit() < size + self.sending_bytes and not self.credit_covers(size)
         ):
             return False
-        self.started(pending, quic.send_on_new_stream(True, pending.frame))
+        stream_id: int = quic.send_on_new_stream(True, pending.frame)
+        if stream_id < 0:  # no stream credit
+            return False
+        self.started(pending, stream_id)
         self.sweep()
         conn = self._conn()
         if conn is not None:
@@ -548,6 +552,8 @@ class Outbox:
         than that would leave several messages half-sent, each waiting for credit the
         receiver only returns once one completes (it then resets the newest). The one
         large message in flight is not counted: it streams as credit comes."""
+        if not self._credit_tracked:
+            return True
         quic = self._quic
         left: int = quic.send_credit()
         if left >= size + self.sending_bytes:

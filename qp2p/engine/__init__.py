@@ -214,6 +214,9 @@ class EngineConnection(Protocol):
     """
 
     host_cid: bytes
+    #: whether :meth:`send_credit` reports the peer's connection-level credit; False: it
+    #: always returns ``1 << 62`` (qh3's core does not expose it) and need not be asked
+    send_credit_tracked: bool
 
     # -- I/O
     def connect(self, addr: Any, now: float) -> None:
@@ -261,7 +264,8 @@ class EngineConnection(Protocol):
     def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
         """Open a local stream, queue all of ``data`` on it with the FIN, and return its
         ID: ``open_stream`` + ``send_stream(..., True)`` in one call (one message, one
-        stream; call only while :meth:`streams_available` > 0)."""
+        stream). Returns -1, writing nothing, when the peer's limit lets no new stream of
+        that kind open now (:meth:`streams_available` is 0)."""
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abandon our sending side (RESET_STREAM)."""

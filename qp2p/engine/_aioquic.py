@@ -472,6 +472,7 @@ class FlowControlledQuicConnection(Receivers, AuthenticatingQuicConnection):
     make us hold). New credit is announced once the peer has used half of it.
     """
 
+    send_credit_tracked = True
     receive_window: int = 16 * 2**20
     credit: int = INITIAL_MAX_DATA
     max_credit: int = MAX_CREDIT
@@ -581,6 +582,8 @@ class FlowControlledQuicConnection(Receivers, AuthenticatingQuicConnection):
         self.send_stream_data(stream_id, data, end_stream=end_stream)
 
     def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
+        if streams_available(self, unidirectional) <= 0:
+            return -1
         stream_id: int = self.get_next_available_stream_id(is_unidirectional=unidirectional)
         self.send_stream_data(stream_id, data, end_stream=True)
         return stream_id

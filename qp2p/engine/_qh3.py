@@ -166,6 +166,8 @@ class _Bridge(QuicTlsBridge):
 class Qh3Connection(Receivers, QuicConnection):
     """A qh3 connection driven through qp2p's engine interface (see the module docstring)."""
 
+    send_credit_tracked = False  # see send_credit
+
     def __init__(
         self,
         *,
@@ -652,15 +654,22 @@ class Qh3Connection(Receivers, QuicConnection):
     def send_on_new_stream(self, unidirectional: bool, data: bytes) -> int:
         core = self._core
         if not (self._handshake_complete and core is not None and type(data) is bytes):
+            if self.streams_available(unidirectional) <= 0:
+                return -1
             stream_id = self.open_stream(unidirectional)
             self.send_stream(stream_id, data, True)
             return stream_id
-        # open_stream + send_stream (above) in one, with the facade's _record_local_stream
-        # for a new local stream inlined: this runs once per message
+        # streams_available, open_stream and send_stream (above) in one, with the facade's
+        # _record_local_stream for a new local stream inlined: this runs once per message
+        limits = core.stream_limits
         if unidirectional:
+            if limits[1] <= limits[3]:
+                return -1
             stream_id = self._next_stream_id_uni
             self._next_stream_id_uni = self._local_next_stream_id_uni = stream_id + 4
         else:
+            if limits[0] <= limits[2]:
+                return -1
             stream_id = self._next_stream_id_bidi
             self._next_stream_id_bidi = self._local_next_stream_id_bidi = stream_id + 4
         self._created_local_stream_ids.add(stream_id)
