@@ -115,6 +115,9 @@ TP_RECEIPTS = 0x71_70_52_43
 #: target that never called ``register_with`` heeds introductions only from a peer it
 #: dialled that advertised this, so a plain peer it dialled cannot aim its probes.
 TP_RENDEZVOUS = 0x71_70_52_56
+#: RFC 9000 §18.2 initial_max_streams_bidi / _uni (an adapter rewrites qh3's fixed ones)
+TP_INITIAL_MAX_STREAMS_BIDI = 0x08
+TP_INITIAL_MAX_STREAMS_UNI = 0x09
 
 #: Engine name -> (module, the extra that installs its library), preferred first.
 ENGINES: dict[str, tuple[str, str]] = {
@@ -558,6 +561,37 @@ def local_transport_parameters(
     whether we serve as a rendezvous, and receipts where the adapter needs them (qh3:
     its core acknowledges data qp2p may still shed or reject unseen)."""
     return encode_transport_parameters(config.max_message_size, receipts, rendezvous)
+
+
+def replace_transport_parameters(data: bytes, values: dict[int, int]) -> bytes:
+    """Encoded transport parameters ``data`` with the integer parameters in ``values``
+    (id -> value) set: each replaced where it stands, the missing ones appended; every
+    other parameter is kept byte for byte. ``data`` is our engine's own encoding
+    (well-formed); ValueError if it is not."""
+    out: list[bytes] = []
+    left = dict(values)
+    pos = 0
+    try:
+        while pos < len(data):
+            start = pos
+            param_id, pos = _pull_varint(data, pos)
+            length, pos = _pull_varint(data, pos)
+            if pos + length > len(data):
+                raise IndexError("truncated parameter")
+            if param_id in left:
+                out.append(_int_parameter(param_id, left.pop(param_id)))
+            else:
+                out.append(data[start : pos + length])
+            pos += length
+    except IndexError as exc:
+        raise ValueError(f"malformed transport parameters: {exc}") from exc
+    out.extend(_int_parameter(param_id, value) for param_id, value in left.items())
+    return b"".join(out)
+
+
+def _int_parameter(param_id: int, value: int) -> bytes:
+    encoded = encode_varint(value)
+    return encode_varint(param_id) + encode_varint(len(encoded)) + encoded
 
 
 def parse_peer_parameters(data: bytes) -> PeerParameters:
