@@ -739,9 +739,12 @@ class Connection(ClosesOnExit):
                             wire.ERR_CANCELLED))
                         continue
                 else:
+                    stream_id = quic.send_on_new_stream(kind == 1, pending.frame)
+                    if stream_id < 0:  # no stream after all: it stays first in line
+                        queue.appendleft(pending)
+                        break
                     if pending.control:
                         self._control_queued -= 1
-                    stream_id = quic.send_on_new_stream(kind == 1, pending.frame)
                     credit -= 1
                 wrote = True
                 tx.started(pending, stream_id, kind != 2)
